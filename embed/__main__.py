@@ -1,0 +1,76 @@
+"""python -m embed --data DIR --cache DIR [--encoder NAME] [--weights PATH] [--patch-sizes 32 64 ...]
+
+Under torchrun (or any launcher that sets RANK and WORLD_SIZE) each process embeds its own share of the pending
+chunks of every sample into the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import pandas as pd
+
+
+def main(argv: list[str] | None = None) -> int:
+    from embed.registry import encoder_table
+
+    parser = argparse.ArgumentParser(prog="python -m embed", description="Embed every nucleus into the cache.")
+    parser.add_argument("--data", help="a sample zarr or a folder of <sample>.zarr")
+    parser.add_argument("--cache", default="outputs/features.zarr", help="the zarr feature cache")
+    parser.add_argument("--encoder", default="handcrafted", help="registry name (see --list-encoders)")
+    parser.add_argument("--weights", help="local weights file or hub-layout folder (else the hub, HF_TOKEN)")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 64, 128, 224])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--chunk-nuclei", type=int, default=1024, help="rows per cache chunk (unit of resumption)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers cutting patches")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
+    parser.add_argument("--stain-normalization", choices=["macenko"], default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--list-encoders", action="store_true")
+    parser.add_argument("--list", action="store_true", help="list the cache's entries")
+    args = parser.parse_args(argv)
+
+    if args.list_encoders:
+        print(pd.DataFrame(encoder_table()).to_string(index=False))
+        return 0
+    if args.list:
+        from slidedata.feature_store import FeatureStore
+
+        print(FeatureStore(args.cache).entries().to_string(index=False))
+        return 0
+    if not args.data:
+        parser.error("--data is required")
+
+    from embed.pipeline import EmbedSettings, embed_dataset
+    from slidedata.errors import DataError
+    from embed.encoders import EncoderLoadError
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device is None and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size,
+                             chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
+                             stain_normalization=args.stain_normalization, compile=args.compile,
+                             rank=rank, world_size=world)
+    start = time.perf_counter()
+    try:
+        reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device)
+    except (DataError, EncoderLoadError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for r in reports:
+        print(f"{r.sample}: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} chunks "
+              f"in {r.seconds:.1f} s")
+    print(f"embed: {time.perf_counter() - start:.1f} s, cache {args.cache}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The embed stage: every nucleus of every sample -> cached features, resumable and shardable.
+
+`embed_sample` computes only the units that are not done yet for the requested (encoder, patch size) entries, and
+only this shard's share of them (`rank`, `world_size`), so independent processes (torchrun ranks, Dask workers,
+several machines on a shared file system) fill disjoint chunks of the same cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from embed.encoders import PatchEncoder, load_encoder
+from embed.patches import UnitPatchDataset, contiguous_share
+from slidedata.feature_store import FeatureEntry, FeatureStore
+from slidedata.sample import Sample, open_samples
+
+log = logging.getLogger(__name__)
+
+CODE_VERSION = "embed-1"
+DEFAULT_PATCH_SIZES = (32, 64, 128, 224)
+
+
+@dataclass
+class EmbedSettings:
+    patch_sizes: tuple[int, ...] = DEFAULT_PATCH_SIZES
+    batch_size: int = 256
+    chunk_nuclei: int = 1024
+    num_workers: int = 0
+    pad_mode: str = "symmetric"
+    stain_normalization: str | None = None  # None | 'macenko'
+    autocast: bool = True  # bf16 autocast on CUDA
+    compile: bool = False
+    rank: int = 0
+    world_size: int = 1
+    max_units: int | None = None  # stop after this many units (tests and benchmarks)
+
+
+@dataclass
+class EmbedReport:
+    sample: str
+    nuclei: int
+    units_total: int
+    units_computed: int
+    seconds: float
+    entries: list[Path] = field(default_factory=list)
+
+
+def entry_attrs(encoder: PatchEncoder, patch_size: int, n_nuclei: int, settings: EmbedSettings) -> dict:
+    spec = encoder.spec
+    return {
+        "encoder": spec.name, "weights_sha256": encoder.weights_sha256, "patch_size": int(patch_size),
+        "input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std), "pooling": spec.pooling,
+        "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
+        "pad_mode": settings.pad_mode, "dim": spec.dim, "n_nuclei": int(n_nuclei),
+        "chunk_nuclei": int(settings.chunk_nuclei), "code_version": CODE_VERSION,
+    }
+
+
+def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings,
+                 progress: bool = True) -> EmbedReport:
+    """Fill the cache entries (sample, encoder, each patch size); finished units are skipped."""
+    start = time.perf_counter()
+    nuclei = store.nuclei(sample, progress=progress)
+    entries = {size: store.create_entry(sample.name, entry_attrs(encoder, size, len(nuclei), settings))
+               for size in settings.patch_sizes}
+    pending = sorted(set().union(*(set(e.pending_units().tolist()) for e in entries.values())))
+    n_units = next(iter(entries.values())).n_units if entries else 0
+    mine = contiguous_share(pending, settings.rank, settings.world_size)
+    if settings.max_units is not None:
+        mine = mine[: settings.max_units]
+    if not mine:
+        return EmbedReport(sample.name, len(nuclei), n_units, 0, time.perf_counter() - start,
+                           [e.path for e in entries.values()])
+
+    normalizer = None
+    if settings.stain_normalization == "macenko":
+        from embed.stain import MacenkoNormalizer
+
+        normalizer = MacenkoNormalizer.fit_sample(sample, nuclei)
+    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, settings.patch_sizes,
+                               store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer)
+    device = next(iter(encoder.buffers())).device
+    loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
+                        pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=2 if settings.num_workers else None)
+    model = torch.compile(encoder) if settings.compile else encoder
+    rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
+    bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
+               disable=not progress)
+    for item in loader:
+        for size, entry in entries.items():
+            if entry.done[item.unit]:
+                continue
+            features = encode_patches(model, item.patches[size], item.masks.get(size), settings, device)
+            entry.write_unit(item.unit, features)
+        bar.update(int(next(iter(item.patches.values())).shape[0]))
+    bar.close()
+    return EmbedReport(sample.name, len(nuclei), n_units, len(mine), time.perf_counter() - start,
+                       [e.path for e in entries.values()])
+
+
+def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, settings: EmbedSettings,
+                   device: torch.device) -> np.ndarray:
+    """Run the frozen encoder over (n, 3, S, S) uint8 patches in batches; returns (n, dim) float32."""
+    outputs = []
+    use_autocast = settings.autocast and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
+        for start in range(0, patches.shape[0], settings.batch_size):
+            batch = patches[start: start + settings.batch_size].to(device, non_blocking=True)
+            if device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            mask = None if masks is None else masks[start: start + settings.batch_size].to(device, non_blocking=True)
+            outputs.append(model(batch, mask).float().cpu())
+    return torch.cat(outputs).numpy()
+
+
+def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "handcrafted",
+                  weights: str | Path | None = None, settings: EmbedSettings | None = None,
+                  device: str | None = None, progress: bool = True) -> list[EmbedReport]:
+    """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`."""
+    settings = settings or EmbedSettings()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    encoder = load_encoder(encoder_name, weights=weights, device=device)
+    if device.startswith("cuda"):
+        encoder = encoder.to(memory_format=torch.channels_last)
+    store = FeatureStore(cache)
+    return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in open_samples(data)]

@@ -1,0 +1,118 @@
+"""Registry of frozen encoders, kept as data: one entry per model, like timm's pretrained configs.
+
+Every field is what the model card prescribes; `loader.load_encoder` turns an entry into a module. Entries that need
+gated weights read `HF_TOKEN`; every entry also loads from a local file or folder (`--weights PATH`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    library: str  # 'timm' | 'transformers' | 'handcrafted' | 'unsupported'
+    dim: int  # embedding dimension per patch
+    input_size: int  # every patch is resized to input_size x input_size px
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    hub_id: str | None = None  # Hugging Face repository
+    hub_filename: str | None = None  # weights file inside it (None: model.safetensors, else pytorch_model.bin)
+    architecture: str | None = None  # timm.create_model(architecture, **timm_kwargs)
+    timm_kwargs: dict = field(default_factory=dict)  # 'module:attr' strings are resolved to objects at load time
+    pooling: str = "model"  # 'model': the network's own pooled output; 'cls_mean': class token ++ mean patch token
+    state_dict_prefix: str = ""  # keys under this prefix are the encoder (e.g. a vision tower inside a larger model)
+    gated: bool = False
+    licence: str = ""
+    magnification: str = ""  # what the model was trained on; patches are resized, never resampled to match it
+    use_mask: bool = False  # the encoder also reads the nucleus mask of each patch
+    note: str = ""
+
+
+_SWIGLU = {"mlp_layer": "timm.layers:SwiGLUPacked", "act_layer": "torch.nn:SiLU"}
+
+ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
+    EncoderSpec(
+        name="handcrafted", library="handcrafted", dim=27, input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        use_mask=True, licence="this project",
+        note="explicit hand-crafted nucleus features, not a neural network: RGB and haematoxylin/eosin "
+             "(colour-deconvolution) statistics, texture, nucleus shape and crowding from the mask; the CPU default",
+    ),
+    EncoderSpec(
+        name="resnet50", library="timm", dim=2048, input_size=224, hub_id="timm/resnet50.a1_in1k",
+        hub_filename="model.safetensors", architecture="resnet50", timm_kwargs={"num_classes": 0},
+        licence="Apache-2.0", magnification="ImageNet photographs", note="ImageNet baseline",
+    ),
+    EncoderSpec(
+        name="uni", library="timm", dim=1024, input_size=224, hub_id="MahmoodLab/UNI",
+        hub_filename="pytorch_model.bin", architecture="vit_large_patch16_224",
+        timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
+                     "dynamic_img_size": True},
+        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)",
+    ),
+    EncoderSpec(
+        name="uni2-h", library="timm", dim=1536, input_size=224, hub_id="MahmoodLab/UNI2-h",
+        hub_filename="pytorch_model.bin", architecture="vit_giant_patch14_224",
+        timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                     "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
+                     "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU},
+        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)",
+    ),
+    EncoderSpec(
+        name="conch", library="unsupported", dim=512, input_size=448, hub_id="MahmoodLab/CONCH",
+        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x",
+        note="CONCH's image embedding comes from a CoCa attentional pooler and projection defined in MahmoodLab's "
+             "`conch` package, which is published on GitHub only; timm alone cannot build it, and its bare ViT-B "
+             "trunk would not be CONCH's embedding. Install `conch` and register a loader to use it",
+    ),
+    EncoderSpec(
+        name="h-optimus-0", library="timm", dim=1536, input_size=224, hub_id="bioptimus/H-optimus-0", architecture="vit_giant_patch14_reg4_dinov2",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False},
+        mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
+        gated=True, licence="Apache-2.0", magnification="20x (0.5 um/px)",
+    ),
+    EncoderSpec(
+        name="h-optimus-1", library="timm", dim=1536, input_size=224, hub_id="bioptimus/H-optimus-1", architecture="vit_giant_patch14_reg4_dinov2",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False},
+        mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
+        gated=True, licence="proprietary (Bioptimus), non-commercial", magnification="20x (0.5 um/px)",
+    ),
+    EncoderSpec(
+        name="virchow2", library="timm", dim=2560, input_size=224, hub_id="paige-ai/Virchow2", architecture="vit_huge_patch14_224",
+        timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375,
+                     "reg_tokens": 4, "global_pool": "", "dynamic_img_size": True, **_SWIGLU},
+        pooling="cls_mean", gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)",
+        note="embedding = class token concatenated with the mean of the patch tokens (registers excluded), "
+             "as the model card prescribes",
+    ),
+    EncoderSpec(
+        name="gigapath", library="timm", dim=1536, input_size=224, hub_id="prov-gigapath/prov-gigapath",
+        hub_filename="pytorch_model.bin", architecture="vit_giant_patch14_dinov2",
+        timm_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
+                     "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0},
+        gated=True, licence="Apache-2.0", magnification="20x (0.5 um/px)", note="tile encoder of Prov-GigaPath",
+    ),
+    EncoderSpec(
+        name="phikon-v2", library="transformers", dim=1024, input_size=224, hub_id="owkin/phikon-v2",
+        licence="Owkin non-commercial", magnification="20x (0.5 um/px)",
+        note="a transformers Dinov2 model; embedding = class token of the last hidden state. Needs the optional "
+             "extra: pip install -e '.[transformers]'",
+    ),
+)}
+
+
+def get_spec(name: str) -> EncoderSpec:
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise KeyError(f"unknown encoder '{name}'; known encoders: {', '.join(sorted(ENCODERS))}") from None
+
+
+def encoder_table() -> list[dict]:
+    """One row per encoder for `python -m embed --list-encoders` and the README."""
+    return [{"name": s.name, "library": s.library, "hub_id": s.hub_id or "-", "dim": s.dim,
+             "input_size": s.input_size, "gated": s.gated, "licence": s.licence} for s in ENCODERS.values()]

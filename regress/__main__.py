@@ -1,0 +1,48 @@
+"""python -m regress --data DIR --cache DIR --model-dir DIR [--models ridge ridge+context lightgbm ...]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import pandas as pd
+
+
+def main(argv: list[str] | None = None) -> int:
+    from regress.fit import BASELINES, MODELS, FitSettings, fit_and_evaluate
+    from regress.features import FeatureSpec
+
+    parser = argparse.ArgumentParser(prog="python -m regress", description="Fit and evaluate expression regressors.")
+    parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
+    parser.add_argument("--cache", default="outputs/features.zarr")
+    parser.add_argument("--model-dir", default="outputs/model")
+    parser.add_argument("--encoder", default="handcrafted")
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 64, 128, 224])
+    parser.add_argument("--models", nargs="+", default=list(BASELINES) + ["ridge", "ridge+context"],
+                        choices=list(BASELINES) + list(MODELS))
+    parser.add_argument("--context-k", type=int, default=15, help="neighbours averaged by the +context models")
+    parser.add_argument("--protocol", default="auto", choices=["auto", "validation", "spatial-kfold", "loso"])
+    parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
+    args = parser.parse_args(argv)
+
+    from slidedata.errors import DataError
+
+    settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
+                                                morphology=not args.no_morphology),
+                           models=tuple(args.models), context_k=args.context_k, protocol=args.protocol)
+    start = time.perf_counter()
+    try:
+        scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
+        print(scores.to_string(index=False))
+    print(f"best: {predictor.model_name} -> {args.model_dir}/predictor.joblib "
+          f"(scores.csv, scores.png beside it); fit stage {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

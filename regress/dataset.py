@@ -1,0 +1,69 @@
+"""All nuclei of all samples as aligned arrays: features, measured expression, group, position, sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from regress.features import FeatureSpec, sample_features
+from slidedata.errors import DataError
+from slidedata.feature_store import FeatureStore
+from slidedata.sample import HELD_OUT_GROUPS, Sample
+
+
+@dataclass
+class NucleusTable:
+    sample: np.ndarray  # (n,) sample name
+    cell_id: np.ndarray  # (n,) int64
+    group: np.ndarray  # (n,) 'train' | 'validation' | 'test' | 'unassigned'
+    coords: np.ndarray  # (n, 2) centroid (y, x) in px
+    X: np.ndarray  # (n, f) float32 features
+    Y: np.ndarray  # (n, g) float32 measured log1p expression, NaN rows where unmeasured
+    measured: np.ndarray  # (n,) bool
+    genes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.cell_id)
+
+    def rows(self, index: np.ndarray) -> "NucleusTable":
+        return NucleusTable(self.sample[index], self.cell_id[index], self.group[index], self.coords[index],
+                            self.X[index], self.Y[index], self.measured[index], self.genes)
+
+    @property
+    def held_out(self) -> np.ndarray:
+        return np.isin(self.group, HELD_OUT_GROUPS)
+
+    def spatial_blocks(self, n_blocks: int = 4) -> np.ndarray:
+        """Block label per nucleus: each sample's extent cut into n_blocks x n_blocks squares."""
+        labels = np.empty(len(self), dtype=object)
+        for name in np.unique(self.sample):
+            idx = self.sample == name
+            yx = self.coords[idx]
+            lo, hi = yx.min(0), yx.max(0) + 1e-6
+            cell = np.floor((yx - lo) / (hi - lo) * n_blocks).astype(int)
+            labels[idx] = [f"{name}:{a}:{b}" for a, b in cell]
+        return labels
+
+
+def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
+               genes: list[str] | None = None) -> NucleusTable:
+    """Concatenate every sample's cached nuclei with their features and (where measured) expression."""
+    genes = genes if genes is not None else next((s.genes for s in samples if s.has_expression), None)
+    if genes is None:
+        raise DataError(samples[0].path.parent, "anucleus", "no sample has measured expression to learn from")
+    parts = []
+    for sample in samples:
+        nuclei = store.read_nuclei(sample.name)
+        cell_ids = nuclei["cell_id"].to_numpy(np.int64)
+        if sample.has_expression and sample.genes != genes:
+            raise DataError(sample.path, "anucleus", "genes differ from the other samples' (names or order)")
+        Y, measured = sample.expression_of(cell_ids) if sample.has_expression else (
+            np.full((len(cell_ids), len(genes)), np.nan, np.float32), np.zeros(len(cell_ids), bool))
+        parts.append(NucleusTable(
+            sample=np.full(len(cell_ids), sample.name, dtype=object), cell_id=cell_ids,
+            group=sample.group_of(cell_ids), coords=nuclei[["y", "x"]].to_numpy(np.float64),
+            X=sample_features(store, sample.name, spec, nuclei), Y=Y, measured=measured, genes=genes,
+        ))
+    return NucleusTable(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                          ("sample", "cell_id", "group", "coords", "X", "Y", "measured")), genes=genes)

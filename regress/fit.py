@@ -1,0 +1,186 @@
+"""The fit stage: evaluate baselines and models on spatially held-out nuclei, then save the best one refitted.
+
+Evaluation never splits neighbouring nuclei at random (they share signal):
+* 'validation': train on the 'train' group, score on the 'validation' group where it has measured expression;
+* 'spatial-kfold': otherwise, K folds of square spatial blocks of the train group;
+* 'loso': leave one sample out (needs two or more samples with expression).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from regress.dataset import NucleusTable, load_table
+from regress.features import FeatureSpec
+from regress.metrics import cellwise_spearman, genewise_pearson, score_table
+from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
+from regress.predictor import ExpressionPredictor
+from slidedata.feature_store import FeatureStore
+from slidedata.sample import open_samples
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("mean-profile", "spatial-knn")
+MODELS = ("ridge", "ridge+context", "lightgbm", "lightgbm+context")
+SCORE_COLUMNS = ["model", "spearman_official", "spearman_mean", "mse", "gene_pearson", "fit_seconds", "n_eval"]
+
+
+@dataclass
+class FitSettings:
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    models: tuple[str, ...] = BASELINES + ("ridge", "ridge+context")
+    context_k: int = 15
+    protocol: str = "auto"  # 'auto' | 'validation' | 'spatial-kfold' | 'loso'
+    n_folds: int = 5
+    n_blocks: int = 4  # spatial blocks per side and sample (spatial-kfold and ridge's alpha CV)
+    lightgbm: dict = field(default_factory=dict)
+
+
+def make_estimator(name: str, settings: FitSettings):
+    base = name.split("+")[0]
+    if base == "mean-profile":
+        return MeanProfile()
+    if base == "spatial-knn":
+        return SpatialKNNProfile(k=20)
+    if base == "ridge":
+        return RidgeCVRegressor(n_folds=settings.n_folds)
+    if base == "lightgbm":
+        return LightGBMRegressor(**settings.lightgbm)
+    raise KeyError(f"unknown model '{name}'; choose from {', '.join(BASELINES + MODELS)}")
+
+
+def model_inputs(name: str, table: NucleusTable, base_dim: int) -> np.ndarray:
+    """What each model sees: coordinates for the spatial baseline, base or base+context features otherwise."""
+    if name == "spatial-knn":
+        codes = pd.factorize(table.sample)[0]
+        return np.c_[table.coords, codes]
+    if name.endswith("+context"):
+        return table.X
+    return table.X[:, :base_dim]
+
+
+def evaluation_splits(table: NucleusTable, protocol: str, n_folds: int, n_blocks: int
+                      ) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
+    train = (table.group == "train") & table.measured
+    validation = (table.group == "validation") & table.measured
+    if protocol == "auto":
+        protocol = "validation" if validation.any() else "spatial-kfold"
+    if protocol == "validation":
+        if not validation.any():
+            raise ValueError("no validation nucleus has measured expression; use --protocol spatial-kfold or loso")
+        return protocol, [(np.flatnonzero(train), np.flatnonzero(validation))]
+    if protocol == "loso":
+        names = np.unique(table.sample[train])
+        if len(names) < 2:
+            raise ValueError("leave-one-sample-out needs two or more samples with expression")
+        return protocol, [(np.flatnonzero(train & (table.sample != s)), np.flatnonzero(train & (table.sample == s)))
+                          for s in names]
+    if protocol == "spatial-kfold":
+        blocks = table.spatial_blocks(n_blocks)
+        unique = np.unique(blocks[train])
+        fold_of = dict(zip(unique, np.random.default_rng(0).permutation(len(unique)) % n_folds))
+        folds = np.array([fold_of.get(b, -1) for b in blocks])
+        return protocol, [(np.flatnonzero(train & (folds != k)), np.flatnonzero(train & (folds == k)))
+                          for k in range(n_folds) if (train & (folds == k)).any()]
+    raise ValueError(f"unknown protocol '{protocol}'")
+
+
+def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress: bool = True
+             ) -> tuple[str, pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
+    """Scores of every model over the held-out splits; also per-gene Pearson per model and the evaluated rows."""
+    protocol, splits = evaluation_splits(table, settings.protocol, settings.n_folds, settings.n_blocks)
+    blocks = table.spatial_blocks(settings.n_blocks)
+    held = np.concatenate([test for _, test in splits])
+    rows, gene_scores = [], {}
+    for name in settings.models:
+        predictions = np.zeros((len(held), len(table.genes)), dtype=np.float32)
+        fit_seconds, offset = 0.0, 0
+        inputs = model_inputs(name, table, base_dim)
+        for train_idx, test_idx in splits:
+            estimator = make_estimator(name, settings)
+            start = time.perf_counter()
+            estimator.fit(inputs[train_idx], table.Y[train_idx], groups=blocks[train_idx])
+            fit_seconds += time.perf_counter() - start
+            predictions[offset: offset + len(test_idx)] = estimator.predict(inputs[test_idx])
+            offset += len(test_idx)
+        truth = table.Y[held]
+        scores = score_table(truth, predictions, table.sample[held], table.coords[held])
+        gene_scores[name] = genewise_pearson(truth, predictions)
+        rows.append({"model": name, **scores, "fit_seconds": fit_seconds, "n_eval": len(held)})
+        if progress:
+            print(f"  {name:<18} spearman {scores['spearman_official']:.4f}  mse {scores['mse']:.4f}  "
+                  f"({fit_seconds:.1f} s)", flush=True)
+    return protocol, pd.DataFrame(rows, columns=SCORE_COLUMNS), gene_scores, held
+
+
+def plot_scores(scores: pd.DataFrame, gene_scores: dict[str, np.ndarray], best: str, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = ["#999999" if m in BASELINES else "#4c72b0" for m in scores["model"]]
+    left.barh(scores["model"], scores["spearman_official"], color=colours)
+    left.invert_yaxis()
+    left.set_xlabel("cell-wise Spearman (official aggregation)")
+    left.set_title(title)
+    right.hist(gene_scores[best], bins=40, color="#4c72b0")
+    right.set_xlabel(f"per-gene Pearson ({best})")
+    right.set_ylabel("genes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
+                     settings: FitSettings | None = None, progress: bool = True) -> tuple[pd.DataFrame, ExpressionPredictor]:
+    """Evaluate, save the score table and plot, refit the best model on every measured nucleus, save it."""
+    settings = settings or FitSettings()
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    samples = open_samples(data)
+    store = FeatureStore(cache)
+    context_spec = replace(settings.features, context_k=settings.context_k)
+    base_spec = replace(settings.features, context_k=0)
+    table = load_table(samples, store, context_spec)
+    base_dim = table.X.shape[1] // 2 if settings.context_k else table.X.shape[1]
+
+    protocol, scores, gene_scores, _ = evaluate(table, settings, base_dim, progress)
+    candidates = scores[~scores["model"].isin(BASELINES)]
+    best = str(candidates.sort_values("spearman_official", ascending=False)["model"].iloc[0]) \
+        if len(candidates) else str(scores["model"].iloc[0])
+    scores.to_csv(model_dir / "scores.csv", index=False)
+    pd.DataFrame(gene_scores, index=table.genes).rename_axis("gene").to_csv(model_dir / "gene_pearson.csv")
+    plot_scores(scores, gene_scores, best, model_dir / "scores.png", f"held-out: {protocol}")
+
+    labelled = np.flatnonzero(table.measured & np.isin(table.group, ("train", "validation")))
+    estimator = make_estimator(best, settings)
+    estimator.fit(model_inputs(best, table, base_dim)[labelled], table.Y[labelled],
+                  groups=table.spatial_blocks(settings.n_blocks)[labelled])
+    predictor = ExpressionPredictor(
+        model_name=best, feature_spec=context_spec if best.endswith("+context") else base_spec,
+        estimator=estimator, genes=table.genes,
+        embed_settings=_embed_settings(store, samples[0].name, settings.features),
+        scores={"protocol": protocol, **scores.set_index("model").loc[best].to_dict()},
+    )
+    predictor.save(model_dir)
+    return scores.assign(protocol=protocol), predictor
+
+
+def _embed_settings(store: FeatureStore, sample_name: str, spec: FeatureSpec) -> dict:
+    """How the features were made, so new samples (the challenge's infer) are embedded the same way."""
+    encoder, size = spec.keys[0]
+    attrs = store.open_entry(sample_name, encoder, size).attrs
+    return {"encoder": spec.encoder, "patch_sizes": list(spec.patch_sizes), "pad_mode": attrs.get("pad_mode"),
+            "stain_normalization": attrs.get("stain_normalization"), "weights_sha256": attrs.get("weights_sha256"),
+            "chunk_nuclei": attrs.get("chunk_nuclei")}
+
+
+__all__ = ["FitSettings", "evaluate", "evaluation_splits", "fit_and_evaluate", "cellwise_spearman"]

@@ -1,0 +1,12 @@
+"""Shared data layer: Crunch-format samples, nucleus geometry, the feature cache and the demo dataset."""
+
+from slidedata.errors import DataError
+from slidedata.nuclei import nuclei_from_mask
+from slidedata.sample import (
+    EXPRESSION, GROUPS, HELD_OUT_GROUPS, IMAGE, MASK, N_GENES, Sample, open_sample, open_samples,
+)
+
+__all__ = [
+    "DataError", "EXPRESSION", "GROUPS", "HELD_OUT_GROUPS", "IMAGE", "MASK", "N_GENES", "Sample",
+    "nuclei_from_mask", "open_sample", "open_samples",
+]

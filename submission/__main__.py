@@ -1,0 +1,44 @@
+"""python -m submission --data DIR --cache DIR --model-dir DIR --out FILE[.csv|.parquet] [--anndata DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m submission", description="Write and validate the submission.")
+    parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
+    parser.add_argument("--cache", default="outputs/features.zarr")
+    parser.add_argument("--model-dir", default="outputs/model")
+    parser.add_argument("--out", default="outputs/submission.csv", help=".csv or .parquet")
+    parser.add_argument("--anndata", help="also write one <sample>.h5ad of predictions per sample here")
+    parser.add_argument("--into-spatialdata", action="store_true",
+                        help="also add the predictions as table 'predicted_expression' to each sample zarr")
+    args = parser.parse_args(argv)
+
+    from slidedata.errors import DataError
+    from submission.pipeline import make_submission
+
+    start = time.perf_counter()
+    try:
+        report = make_submission(args.data, args.cache, args.model_dir, args.out, args.anndata,
+                                 args.into_spatialdata)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for sample, n in report.per_sample.items():
+        print(f"{sample}: {n} held-out nuclei")
+    print(f"wrote {report.rows} rows to {report.path} in {time.perf_counter() - start:.1f} s")
+    if report.problems:
+        print("validation FAILED:")
+        for problem in report.problems:
+            print(f"  - {problem}")
+        return 1
+    print("validation: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The challenge's code interface (Crunch 1): `train` once, then `infer` once per sample.
+
+The runner matches arguments by name and passes None for names it does not know, so every extra argument here is
+optional. The runner's machine has no internet: `train` copies the encoder's weights into the model directory and
+`infer` loads them from there. Both call the same library code as `make embed`, `make fit` and `make submit`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from embed.encoders import load_encoder, resolve_weights_file
+from embed.pipeline import EmbedSettings, embed_sample
+from embed.registry import get_spec
+from regress.features import FeatureSpec
+from regress.fit import FitSettings, fit_and_evaluate
+from regress.predictor import ExpressionPredictor
+from slidedata.feature_store import FeatureStore
+from slidedata.sample import open_sample, open_samples
+from submission.predict import predict_held_out
+from submission.writer import long_blocks
+
+ENCODER_WEIGHTS_DIR = "encoder"
+DEFAULT_PATCH_SIZES = (32, 64, 128, 224)
+
+
+def train(data_directory_path: str, model_directory_path: str, encoder: str | None = None,
+          weights: str | None = None, cache_directory_path: str | None = None,
+          models: tuple[str, ...] | None = None) -> None:
+    """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder."""
+    model_dir = Path(model_directory_path)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    encoder = encoder or "handcrafted"
+    spec = get_spec(encoder)
+    if spec.library != "handcrafted":
+        file = resolve_weights_file(spec, weights)
+        (model_dir / ENCODER_WEIGHTS_DIR).mkdir(exist_ok=True)
+        canonical = "model.safetensors" if file.suffix == ".safetensors" else "pytorch_model.bin"
+        shutil.copy2(file, model_dir / ENCODER_WEIGHTS_DIR / canonical)
+    with _cache(cache_directory_path) as cache:
+        module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
+        store = FeatureStore(cache)
+        settings = EmbedSettings(patch_sizes=DEFAULT_PATCH_SIZES)
+        for sample in open_samples(data_directory_path):
+            embed_sample(sample, store, module, settings, progress=True)
+        fit_settings = FitSettings(features=FeatureSpec(encoder=encoder, patch_sizes=DEFAULT_PATCH_SIZES))
+        if models:
+            fit_settings.models = tuple(models)
+        fit_and_evaluate(data_directory_path, cache, model_dir, fit_settings)
+
+
+def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None) -> pd.DataFrame:
+    """Predictions for the held-out nuclei of one sample: columns cell_id, gene, prediction (the runner adds sample)."""
+    model_dir = Path(model_directory_path)
+    predictor = ExpressionPredictor.load(model_dir)
+    recorded = predictor.embed_settings
+    spec = get_spec(recorded["encoder"])
+    module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
+    settings = EmbedSettings(patch_sizes=tuple(recorded["patch_sizes"]),
+                             pad_mode=recorded.get("pad_mode") or "symmetric",
+                             chunk_nuclei=int(recorded.get("chunk_nuclei") or 1024),
+                             stain_normalization=None if recorded.get("stain_normalization") in (None, "none")
+                             else recorded["stain_normalization"])
+    sample = open_sample(data_file_path, n_genes=None)
+    with _cache(cache_directory_path) as cache:
+        store = FeatureStore(cache)
+        embed_sample(sample, store, module, settings, progress=False)
+        predictions = predict_held_out(predictor, store, sample)
+    frame = pd.concat(list(long_blocks(predictions)), ignore_index=True)
+    return frame.drop(columns="sample")
+
+
+def _bundled_weights(model_dir: Path, library: str) -> Path | None:
+    folder = model_dir / ENCODER_WEIGHTS_DIR
+    return folder if library != "handcrafted" and folder.is_dir() else None
+
+
+class _cache:
+    """The given cache folder, or a temporary one removed afterwards."""
+
+    def __init__(self, path: str | None):
+        self.path, self._tmp = path, None
+
+    def __enter__(self) -> Path:
+        if self.path:
+            return Path(self.path)
+        self._tmp = tempfile.TemporaryDirectory(prefix="he2expr-cache-")
+        return Path(self._tmp.name) / "features.zarr"
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()

@@ -1,0 +1,43 @@
+"""The submission stage as a library call: predictions for every held-out nucleus, written and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from regress.predictor import ExpressionPredictor
+from slidedata.feature_store import FeatureStore
+from slidedata.sample import open_samples
+from submission.predict import SamplePredictions, predict_held_out
+from submission.validate import Problem, validate_submission
+from submission.writer import write_submission
+
+
+@dataclass
+class SubmissionReport:
+    path: Path
+    rows: int
+    per_sample: dict[str, int]  # held-out nuclei per sample
+    problems: list[Problem]
+
+
+def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, out: str | Path,
+                    anndata_dir: str | Path | None = None, into_spatialdata: bool = False) -> SubmissionReport:
+    """Predict, write the 4-column file (CSV or Parquet by suffix), optionally AnnData too, then validate it."""
+    predictor = ExpressionPredictor.load(model_dir)
+    store = FeatureStore(cache)
+    samples = open_samples(data)
+    predictions: list[SamplePredictions] = [predict_held_out(predictor, store, s) for s in samples]
+    path = write_submission(predictions, out)
+    if anndata_dir is not None:
+        from submission.anndata_io import write_anndata
+
+        write_anndata(predictions, anndata_dir)
+    if into_spatialdata:
+        from submission.anndata_io import add_to_spatialdata
+
+        for sample, p in zip(samples, predictions):
+            add_to_spatialdata(sample.path, p)
+    problems = validate_submission(path, samples, predictor.genes)
+    return SubmissionReport(path, sum(p.n_rows for p in predictions),
+                            {p.sample: len(p.cell_ids) for p in predictions}, problems)

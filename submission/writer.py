@@ -1,0 +1,83 @@
+"""Write the challenge's long table (cell_id, gene, prediction, sample) in bounded chunks, atomically.
+
+10^5 nuclei x 460 genes is 4.6e7 rows: each chunk of nuclei becomes one block of rows (CSV text or a Parquet row
+group), so memory stays at one block. The file appears under its final name only once complete.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+
+from submission.predict import DECIMALS, SamplePredictions
+
+COLUMNS = ["cell_id", "gene", "prediction", "sample"]
+
+
+def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -> Iterator[pd.DataFrame]:
+    """The long format of one sample, `nuclei_per_block` nuclei (x genes rows) at a time."""
+    genes = pd.Categorical(predictions.genes, categories=predictions.genes)
+    n_genes = len(predictions.genes)
+    for start in range(0, len(predictions.cell_ids), nuclei_per_block):
+        ids = predictions.cell_ids[start: start + nuclei_per_block]
+        values = predictions.values[start: start + nuclei_per_block]
+        yield pd.DataFrame({
+            "cell_id": np.repeat(ids, n_genes),
+            "gene": pd.Categorical.from_codes(np.tile(np.arange(n_genes), len(ids)), categories=genes.categories),
+            "prediction": values.reshape(-1).astype(np.float64).round(DECIMALS),
+            "sample": predictions.sample,
+        })
+
+
+def write_submission(predictions: Iterable[SamplePredictions], path: str | Path,
+                     nuclei_per_block: int = 20000) -> Path:
+    """CSV (default) or Parquet (by suffix) with exactly the 4 columns; returns the final path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    parquet = path.suffix == ".parquet"
+    writer = None
+    try:
+        if parquet:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            schema = pa.schema([("cell_id", pa.int64()), ("gene", pa.string()), ("prediction", pa.float64()),
+                                ("sample", pa.string())])
+            writer = pq.ParquetWriter(tmp, schema)
+        else:
+            with open(tmp, "w") as handle:
+                handle.write(",".join(COLUMNS) + "\n")
+        for sample_predictions in predictions:
+            for block in long_blocks(sample_predictions, nuclei_per_block):
+                if parquet:
+                    block = block.astype({"gene": str})
+                    writer.write_table(pa.Table.from_pandas(block, schema=schema, preserve_index=False))
+                else:
+                    block.to_csv(tmp, mode="a", header=False, index=False, float_format=f"%.{DECIMALS}f")
+        if writer is not None:
+            writer.close()
+            writer = None
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) -> Iterator[pd.DataFrame]:
+    """Stream a submission file back, CSV or Parquet."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_block):
+            yield batch.to_pandas()
+    else:
+        yield from pd.read_csv(path, chunksize=rows_per_block, dtype={"gene": str, "sample": str})

@@ -1,0 +1,125 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embed.encoders import load_encoder
+from embed.patches import TileReader, cut_patches, unit_patches
+from embed.pipeline import EmbedSettings, embed_sample
+from slidedata import open_sample, open_samples
+from slidedata.feature_store import CacheMismatchError, FeatureEntry, FeatureStore
+from tests.conftest import FIXTURE_PATCH_SIZES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cut_patches_are_centred_crops():
+    region = np.arange(3 * 20 * 30, dtype=np.int32).reshape(3, 20, 30)
+    patches = cut_patches(region, np.array([5, 10]), np.array([7, 20]), 6)
+    assert patches.shape == (2, 3, 6, 6)
+    np.testing.assert_array_equal(patches[0], region[:, 2:8, 4:10])
+    np.testing.assert_array_equal(patches[1], region[:, 7:13, 17:23])
+
+
+def test_unit_patches_match_crops_of_the_padded_slide(demo_dir, tmp_path):
+    sample = open_sample(demo_dir / "demo1.zarr")
+    nuclei = FeatureStore(tmp_path / "c.zarr").nuclei(sample)
+    size = 48
+    reader = TileReader(sample, tile_size=256, margin=size // 2 + 1, with_mask=True)
+    rows = nuclei.iloc[:40]
+    cut = unit_patches(reader, rows, (size,), unit=0)
+    pad = size
+    image = np.pad(np.asarray(sample.image), ((0, 0), (pad, pad), (pad, pad)), mode="symmetric")
+    mask = np.pad(np.asarray(sample.mask), pad)
+    for i, (_, row) in enumerate(rows.iterrows()):
+        y, x = int(np.rint(row.y)) + pad, int(np.rint(row.x)) + pad
+        np.testing.assert_array_equal(cut.patches[size][i].numpy(), image[:, y - 24: y + 24, x - 24: x + 24])
+        own = mask[y - 24: y + 24, x - 24: x + 24] == row.cell_id
+        np.testing.assert_array_equal(cut.masks[size][i, 0].numpy(), own)
+        assert own[24, 24] or own.sum() > 0
+
+
+def test_nuclei_table_is_cached_in_tile_order(demo_dir, embedded_cache):
+    store = FeatureStore(embedded_cache)
+    nuclei = store.read_nuclei("demo1")
+    tile = store.tile_size("demo1")
+    keys = (nuclei.y // tile).astype(int) * 1000 + (nuclei.x // tile).astype(int)
+    assert (np.diff(keys.to_numpy()) >= 0).all()
+    assert sorted(nuclei.cell_id) == sorted(open_sample(demo_dir / "demo1.zarr").groups.index)
+
+
+def test_interrupted_embedding_resumes_without_redoing_work(demo_dir, embedded_cache, tmp_path, monkeypatch):
+    sample = open_sample(demo_dir / "demo2.zarr")
+    store = FeatureStore(tmp_path / "features.zarr")
+    encoder = load_encoder("handcrafted")
+    settings = EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128, max_units=2)
+    first = embed_sample(sample, store, encoder, settings, progress=False)  # "killed" after 2 chunks
+    assert first.units_computed == 2 and first.units_total > 2
+
+    written = []
+    original = FeatureEntry.write_unit
+    monkeypatch.setattr(FeatureEntry, "write_unit", lambda self, u, v: (written.append(u), original(self, u, v)))
+    settings.max_units = None
+    second = embed_sample(sample, store, encoder, settings, progress=False)
+    assert second.units_computed == first.units_total - 2
+    assert 0 not in written and 1 not in written  # finished chunks were not recomputed
+    for size in FIXTURE_PATCH_SIZES:
+        resumed = store.read_features("demo2", "handcrafted", size)
+        uninterrupted = FeatureStore(embedded_cache).read_features("demo2", "handcrafted", size)
+        np.testing.assert_array_equal(resumed, uninterrupted)
+    assert embed_sample(sample, store, encoder, settings, progress=False).units_computed == 0
+
+
+def test_reading_an_unfinished_entry_fails_clearly(demo_dir, tmp_path):
+    sample = open_sample(demo_dir / "demo1.zarr")
+    store = FeatureStore(tmp_path / "features.zarr")
+    embed_sample(sample, store, load_encoder("handcrafted"),
+                 EmbedSettings(patch_sizes=(24,), chunk_nuclei=128, max_units=1), progress=False)
+    with pytest.raises(Exception, match="not computed yet.*make embed"):
+        store.read_features("demo1", "handcrafted", 24)
+
+
+def test_other_settings_never_overwrite_an_entry(demo_dir, tmp_path):
+    sample = open_sample(demo_dir / "demo1.zarr")
+    store = FeatureStore(tmp_path / "features.zarr")
+    encoder = load_encoder("handcrafted")
+    embed_sample(sample, store, encoder, EmbedSettings(patch_sizes=(24,), chunk_nuclei=128, max_units=1),
+                 progress=False)
+    with pytest.raises(CacheMismatchError, match="chunk_nuclei"):
+        embed_sample(sample, store, encoder, EmbedSettings(patch_sizes=(24,), chunk_nuclei=64), progress=False)
+    with pytest.raises(CacheMismatchError, match="pad_mode|stain"):
+        store.create_entry("demo1", {**store.open_entry("demo1", "handcrafted", 24).attrs,
+                                     "stain_normalization": "macenko"})
+    # Another patch size is another entry, next to the first.
+    embed_sample(sample, store, encoder, EmbedSettings(patch_sizes=(16,), chunk_nuclei=128), progress=False)
+    assert set(store.entries()["patch_size"]) == {16, 24}
+
+
+def test_two_processes_fill_disjoint_chunks_of_one_cache(demo_dir, embedded_cache, tmp_path):
+    """torchrun-style sharding: RANK / WORLD_SIZE split the pending chunks; the result equals one process."""
+    cache = tmp_path / "features.zarr"
+    command = [sys.executable, "-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(cache),
+               "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--chunk-nuclei", "128", "--device", "cpu"]
+    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    computed = [int(o.split("computed ")[1].split(" of")[0]) for o in outputs]
+    total = FeatureStore(cache).open_entry("demo1", "handcrafted", 24).n_units
+    assert sum(computed) == total and min(computed) > 0  # both worked, nothing twice
+    for size in FIXTURE_PATCH_SIZES:
+        np.testing.assert_array_equal(FeatureStore(cache).read_features("demo1", "handcrafted", size),
+                                      FeatureStore(embedded_cache).read_features("demo1", "handcrafted", size))
+
+
+def test_dataloader_workers_give_the_same_features(demo_dir, embedded_cache, tmp_path):
+    sample = open_sample(demo_dir / "demo1.zarr")
+    store = FeatureStore(tmp_path / "features.zarr")
+    embed_sample(sample, store, load_encoder("handcrafted"),
+                 EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128, num_workers=2), progress=False)
+    np.testing.assert_array_equal(store.read_features("demo1", "handcrafted", 48),
+                                  FeatureStore(embedded_cache).read_features("demo1", "handcrafted", 48))

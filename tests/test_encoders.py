@@ -1,0 +1,135 @@
+"""Encoders load through the real path (local hub-layout weights -> the same loader the hub download feeds)."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from embed.encoders import EncoderLoadError, _build_timm, load_encoder
+from embed.registry import ENCODERS, EncoderSpec, get_spec
+
+TINY_VIT = EncoderSpec(
+    name="tiny-vit", library="timm", dim=32, input_size=32, architecture="vit_tiny_patch16_224",
+    timm_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 0,
+                 "init_values": 1e-5},
+)
+RESNET = replace(get_spec("resnet50"), name="resnet18", architecture="resnet18", dim=512, input_size=64)
+
+
+def _save_hub_layout(model, folder, architecture, safetensors=True):
+    """What a hub repository holds: config.json and the weights file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"architecture": architecture}))
+    if safetensors:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    else:
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def _patches(size, n=3, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 255, (n, 3, size, size), dtype=np.uint8))
+
+
+def _fresh(spec, seed):
+    torch.manual_seed(seed)
+    return _build_timm(spec).eval()
+
+
+@pytest.mark.parametrize("spec, safetensors", [(TINY_VIT, True), (RESNET, False)], ids=["vit", "cnn"])
+def test_local_weights_are_applied(tmp_path, spec, safetensors):
+    reference = _fresh(spec, seed=1)
+    if spec is RESNET:  # a hub checkpoint keeps its 1000-class head; the encoder drops only that
+        with_head = timm.create_model("resnet18", num_classes=1000)
+        with_head.load_state_dict(reference.state_dict(), strict=False)
+        folder = _save_hub_layout(with_head, tmp_path / "hub", "resnet18", safetensors)
+    else:
+        folder = _save_hub_layout(reference, tmp_path / "hub", spec.architecture, safetensors)
+
+    encoder = load_encoder(spec, weights=folder)
+    patches = _patches(48)
+    with torch.inference_mode():
+        out = encoder(patches)
+        expected = reference(encoder.preprocess(patches))
+        other = _fresh(spec, seed=2)(encoder.preprocess(patches))
+    assert out.shape == (3, spec.dim)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, other)  # the weights were applied, not a fresh init
+    assert len(encoder.weights_sha256) == 64
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_class_and_mean_token_pooling(tmp_path):
+    spec = replace(TINY_VIT, name="tiny-virchow", dim=64, pooling="cls_mean",
+                   timm_kwargs={**TINY_VIT.timm_kwargs, "reg_tokens": 2, "global_pool": ""})
+    reference = _fresh(spec, seed=3)
+    encoder = load_encoder(spec, weights=_save_hub_layout(reference, tmp_path / "hub", spec.architecture))
+    patches = _patches(32)
+    with torch.inference_mode():
+        tokens = reference.forward_features(encoder.preprocess(patches))
+        expected = torch.cat([tokens[:, 0], tokens[:, 3:].mean(1)], dim=1)  # class + 2 registers are prefixes
+        torch.testing.assert_close(encoder(patches), expected)
+
+
+def test_weights_of_the_wrong_shape_are_refused(tmp_path):
+    folder = _save_hub_layout(_fresh(TINY_VIT, 0), tmp_path / "hub", TINY_VIT.architecture)
+    wider = replace(TINY_VIT, dim=48, timm_kwargs={**TINY_VIT.timm_kwargs, "embed_dim": 48})
+    with pytest.raises(EncoderLoadError, match="wrong shape"):
+        load_encoder(wider, weights=folder)
+
+
+def test_missing_weights_path(tmp_path):
+    with pytest.raises(EncoderLoadError, match="no such weights"):
+        load_encoder(TINY_VIT, weights=tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncoderLoadError, match="no weights file in this folder"):
+        load_encoder(TINY_VIT, weights=tmp_path / "empty")
+
+
+def test_gated_model_without_token_says_what_to_do(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(EncoderLoadError, match="HF_TOKEN.*--weights"):
+        load_encoder("uni")
+
+
+def test_unknown_and_unsupported_encoders():
+    with pytest.raises(KeyError, match="known encoders: .*uni"):
+        get_spec("not-a-model")
+    with pytest.raises(EncoderLoadError, match="conch"):
+        load_encoder("conch")
+
+
+@pytest.mark.parametrize("name", [n for n, s in ENCODERS.items() if s.library == "timm"])
+def test_registry_entries_build_with_the_declared_dimension(name):
+    """Every timm entry builds (on the meta device: no memory, no weights) and outputs its declared dim."""
+    spec = get_spec(name)
+    with torch.device("meta"):
+        model = _build_timm(spec)
+        x = torch.zeros(1, 3, spec.input_size, spec.input_size)
+        if spec.pooling == "cls_mean":
+            tokens = model.forward_features(x)
+            out = torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)
+        else:
+            out = model(x)
+    assert out.shape == (1, spec.dim)
+
+
+def test_handcrafted_features_see_the_nucleus():
+    encoder = load_encoder("handcrafted")
+    patches = torch.full((2, 3, 32, 32), 235, dtype=torch.uint8)
+    masks = torch.zeros((2, 2, 32, 32), dtype=torch.bool)
+    masks[0, :, 12:20, 12:20] = True  # 64 px nucleus
+    masks[1, :, 10:22, 8:24] = True  # 12 x 16 = 192 px nucleus
+    patches[:, :, masks[0, 0] | masks[1, 0]] = torch.tensor([80, 40, 140], dtype=torch.uint8)[:, None]
+    features = encoder(patches, masks)
+    names = __import__("embed.handcrafted", fromlist=["FEATURE_NAMES"]).FEATURE_NAMES
+    area = features[:, names.index("nucleus_area")]
+    torch.testing.assert_close(area, torch.tensor([64.0, 192.0]), rtol=0.02, atol=1.0)
+    haem = features[:, names.index("nucleus_haem_mean")]
+    assert (haem > features[:, names.index("background_haem_mean")] + 0.3).all()

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+from sklearn.linear_model import Ridge
+
+from regress.features import neighbourhood_mean
+from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
+
+
+@pytest.fixture()
+def linear_data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 12)).astype(np.float32) * rng.uniform(0.5, 3, 12)
+    W = rng.normal(size=(12, 7))
+    Y = np.abs(X @ W + rng.normal(scale=2.0, size=(600, 7)) + 5).astype(np.float32)
+    return X, Y
+
+
+def test_ridge_matches_sklearn_for_a_fixed_alpha(linear_data):
+    X, Y = linear_data
+    ours = RidgeCVRegressor(alphas=[3.0], n_folds=1, standardize=False).fit(X, Y)
+    reference = Ridge(alpha=3.0).fit(X, Y)
+    np.testing.assert_allclose(ours.coef_, reference.coef_.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.intercept_, reference.intercept_, rtol=1e-4, atol=1e-4)
+
+
+def test_ridge_cv_picks_the_alpha_that_explicit_refits_pick(linear_data):
+    X, Y = linear_data
+    alphas = [0.01, 1.0, 100.0, 1e4]
+    groups = np.arange(len(X)) % 10
+    model = RidgeCVRegressor(alphas=alphas, n_folds=5, standardize=False).fit(X, Y, groups=groups)
+    folds = model._folds(len(X), groups)
+    brute = []
+    for alpha in alphas:
+        sse = 0.0
+        for k in range(5):
+            fit = Ridge(alpha=alpha).fit(X[folds != k], Y[folds != k])
+            sse += ((fit.predict(X[folds == k]) - Y[folds == k]) ** 2).sum()
+        brute.append(sse / Y.size)
+    np.testing.assert_allclose(model.cv_mse_, brute, rtol=1e-4)
+    assert model.alpha_ == alphas[int(np.argmin(brute))]
+
+
+def test_ridge_standardised_and_pca_variants_predict_well(linear_data):
+    X, Y = linear_data
+    mean_error = ((Y - Y.mean(0)) ** 2).mean()
+    for model in (RidgeCVRegressor(), RidgeCVRegressor(n_components=12)):
+        error = ((model.fit(X, Y).predict(X) - Y) ** 2).mean()
+        assert error < 0.5 * mean_error
+
+
+def test_predictions_are_clipped_to_training_range(linear_data):
+    X, Y = linear_data
+    model = RidgeCVRegressor().fit(X, Y)
+    predictions = model.predict(X * 50)  # far outside the training range
+    assert predictions.min() >= 0
+    assert (predictions <= Y.max(0) + 1e-6).all()
+
+
+def test_lightgbm_on_target_components_beats_the_mean(linear_data):
+    X, Y = linear_data
+    model = LightGBMRegressor(n_target_components=4, n_feature_components=None, n_estimators=200, n_jobs=1)
+    model.fit(X[:450], Y[:450])
+    error = ((model.predict(X[450:]) - Y[450:]) ** 2).mean()
+    baseline = ((MeanProfile().fit(X[:450], Y[:450]).predict(X[450:]) - Y[450:]) ** 2).mean()
+    assert error < 0.7 * baseline
+
+
+def test_spatial_knn_keeps_samples_apart():
+    X = np.array([[0, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)  # y, x, sample code
+    Y = np.array([[1.0], [3.0], [100.0]])
+    model = SpatialKNNProfile(k=2).fit(X, Y)
+    assert model.predict(np.array([[0, 0.5, 0]]))[0, 0] == pytest.approx(2.0)
+
+
+def test_neighbourhood_mean_matches_brute_force():
+    rng = np.random.default_rng(2)
+    coords, features = rng.random((40, 2)) * 100, rng.random((40, 3))
+    result = neighbourhood_mean(coords, features, k=4)
+    for i in (0, 17, 39):
+        distances = np.linalg.norm(coords - coords[i], axis=1)
+        distances[i] = np.inf
+        np.testing.assert_allclose(result[i], features[np.argsort(distances)[:4]].mean(0))
+    weighted = neighbourhood_mean(coords, features, k=4, weighted=True)
+    assert weighted.shape == features.shape and not np.allclose(weighted, result)

@@ -1,0 +1,159 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from regress.features import FeatureSpec
+from regress.fit import FitSettings, fit_and_evaluate
+from regress.predictor import ExpressionPredictor
+from slidedata import open_samples
+from submission.pipeline import make_submission
+from submission.validate import main as validate_main, validate_submission
+from submission.writer import COLUMNS, write_submission
+from submission.predict import SamplePredictions, finalise
+from tests.conftest import FIXTURE_PATCH_SIZES
+
+
+@pytest.fixture(scope="session")
+def fitted(demo_dir, embedded_cache, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("model")
+    settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES),
+                           models=("mean-profile", "spatial-knn", "ridge", "ridge+context"))
+    scores, predictor = fit_and_evaluate(demo_dir, embedded_cache, model_dir, settings, progress=False)
+    return model_dir, scores, predictor
+
+
+@pytest.fixture(scope="session")
+def submission_csv(demo_dir, embedded_cache, fitted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sub") / "submission.csv"
+    report = make_submission(demo_dir, embedded_cache, fitted[0], out)
+    assert report.problems == []
+    return out
+
+
+def test_end_to_end_scores_beat_the_mean_profile(fitted):
+    model_dir, scores, predictor = fitted
+    table = scores.set_index("model")
+    assert (scores["protocol"] == "validation").all()
+    assert table.loc["ridge", "spearman_official"] > table.loc["mean-profile", "spearman_official"]
+    assert table.loc["ridge", "mse"] < table.loc["mean-profile", "mse"] < 0.2
+    assert predictor.model_name in ("ridge", "ridge+context")
+    for name in ("predictor.joblib", "predictor.json", "scores.csv", "scores.png", "gene_pearson.csv"):
+        assert (model_dir / name).exists()
+
+
+def test_saved_model_reloads_and_predicts_identically(fitted, embedded_cache):
+    from slidedata.feature_store import FeatureStore
+
+    model_dir, _, predictor = fitted
+    store = FeatureStore(embedded_cache)
+    ids_a, values_a = predictor.predict_sample(store, "demo0")
+    ids_b, values_b = ExpressionPredictor.load(model_dir).predict_sample(store, "demo0")
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_array_equal(values_a, values_b)
+
+
+def test_submission_covers_every_held_out_nucleus_and_gene(demo_dir, submission_csv):
+    frame = pd.read_csv(submission_csv)
+    assert list(frame.columns) == COLUMNS
+    for sample in open_samples(demo_dir):
+        held_out = set(sample.groups.index[sample.groups.isin(["validation", "test"])])
+        rows = frame[frame["sample"] == sample.name]
+        assert set(rows["cell_id"]) == held_out  # DC1-like demo0 (no expression) is predicted too
+        assert len(rows) == len(held_out) * 460
+    assert frame["prediction"].min() >= 0 and frame["prediction"].notna().all()
+    assert np.allclose(frame["prediction"] * 100, np.round(frame["prediction"] * 100))
+
+
+def test_finalise_clips_rounds_and_removes_non_finite():
+    values = np.array([[-0.3, 0.123456, np.nan, 9.0, np.inf]])
+    np.testing.assert_array_equal(finalise(values, clip_max=np.array([5.0] * 5)), [[0.0, 0.12, 0.0, 5.0, 0.0]])
+
+
+# -- the validator flags each kind of broken file ---------------------------------------------------------------
+
+def _broken(frame, how):
+    frame = frame.copy()
+    if how == "missing rows":
+        return frame.iloc[1:]
+    if how == "duplicated rows":
+        return pd.concat([frame, frame.iloc[[5]]])
+    if how == "rows for cell_ids that are not held out in this sample":
+        extra = frame.iloc[:460].copy()
+        extra["cell_id"] = 99_999_999
+        return pd.concat([frame, extra])
+    if how == "NaN predictions":
+        frame.loc[frame.index[3], "prediction"] = np.nan
+    if how == "negative predictions":
+        frame.loc[frame.index[3], "prediction"] = -0.5
+    if how == "infinite predictions":
+        frame.loc[frame.index[3], "prediction"] = np.inf
+    if how == "more than 2 decimals":
+        frame.loc[frame.index[3], "prediction"] = 0.123
+    if how == "unknown genes":
+        frame.loc[frame.index[3], "gene"] = "NOT_A_GENE"
+    if how == "rows of an unknown sample":
+        frame.loc[frame.index[3], "sample"] = "XX9"
+    if how == "wrong columns":
+        return frame.rename(columns={"prediction": "value"})
+    return frame
+
+
+@pytest.mark.parametrize("how", [
+    "missing rows", "duplicated rows", "rows for cell_ids that are not held out in this sample", "NaN predictions",
+    "negative predictions", "infinite predictions", "more than 2 decimals", "unknown genes",
+    "rows of an unknown sample", "wrong columns",
+])
+def test_validator_flags_each_problem(demo_dir, submission_csv, tmp_path, how, capsys):
+    frame = pd.read_csv(submission_csv)
+    path = tmp_path / "broken.csv"
+    _broken(frame, how).to_csv(path, index=False, float_format="%.3f" if how == "more than 2 decimals" else None)
+    problems = validate_submission(path, open_samples(demo_dir))
+    kinds = {p.kind for p in problems}
+    assert how in kinds, problems
+    if how in ("unknown genes", "rows of an unknown sample"):
+        assert "missing rows" in kinds  # the damaged row no longer counts as the expected one
+    assert validate_main([str(path), "--data", str(demo_dir)]) == 1
+    assert how in capsys.readouterr().out
+
+
+def test_valid_file_passes_and_parquet_round_trips(demo_dir, submission_csv, tmp_path):
+    assert validate_main([str(submission_csv), "--data", str(demo_dir)]) == 0
+    frame = pd.read_csv(submission_csv)
+    predictions = []
+    for sample, rows in frame.groupby("sample", sort=False):
+        genes = list(pd.unique(rows["gene"]))
+        values = rows["prediction"].to_numpy().reshape(-1, len(genes))
+        predictions.append(SamplePredictions(sample, rows["cell_id"].to_numpy()[:: len(genes)], genes, values))
+    parquet = write_submission(predictions, tmp_path / "submission.parquet", nuclei_per_block=100)
+    assert validate_submission(parquet, open_samples(demo_dir)) == []
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet).reset_index(drop=True), frame, check_dtype=False)
+
+
+def test_failed_write_leaves_the_previous_file_intact(tmp_path):
+    path = tmp_path / "submission.csv"
+    path.write_text("previous\n")
+
+    def exploding():
+        yield SamplePredictions("A", np.array([1, 2]), ["g1", "g2"], np.ones((2, 2)))
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_submission(exploding(), path)
+    assert path.read_text() == "previous\n"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_anndata_output_and_spatialdata_table(demo_dir, embedded_cache, fitted, tmp_path):
+    import shutil
+
+    import anndata as ad
+    import spatialdata as sd
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    report = make_submission(data, embedded_cache, fitted[0], tmp_path / "s.csv", anndata_dir=tmp_path / "h5ad",
+                             into_spatialdata=True)
+    table = ad.read_h5ad(tmp_path / "h5ad" / "demo1.h5ad")
+    assert table.n_obs == report.per_sample["demo1"] and table.n_vars == 460
+    stored = sd.read_zarr(data / "demo1.zarr").tables["predicted_expression"]
+    np.testing.assert_allclose(stored.X, table.X)
