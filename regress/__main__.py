@@ -24,13 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-k", type=int, default=15, help="neighbours averaged by the +context models")
     parser.add_argument("--protocol", default="auto", choices=["auto", "validation", "spatial-kfold", "loso"])
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
+    parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
+                        help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
+    parser.add_argument("--pca", type=int, help="ridge on this many principal components of the features")
     args = parser.parse_args(argv)
 
     from slidedata.errors import DataError
 
+    extra = tuple((key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])) for key in args.extra_features)
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
-                                                morphology=not args.no_morphology),
-                           models=tuple(args.models), context_k=args.context_k, protocol=args.protocol)
+                                                extra_keys=extra, morphology=not args.no_morphology),
+                           models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
+                           ridge_components=args.pca)
     start = time.perf_counter()
     try:
         scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)

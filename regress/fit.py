@@ -39,6 +39,7 @@ class FitSettings:
     protocol: str = "auto"  # 'auto' | 'validation' | 'spatial-kfold' | 'loso'
     n_folds: int = 5
     n_blocks: int = 4  # spatial blocks per side and sample (spatial-kfold and ridge's alpha CV)
+    ridge_components: int | None = None  # PCA of the standardised features before ridge (None = all features)
     lightgbm: dict = field(default_factory=dict)
 
 
@@ -49,7 +50,7 @@ def make_estimator(name: str, settings: FitSettings):
     if base == "spatial-knn":
         return SpatialKNNProfile(k=20)
     if base == "ridge":
-        return RidgeCVRegressor(n_folds=settings.n_folds)
+        return RidgeCVRegressor(n_folds=settings.n_folds, n_components=settings.ridge_components)
     if base == "lightgbm":
         return LightGBMRegressor(**settings.lightgbm)
     raise KeyError(f"unknown model '{name}'; choose from {', '.join(BASELINES + MODELS)}")
@@ -128,6 +129,8 @@ def plot_scores(scores: pd.DataFrame, gene_scores: dict[str, np.ndarray], best: 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     colours = ["#999999" if m in BASELINES else "#4c72b0" for m in scores["model"]]
     left.barh(scores["model"], scores["spearman_official"], color=colours)
+    for y, value in enumerate(scores["spearman_official"]):
+        left.text(value, y, f" {value:.3f}", va="center", fontsize=8)
     left.invert_yaxis()
     left.set_xlabel("cell-wise Spearman (official aggregation)")
     left.set_title(title)

@@ -5,6 +5,7 @@ Layout (one zarr v3 group, e.g. ``outputs/features.zarr``)::
     <sample>/nuclei/{cell_id,y,x,area,...}        one row per nucleus, in tile order (the order of every entry)
     <sample>/<encoder>/<patch_size>/features      (n_nuclei, dim) float16, chunked by `chunk_nuclei` rows
     <sample>/<encoder>/<patch_size>/done          (n_units,) uint8, one flag per row chunk ("unit")
+    <sample>/<encoder>/<patch_size>/cell_id       (n_nuclei,) int64, the cell_id of each row
 
 A unit is one chunk of rows, so workers (DataLoader workers, torchrun ranks, Dask workers) that own disjoint units
 write disjoint zarr chunks and never race. `done` is set only after a unit's features are written, so an interrupted
@@ -168,9 +169,13 @@ class FeatureStore:
         return FeatureEntry(zarr.open_group(path, mode="r+"), path)
 
     def create_entry(self, sample_name: str, attrs: dict) -> FeatureEntry:
-        """Open the entry for `attrs` (encoder, patch_size, dim, n_nuclei, chunk_nuclei, ...), creating it if new."""
+        """Open the entry for `attrs` (encoder, patch_size, dim, n_nuclei, chunk_nuclei, ...), creating it if new.
+
+        The entry stores the cell_ids of its rows beside the features, so it can be read without the nuclei table.
+        """
         path = self.entry_path(sample_name, attrs["encoder"], attrs["patch_size"])
-        if not (path / "zarr.json").exists():
+        if not (path / "features" / "zarr.json").exists():
+            cell_ids = self.read_nuclei(sample_name)["cell_id"].to_numpy(np.int64)
             _ensure_group(path.parent)
             n, dim, chunk = int(attrs["n_nuclei"]), int(attrs["dim"]), int(attrs["chunk_nuclei"])
             group = _ensure_group(path)
@@ -178,6 +183,7 @@ class FeatureStore:
                 group.create_array("features", shape=(n, dim), chunks=(chunk, dim), dtype="float16",
                                    fill_value=np.nan)
                 group.create_array("done", shape=(-(-n // chunk),), chunks=(1,), dtype="uint8", fill_value=0)
+                group.create_array("cell_id", data=cell_ids, chunks=(chunk,))
                 group.attrs.update(attrs)
             except Exception:
                 if not (path / "features" / "zarr.json").exists():

@@ -1,0 +1,100 @@
+"""Embedding throughput on the demo data: patch cutting alone, then cutting + encoding per encoder and batch size.
+
+    python benchmarks/bench_embed.py --data data/demo [--encoders handcrafted resnet50 uni] [--batch-sizes 64 256]
+
+Neural encoders run with randomly initialised weights here: this measures speed only, never features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import pandas as pd
+import torch
+
+from embed.encoders import PatchEncoder, _build_timm, load_encoder
+from embed.patches import UnitPatchDataset
+from embed.pipeline import EmbedSettings, encode_patches
+from embed.registry import get_spec
+from slidedata.feature_store import FeatureStore
+from slidedata.sample import open_samples
+
+
+def benchmark_encoder(name: str, device: str) -> PatchEncoder:
+    spec = get_spec(name)
+    if spec.library == "handcrafted":
+        return load_encoder(spec, device=device)
+    return PatchEncoder(spec, _build_timm(spec), weights_sha256="random-init (speed only)").to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/demo")
+    parser.add_argument("--cache", default="outputs/bench-features.zarr")
+    parser.add_argument("--encoders", nargs="+", default=["handcrafted", "resnet50", "uni"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 64, 128, 224])
+    parser.add_argument("--max-nuclei", type=int, default=2048, help="nuclei per encoder timing (CPU: keep small)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    sample = next(s for s in open_samples(args.data))
+    nuclei = FeatureStore(args.cache).nuclei(sample)
+    tile = int(sample.image.chunks[1][0])
+    chunk = 512
+    units = list(range(-(-len(nuclei) // chunk)))
+    rows = []
+
+    def cut_all(limit_units=None):
+        ds = UnitPatchDataset(sample, nuclei, units[:limit_units], chunk, tuple(args.patch_sizes), tile, True)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
+        return loader
+
+    start, count = time.perf_counter(), 0
+    for item in cut_all():
+        count += next(iter(item.patches.values())).shape[0]
+    seconds = time.perf_counter() - start
+    rows.append({"stage": "cut", "encoder": "-", "batch": "-", "device": "cpu", "nuclei": count,
+                 "patches/s": count * len(args.patch_sizes) / seconds, "nuclei/s": count / seconds,
+                 "per core (patches/s)": count * len(args.patch_sizes) / seconds / max(args.workers, 1)})
+    print(rows[-1], flush=True)
+
+    for name in args.encoders:
+        encoder = benchmark_encoder(name, args.device)
+        if args.device.startswith("cuda"):
+            encoder = encoder.to(memory_format=torch.channels_last)
+        model = torch.compile(encoder) if args.compile else encoder
+        for batch in args.batch_sizes:
+            settings = EmbedSettings(batch_size=batch)
+            limit = max(1, args.max_nuclei // chunk)
+            warm = next(iter(cut_all(1)))
+            encode_patches(model, warm.patches[args.patch_sizes[0]][:batch], warm.masks[args.patch_sizes[0]][:batch],
+                           settings, torch.device(args.device))
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start, count = time.perf_counter(), 0
+            for item in cut_all(limit):
+                for size in args.patch_sizes:
+                    encode_patches(model, item.patches[size], item.masks.get(size), settings,
+                                   torch.device(args.device))
+                count += next(iter(item.patches.values())).shape[0]
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            rows.append({"stage": "cut+encode", "encoder": name, "batch": batch, "device": args.device,
+                         "nuclei": count, "patches/s": count * len(args.patch_sizes) / seconds,
+                         "nuclei/s": count / seconds, "per core (patches/s)": float("nan")})
+            print(rows[-1], flush=True)
+
+    print(f"\nsample {sample.name}: {len(nuclei)} nuclei, patch sizes {args.patch_sizes}, "
+          f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}")
+    with pd.option_context("display.float_format", "{:.1f}".format, "display.width", 140):
+        print(pd.DataFrame(rows).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import numpy as np
+
+from regress.dataset import load_table
+from regress.features import FeatureSpec, sample_features
+from regress.fit import evaluation_splits
+from slidedata import open_samples
+from slidedata.feature_store import FeatureStore
+from tests.conftest import FIXTURE_PATCH_SIZES
+
+
+def test_blocks_from_several_keys_concatenate(embedded_cache):
+    store = FeatureStore(embedded_cache)
+    together = sample_features(store, "demo1", FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, morphology=False))
+    split = sample_features(store, "demo1", FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES[:1], morphology=False,
+                                                        extra_keys=(("handcrafted", FIXTURE_PATCH_SIZES[1]),)))
+    np.testing.assert_array_equal(together, split)
+    with_context = sample_features(store, "demo1", FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, context_k=5))
+    assert with_context.shape[1] == 2 * (together.shape[1] + 4)  # + morphology, then the neighbours' mean
+
+
+def test_evaluation_never_mixes_train_and_held_out_space(demo_dir, embedded_cache):
+    table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
+    protocol, splits = evaluation_splits(table, "auto", 5, 4)
+    assert protocol == "validation"
+    train, test = splits[0]
+    assert set(table.group[train]) == {"train"} and set(table.group[test]) == {"validation"}
+    assert table.measured[train].all() and table.measured[test].all()
+
+    _, folds = evaluation_splits(table, "spatial-kfold", 5, 4)
+    blocks = table.spatial_blocks(4)
+    assert len(folds) == 5
+    for train, test in folds:
+        assert not set(blocks[train]) & set(blocks[test])  # whole blocks are held out
+        assert set(table.group[test]) == {"train"}
+    assert sorted(np.concatenate([t for _, t in folds])) == sorted(np.flatnonzero(
+        (table.group == "train") & table.measured))
+
+    _, loso = evaluation_splits(table, "loso", 5, 4)
+    assert [set(table.sample[t]) for _, t in loso] == [{"demo1"}, {"demo2"}]
+    assert all(not set(table.sample[tr]) & set(table.sample[te]) for tr, te in loso)
+    assert "demo0" not in set(table.sample[np.concatenate([t for _, t in loso])])  # no expression: never scored
