@@ -33,19 +33,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/demo")
     parser.add_argument("--cache", default="outputs/bench-features.zarr")
-    parser.add_argument("--encoders", nargs="+", default=["handcrafted", "resnet50", "uni"])
+    parser.add_argument("--encoders", nargs="+", help="default: handcrafted resnet50 (CPU); + uni, a ViT-L/16 (GPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 64, 128, 224])
-    parser.add_argument("--max-nuclei", type=int, default=2048, help="nuclei per encoder timing (CPU: keep small)")
+    parser.add_argument("--max-nuclei", type=int, help="nuclei per encoder timing (default: 256 on CPU, 8192 on GPU)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    args.encoders = args.encoders or (["handcrafted", "resnet50", "uni"] if on_gpu else ["handcrafted", "resnet50"])
+    args.max_nuclei = args.max_nuclei or (8192 if on_gpu else 64)
 
     sample = next(s for s in open_samples(args.data))
     nuclei = FeatureStore(args.cache).nuclei(sample)
     tile = int(sample.image.chunks[1][0])
-    chunk = 512
+    chunk = min(512, args.max_nuclei)
     units = list(range(-(-len(nuclei) // chunk)))
     rows = []
 

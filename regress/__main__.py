@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(BASELINES) + ["ridge", "ridge+context"],
                         choices=list(BASELINES) + list(MODELS))
     parser.add_argument("--context-k", type=int, default=15, help="neighbours averaged by the +context models")
+    parser.add_argument("--context-radius", type=float,
+                        help="px: +context models average all nuclei within this radius instead of the k nearest")
     parser.add_argument("--protocol", default="auto", choices=["auto", "validation", "spatial-kfold", "loso"])
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
                                                 extra_keys=extra, morphology=not args.no_morphology),
                            models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
-                           ridge_components=args.pca)
+                           ridge_components=args.pca, context_radius=args.context_radius)
     start = time.perf_counter()
     try:
         scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)

@@ -23,6 +23,7 @@ class FeatureSpec:
     morphology: bool = True  # nucleus area and ellipse axes from the mask
     context_k: int = 0  # append the mean features of the k nearest nuclei (0 = none)
     context_weighted: bool = False  # weight neighbours by a Gaussian of their distance instead of equally
+    context_radius: float | None = None  # px: average all nuclei within this radius instead of the k nearest
     keys: tuple[tuple[str, int], ...] = field(init=False)
 
     def __post_init__(self):
@@ -30,7 +31,21 @@ class FeatureSpec:
 
     def describe(self) -> str:
         base = f"{self.encoder}@{'/'.join(str(s) for s in self.patch_sizes)}"
+        if self.context_radius:
+            return base + f"+ctx{self.context_radius:g}px"
         return base + (f"+ctx{self.context_k}" if self.context_k else "")
+
+
+def radius_mean(coords: np.ndarray, features: np.ndarray, radius: float) -> np.ndarray:
+    """Mean features of the other nuclei within `radius` px of each nucleus (zeros where there are none)."""
+    tree = cKDTree(coords)
+    pairs = tree.query_pairs(radius, output_type="ndarray")
+    rows = np.r_[pairs[:, 0], pairs[:, 1]]
+    cols = np.r_[pairs[:, 1], pairs[:, 0]]
+    sums = np.zeros_like(features, dtype=np.float64)
+    np.add.at(sums, rows, features[cols])
+    counts = np.bincount(rows, minlength=len(coords))[:, None]
+    return (sums / np.maximum(counts, 1)).astype(features.dtype)
 
 
 def neighbourhood_mean(coords: np.ndarray, features: np.ndarray, k: int, weighted: bool = False) -> np.ndarray:
@@ -56,7 +71,9 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
     if spec.morphology:
         blocks.append(np.log1p(nuclei[list(MORPHOLOGY_COLUMNS)].to_numpy(np.float32)))
     base = np.concatenate(blocks, axis=1).astype(np.float32)
-    if spec.context_k:
-        coords = nuclei[["y", "x"]].to_numpy(np.float64)
+    coords = nuclei[["y", "x"]].to_numpy(np.float64)
+    if spec.context_radius:
+        base = np.concatenate([base, radius_mean(coords, base, spec.context_radius)], axis=1)
+    elif spec.context_k:
         base = np.concatenate([base, neighbourhood_mean(coords, base, spec.context_k, spec.context_weighted)], axis=1)
     return base

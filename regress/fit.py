@@ -36,6 +36,7 @@ class FitSettings:
     features: FeatureSpec = field(default_factory=FeatureSpec)
     models: tuple[str, ...] = BASELINES + ("ridge", "ridge+context")
     context_k: int = 15
+    context_radius: float | None = None  # px; replaces the k nearest by all nuclei within this radius
     protocol: str = "auto"  # 'auto' | 'validation' | 'spatial-kfold' | 'loso'
     n_folds: int = 5
     n_blocks: int = 4  # spatial blocks per side and sample (spatial-kfold and ridge's alpha CV)
@@ -150,10 +151,13 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     model_dir.mkdir(parents=True, exist_ok=True)
     samples = open_samples(data)
     store = FeatureStore(cache)
-    context_spec = replace(settings.features, context_k=settings.context_k)
-    base_spec = replace(settings.features, context_k=0)
+    context_spec = replace(settings.features, context_k=settings.context_k, context_radius=settings.context_radius)
+    base_spec = replace(settings.features, context_k=0, context_radius=None)
     table = load_table(samples, store, context_spec)
-    base_dim = table.X.shape[1] // 2 if settings.context_k else table.X.shape[1]
+    has_context = bool(settings.context_k or settings.context_radius)
+    if not has_context and any(m.endswith("+context") for m in settings.models):
+        raise ValueError("a +context model needs context_k > 0 or a context_radius")
+    base_dim = table.X.shape[1] // 2 if has_context else table.X.shape[1]
 
     protocol, scores, gene_scores, _ = evaluate(table, settings, base_dim, progress)
     candidates = scores[~scores["model"].isin(BASELINES)]

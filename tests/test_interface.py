@@ -21,3 +21,23 @@ def test_train_then_infer_is_deterministic(demo_dir, tmp_path):
     held_out = groups.index[groups.isin(["validation", "test"])]
     assert len(first) == len(held_out) * 460 and set(first["cell_id"]) == set(held_out)
     assert (first["prediction"] >= 0).all() and np.isfinite(first["prediction"]).all()
+
+
+def test_neural_encoder_weights_travel_with_the_model(demo_dir, tmp_path, monkeypatch):
+    """train copies the weights into the model folder; infer loads them from there (the runner is offline)."""
+    from embed.registry import ENCODERS
+    from submission.main import infer, train
+    from tests.test_encoders import TINY_VIT, _fresh, _save_hub_layout
+
+    monkeypatch.setitem(ENCODERS, TINY_VIT.name, TINY_VIT)
+    weights = _save_hub_layout(_fresh(TINY_VIT, seed=5), tmp_path / "hub", TINY_VIT.architecture)
+    model_dir = tmp_path / "model"
+    train(str(demo_dir), str(model_dir), encoder=TINY_VIT.name, weights=str(weights), models=("ridge",))
+    assert (model_dir / "encoder" / "model.safetensors").exists()
+
+    import shutil
+
+    shutil.rmtree(weights)  # the original weights are gone, as on the runner's machine
+    predictions = infer(str(demo_dir / "demo1.zarr"), str(model_dir))
+    groups = open_sample(demo_dir / "demo1.zarr").groups
+    assert len(predictions) == groups.isin(["validation", "test"]).sum() * 460

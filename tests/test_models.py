@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from regress.features import neighbourhood_mean
+from regress.features import neighbourhood_mean, radius_mean
 from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
 
 
@@ -82,3 +82,14 @@ def test_neighbourhood_mean_matches_brute_force():
         np.testing.assert_allclose(result[i], features[np.argsort(distances)[:4]].mean(0))
     weighted = neighbourhood_mean(coords, features, k=4, weighted=True)
     assert weighted.shape == features.shape and not np.allclose(weighted, result)
+
+
+def test_radius_mean_matches_brute_force():
+    rng = np.random.default_rng(3)
+    coords, features = rng.random((60, 2)) * 100, rng.random((60, 3)).astype(np.float32)
+    result = radius_mean(coords, features, radius=15.0)
+    for i in range(60):
+        distances = np.linalg.norm(coords - coords[i], axis=1)
+        near = (distances <= 15.0) & (np.arange(60) != i)
+        expected = features[near].mean(0) if near.any() else np.zeros(3)
+        np.testing.assert_allclose(result[i], expected, rtol=1e-5, atol=1e-6)
