@@ -24,7 +24,7 @@ def synthetic(n: int, d: int, g: int, seed: int = 0, block: int = 100_000):
     for start in range(0, n, block):
         stop = min(start + block, n)
         X[start:stop] = rng.standard_normal((stop - start, d), dtype=np.float32)
-        Y[start:stop] = np.abs(X[start:stop, :32] @ W + rng.standard_normal((stop - start, g), dtype=np.float32))
+        Y[start:stop] = X[start:stop, :32] @ W + rng.standard_normal((stop - start, g), dtype=np.float32) + 3
     return X, Y
 
 
