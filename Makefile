@@ -6,7 +6,8 @@ PYTHON      ?= python3.11
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed
-DATA        ?= data/demo
+DEMO_DATA   ?= data/demo
+DATA        ?= $(DEMO_DATA)
 OUT         ?= outputs
 CACHE       ?= $(OUT)/features.zarr
 MODEL_DIR   ?= $(OUT)/model
@@ -30,14 +31,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-$(DATA)/demo1.zarr: | $(STAMP)
-	$(PY) -m slidedata.demo --out $(DATA) --n-nuclei $(DEMO_NUCLEI)
+$(DEMO_DATA)/demo1.zarr: | $(STAMP)
+	$(PY) -m slidedata.demo --out $(DEMO_DATA) --n-nuclei $(DEMO_NUCLEI)
 
 # Each stage prints its own time; a second run reuses the cache (embed), so it is much faster.
-demo: $(STAMP) $(DATA)/demo1.zarr
-	@$(MAKE) --no-print-directory embed
-	@$(MAKE) --no-print-directory fit
-	@$(MAKE) --no-print-directory submit
+demo: $(STAMP) $(DEMO_DATA)/demo1.zarr
+	@$(MAKE) --no-print-directory embed DATA=$(DEMO_DATA)
+	@$(MAKE) --no-print-directory fit DATA=$(DEMO_DATA)
+	@$(MAKE) --no-print-directory submit DATA=$(DEMO_DATA)
 
 embed: $(STAMP)
 	$(PY) -m embed --data $(DATA) --cache $(CACHE) --encoder $(ENCODER) --patch-sizes $(PATCH_SIZES) \
@@ -55,7 +56,7 @@ test: $(STAMP)
 
 bench: bench-embed bench-fit
 
-bench-embed: $(STAMP) $(DATA)/demo1.zarr
+bench-embed: $(STAMP) $(if $(filter $(DATA),$(DEMO_DATA)),$(DEMO_DATA)/demo1.zarr)
 	$(PY) benchmarks/bench_embed.py --data $(DATA)
 
 bench-fit: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from regress.features import FeatureSpec, sample_features
 from slidedata.errors import DataError
@@ -35,14 +36,15 @@ class NucleusTable:
         return np.isin(self.group, HELD_OUT_GROUPS)
 
     def spatial_blocks(self, n_blocks: int = 4) -> np.ndarray:
-        """Block label per nucleus: each sample's extent cut into n_blocks x n_blocks squares."""
-        labels = np.empty(len(self), dtype=object)
-        for name in np.unique(self.sample):
-            idx = self.sample == name
+        """Integer block label per nucleus: each sample's extent cut into n_blocks x n_blocks squares."""
+        codes, _ = pd.factorize(self.sample)
+        labels = np.empty(len(self), dtype=np.int64)
+        for code in np.unique(codes):
+            idx = codes == code
             yx = self.coords[idx]
             lo, hi = yx.min(0), yx.max(0) + 1e-6
-            cell = np.floor((yx - lo) / (hi - lo) * n_blocks).astype(int)
-            labels[idx] = [f"{name}:{a}:{b}" for a, b in cell]
+            cell = np.floor((yx - lo) / (hi - lo) * n_blocks).astype(np.int64)
+            labels[idx] = (code * n_blocks + cell[:, 0]) * n_blocks + cell[:, 1]
         return labels
 
 

@@ -18,9 +18,10 @@ import pandas as pd
 
 from regress.dataset import NucleusTable, load_table
 from regress.features import FeatureSpec
-from regress.metrics import cellwise_spearman, genewise_pearson, score_table
+from regress.metrics import genewise_pearson, score_table
 from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
 from regress.predictor import ExpressionPredictor
+from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
 from slidedata.sample import open_samples
 
@@ -149,7 +150,10 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     settings = settings or FitSettings()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    samples = open_samples(data)
+    # Samples without measured expression (like DC1) can neither train nor score a model.
+    samples = [s for s in open_samples(data) if s.has_expression]
+    if not samples:
+        raise DataError(Path(data), "anucleus", "no sample has measured expression to learn from")
     store = FeatureStore(cache)
     context_spec = replace(settings.features, context_k=settings.context_k, context_radius=settings.context_radius)
     base_spec = replace(settings.features, context_k=0, context_radius=None)
@@ -190,4 +194,4 @@ def _embed_settings(store: FeatureStore, sample_name: str, spec: FeatureSpec) ->
             "chunk_nuclei": attrs.get("chunk_nuclei")}
 
 
-__all__ = ["FitSettings", "evaluate", "evaluation_splits", "fit_and_evaluate", "cellwise_spearman"]
+__all__ = ["FitSettings", "evaluate", "evaluation_splits", "fit_and_evaluate"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import pandas as pd
 
 from regress.features import FeatureSpec, sample_features
 from slidedata.errors import DataError
@@ -30,9 +31,10 @@ class ExpressionPredictor:
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         return self.estimator.predict(X)
 
-    def predict_sample(self, store: FeatureStore, sample_name: str) -> tuple[np.ndarray, np.ndarray]:
+    def predict_sample(self, store: FeatureStore, sample_name: str,
+                       nuclei: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(cell_ids, predictions) for every nucleus of a cached sample, in the cache's order."""
-        nuclei = store.read_nuclei(sample_name)
+        nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
         X = sample_features(store, sample_name, self.feature_spec, nuclei)
         return nuclei["cell_id"].to_numpy(np.int64), self.predict_features(X)
 
