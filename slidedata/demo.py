@@ -230,12 +230,15 @@ def make_demo_sample(path: str | Path, seed: int, n_nuclei: int = 3000, with_exp
 DEMO_SAMPLES = (("demo1", 1, True), ("demo2", 2, True), ("demo0", 3, False))
 
 
-def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, chunk_size: int = 512) -> list[Path]:
+def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, chunk_size: int = 512,
+                      progress: bool = False) -> list[Path]:
     """Two samples with expression and one without (like DC1), deterministic from `seed`."""
+    from tqdm.auto import tqdm
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return [make_demo_sample(folder / f"{name}.zarr", seed * 1000 + offset, n_nuclei, with_expr, chunk_size=chunk_size)
-            for name, offset, with_expr in DEMO_SAMPLES]
+            for name, offset, with_expr in tqdm(DEMO_SAMPLES, desc="demo samples", disable=not progress)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk-size", type=int, default=512, help="zarr chunk edge of image and mask, px")
     args = parser.parse_args(argv)
-    for path in make_demo_dataset(args.out, args.n_nuclei, args.seed, args.chunk_size):
+    for path in make_demo_dataset(args.out, args.n_nuclei, args.seed, args.chunk_size, progress=True):
         print(path)
 
 
