@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 from scipy.spatial import cKDTree
 
 from slidedata.feature_store import FeatureStore
 
 MORPHOLOGY_COLUMNS = ("area", "major_axis", "minor_axis", "eccentricity")
+FEATURE_DTYPE = np.float16
 
 
 @dataclass(frozen=True)
@@ -36,44 +38,75 @@ class FeatureSpec:
         return base + (f"+ctx{self.context_k}" if self.context_k else "")
 
 
-def radius_mean(coords: np.ndarray, features: np.ndarray, radius: float) -> np.ndarray:
-    """Mean features of the other nuclei within `radius` px of each nucleus (zeros where there are none)."""
-    tree = cKDTree(coords)
-    pairs = tree.query_pairs(radius, output_type="ndarray")
-    rows = np.r_[pairs[:, 0], pairs[:, 1]]
-    cols = np.r_[pairs[:, 1], pairs[:, 0]]
-    sums = np.zeros_like(features, dtype=np.float64)
-    np.add.at(sums, rows, features[cols])
-    counts = np.bincount(rows, minlength=len(coords))[:, None]
-    return (sums / np.maximum(counts, 1)).astype(features.dtype)
+def knn_weights(coords: np.ndarray, k: int, weighted: bool = False) -> sparse.csr_matrix:
+    """Row-stochastic (n, n) matrix averaging each nucleus' k nearest other nuclei, optionally Gaussian-weighted."""
+    n = len(coords)
+    k_eff = min(k + 1, n)
+    if k_eff < 2:
+        return sparse.csr_matrix((n, n))
+    distances, idx = cKDTree(coords).query(coords, k=k_eff)
+    distances, idx = distances[:, 1:], idx[:, 1:]  # the nucleus itself is its own nearest neighbour
+    if weighted:
+        bandwidth = np.median(distances[:, -1]) + 1e-6
+        weights = np.exp(-((distances / bandwidth) ** 2))
+    else:
+        weights = np.ones_like(distances)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return sparse.csr_matrix((weights.ravel(), idx.ravel(), np.arange(0, n * (k_eff - 1) + 1, k_eff - 1)),
+                             shape=(n, n))
+
+
+def radius_weights(coords: np.ndarray, radius: float) -> sparse.csr_matrix:
+    """Row-stochastic (n, n) matrix averaging the other nuclei within `radius` px (empty rows stay zero)."""
+    n = len(coords)
+    pairs = cKDTree(coords).query_pairs(radius, output_type="ndarray")
+    rows, cols = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
+    counts = np.bincount(rows, minlength=n)
+    return sparse.csr_matrix((1.0 / counts[rows], (rows, cols)), shape=(n, n))
+
+
+def apply_weights(weights: sparse.csr_matrix, features: np.ndarray, block: int = 256) -> np.ndarray:
+    """weights @ features, a block of columns at a time: memory stays at the output plus one block."""
+    work = np.result_type(features.dtype, np.float32)
+    out = np.empty(features.shape, dtype=features.dtype)
+    for start in range(0, features.shape[1], block):
+        columns = slice(start, start + block)
+        out[:, columns] = weights @ features[:, columns].astype(work)
+    return out
 
 
 def neighbourhood_mean(coords: np.ndarray, features: np.ndarray, k: int, weighted: bool = False) -> np.ndarray:
     """Mean features of each nucleus' k nearest other nuclei (KD-tree), optionally Gaussian distance-weighted."""
-    k_eff = min(k + 1, len(coords))
-    if k_eff < 2:
-        return np.zeros_like(features)
-    distances, idx = cKDTree(coords).query(coords, k=k_eff)
-    distances, idx = distances[:, 1:], idx[:, 1:]  # the nucleus itself is its own nearest neighbour
-    if not weighted:
-        return features[idx].mean(axis=1)
-    bandwidth = np.median(distances[:, -1]) + 1e-6
-    weights = np.exp(-((distances / bandwidth) ** 2))
-    weights /= weights.sum(axis=1, keepdims=True)
-    return np.einsum("nk,nkd->nd", weights, features[idx])
+    return apply_weights(knn_weights(coords, k, weighted), features)
+
+
+def radius_mean(coords: np.ndarray, features: np.ndarray, radius: float) -> np.ndarray:
+    """Mean features of the other nuclei within `radius` px of each nucleus (zeros where there are none)."""
+    return apply_weights(radius_weights(coords, radius), features)
 
 
 def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
                     nuclei: pd.DataFrame | None = None) -> np.ndarray:
-    """(n_nuclei, n_features) float32 in the cache's nucleus order."""
+    """(n_nuclei, n_features) in the cache's nucleus order.
+
+    float16, like the cache itself: the matrix of a whole dataset is the fit stage's largest object, and the
+    estimators convert one block of rows at a time.
+    """
     nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
-    blocks = [store.read_features(sample_name, encoder, size) for encoder, size in spec.keys]
+    entries = [store.open_entry(sample_name, encoder, size) for encoder, size in spec.keys]
+    widths = [e.features.shape[1] for e in entries] + ([len(MORPHOLOGY_COLUMNS)] if spec.morphology else [])
+    has_context = bool(spec.context_radius or spec.context_k)
+    base_width = sum(widths)
+    out = np.empty((len(nuclei), base_width * (2 if has_context else 1)), dtype=FEATURE_DTYPE)
+    offset = 0
+    for entry in entries:
+        out[:, offset: offset + entry.features.shape[1]] = entry.read()
+        offset += entry.features.shape[1]
     if spec.morphology:
-        blocks.append(np.log1p(nuclei[list(MORPHOLOGY_COLUMNS)].to_numpy(np.float32)))
-    base = np.concatenate(blocks, axis=1).astype(np.float32)
-    coords = nuclei[["y", "x"]].to_numpy(np.float64)
-    if spec.context_radius:
-        base = np.concatenate([base, radius_mean(coords, base, spec.context_radius)], axis=1)
-    elif spec.context_k:
-        base = np.concatenate([base, neighbourhood_mean(coords, base, spec.context_k, spec.context_weighted)], axis=1)
-    return base
+        out[:, offset: base_width] = np.log1p(nuclei[list(MORPHOLOGY_COLUMNS)].to_numpy(np.float32))
+    if has_context:
+        coords = nuclei[["y", "x"]].to_numpy(np.float64)
+        weights = radius_weights(coords, spec.context_radius) if spec.context_radius else \
+            knn_weights(coords, spec.context_k, spec.context_weighted)
+        out[:, base_width:] = apply_weights(weights, out[:, :base_width])
+    return out
