@@ -39,9 +39,10 @@ class UnitPatches:
 class TileReader:
     """Reads tile + margin windows of a sample, keeping the last one (consecutive units share tiles)."""
 
-    def __init__(self, sample: Sample, tile_size: int, margin: int, with_mask: bool, pad_mode: str = "symmetric"):
+    def __init__(self, sample: Sample, tile_size: int, margin: int, with_mask: bool, pad_mode: str = "symmetric",
+                 stain_normalizer=None):
         self.sample, self.tile_size, self.margin = sample, tile_size, margin
-        self.with_mask, self.pad_mode = with_mask, pad_mode
+        self.with_mask, self.pad_mode, self.stain_normalizer = with_mask, pad_mode, stain_normalizer
         self._key: tuple[int, int] | None = None
         self._window: tuple[np.ndarray, np.ndarray | None, int, int] | None = None
         self.tiles_read = 0
@@ -54,14 +55,15 @@ class TileReader:
             y1 = (tile_y + 1) * self.tile_size + self.margin
             x1 = (tile_x + 1) * self.tile_size + self.margin
             image = self.sample.read_image(y0, y1, x0, x1, self.pad_mode)
+            if self.stain_normalizer is not None:  # once per tile read, not per unit
+                image = self.stain_normalizer.transform(image)
             mask = self.sample.read_mask(y0, y1, x0, x1) if self.with_mask else None
             self._key, self._window = (tile_y, tile_x), (image, mask, y0, x0)
             self.tiles_read += 1
         return self._window
 
 
-def unit_patches(reader: TileReader, nuclei: pd.DataFrame, patch_sizes: tuple[int, ...], unit: int,
-                 stain_normalizer=None) -> UnitPatches:
+def unit_patches(reader: TileReader, nuclei: pd.DataFrame, patch_sizes: tuple[int, ...], unit: int) -> UnitPatches:
     """Cut every patch size for the nuclei (rows of one unit) from the tiles they lie in."""
     n = len(nuclei)
     ys = np.rint(nuclei["y"].to_numpy()).astype(np.int64)
@@ -73,8 +75,6 @@ def unit_patches(reader: TileReader, nuclei: pd.DataFrame, patch_sizes: tuple[in
     for ty, tx in dict.fromkeys(zip(tile_y.tolist(), tile_x.tolist())):
         rows = np.flatnonzero((tile_y == ty) & (tile_x == tx))
         image, mask, y0, x0 = reader.window(ty, tx)
-        if stain_normalizer is not None:
-            image = stain_normalizer.transform(image)
         cy, cx = ys[rows] - y0, xs[rows] - x0
         for size in patch_sizes:
             patches[size][rows] = cut_patches(image, cy, cx, size)
@@ -101,10 +101,10 @@ class UnitPatchDataset(IterableDataset):
         info = get_worker_info()
         units = contiguous_share(self.units, info.id, info.num_workers) if info else self.units
         reader = TileReader(self.sample, self.tile_size, self.patch_sizes[-1] // 2 + 1, self.with_mask,
-                            self.pad_mode)
+                            self.pad_mode, self.stain_normalizer)
         for unit in units:
             rows = self.nuclei.iloc[unit * self.chunk_nuclei: (unit + 1) * self.chunk_nuclei]
-            yield unit_patches(reader, rows, self.patch_sizes, unit, self.stain_normalizer)
+            yield unit_patches(reader, rows, self.patch_sizes, unit)
 
 
 def contiguous_share(items: list, index: int, count: int) -> list:
