@@ -15,7 +15,7 @@ SUBMISSION  ?= $(OUT)/submission.csv
 ENCODER     ?= handcrafted
 WEIGHTS     ?=
 PATCH_SIZES ?= 32 64 128 224
-MODELS      ?= mean-profile spatial-knn ridge ridge+context lightgbm
+MODELS      ?= mean-profile spatial-knn ridge ridge+context lightgbm lightgbm+context
 DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 
