@@ -72,9 +72,11 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
     nuclei = store.nuclei(sample, progress=progress)
     entries = {size: store.create_entry(sample.name, entry_attrs(encoder, size, len(nuclei), settings))
                for size in settings.patch_sizes}
-    pending = sorted(set().union(*(set(e.pending_units().tolist()) for e in entries.values())))
+    pending = set().union(*(set(e.pending_units().tolist()) for e in entries.values()))
     n_units = next(iter(entries.values())).n_units if entries else 0
-    mine = contiguous_share(pending, settings.rank, settings.world_size)
+    # Shard all units, not the pending ones: ranks that start at different moments see different pending sets,
+    # and must still agree on who owns which unit.
+    mine = [u for u in contiguous_share(list(range(n_units)), settings.rank, settings.world_size) if u in pending]
     if settings.max_units is not None:
         mine = mine[: settings.max_units]
     if not mine:

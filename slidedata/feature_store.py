@@ -143,19 +143,13 @@ class FeatureStore:
         return int(zarr.open_group(self.root / sample_name / NUCLEI_GROUP, mode="r").attrs["tile_size"])
 
     def _write_nuclei(self, sample_name: str, table: pd.DataFrame, attrs: dict) -> None:
-        _ensure_group(self.root / sample_name)
-        final = self.root / sample_name / NUCLEI_GROUP
-        tmp = self.root / sample_name / f".{NUCLEI_GROUP}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        group = zarr.open_group(tmp, mode="w")
-        for name in NUCLEI_COLUMNS:
-            values = table[name].to_numpy()
-            group.create_array(name, data=values, chunks=(max(len(values), 1),))
-        group.attrs.update(attrs)
-        try:
-            tmp.rename(final)
-        except OSError:  # another worker finished first; its table is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        def build(group: zarr.Group) -> None:
+            for name in NUCLEI_COLUMNS:
+                values = table[name].to_numpy()
+                group.create_array(name, data=values, chunks=(max(len(values), 1),))
+            group.attrs.update(attrs)
+
+        _publish_group(self.root / sample_name / NUCLEI_GROUP, build)
 
     # -- features -----------------------------------------------------------------------------------------------
     def entry_path(self, sample_name: str, encoder: str, patch_size: int) -> Path:
@@ -174,20 +168,18 @@ class FeatureStore:
         The entry stores the cell_ids of its rows beside the features, so it can be read without the nuclei table.
         """
         path = self.entry_path(sample_name, attrs["encoder"], attrs["patch_size"])
-        if not (path / "features" / "zarr.json").exists():
+        if not (path / "zarr.json").exists():
             cell_ids = self.read_nuclei(sample_name)["cell_id"].to_numpy(np.int64)
-            _ensure_group(path.parent)
             n, dim, chunk = int(attrs["n_nuclei"]), int(attrs["dim"]), int(attrs["chunk_nuclei"])
-            group = _ensure_group(path)
-            try:
+
+            def build(group: zarr.Group) -> None:
                 group.create_array("features", shape=(n, dim), chunks=(chunk, dim), dtype="float16",
                                    fill_value=np.nan)
                 group.create_array("done", shape=(-(-n // chunk),), chunks=(1,), dtype="uint8", fill_value=0)
                 group.create_array("cell_id", data=cell_ids, chunks=(chunk,))
                 group.attrs.update(attrs)
-            except Exception:
-                if not (path / "features" / "zarr.json").exists():
-                    raise  # not a race with another worker: a real failure
+
+            _publish_group(path, build)
         entry = FeatureEntry(zarr.open_group(path, mode="r+"), path)
         self._check_identity(entry, attrs)
         return entry
@@ -200,6 +192,8 @@ class FeatureStore:
         rows = []
         for zjson in sorted(self.root.glob("*/*/*/features/zarr.json")):
             path = zjson.parent.parent
+            if path.name.startswith("."):  # a temporary group still being built
+                continue
             entry = FeatureEntry(zarr.open_group(path, mode="r"), path)
             done = entry.done[:]
             rows.append({"sample": path.parent.parent.name, "encoder": path.parent.name,
@@ -215,6 +209,21 @@ class FeatureStore:
                 raise CacheMismatchError(entry.path, key, f"cached with {key}={stored[key]!r}, now asked for "
                                                           f"{attrs[key]!r}; refusing to mix them. Use another "
                                                           "--cache folder or delete this entry")
+
+
+def _publish_group(final: Path, build) -> None:
+    """Build a group under a private temporary name, then rename it into place, so that no reader (another worker,
+    a later run after a crash) ever sees it half-written. If another worker published it first, keep theirs."""
+    _ensure_group(final.parent)
+    tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(zarr.open_group(tmp, mode="w"))
+    try:
+        tmp.rename(final)
+    except OSError:  # the other worker's group is identical in content
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "zarr.json").exists():
+            raise
 
 
 def _ensure_group(path: Path) -> zarr.Group:

@@ -123,3 +123,21 @@ def test_dataloader_workers_give_the_same_features(demo_dir, embedded_cache, tmp
                  EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128, num_workers=2), progress=False)
     np.testing.assert_array_equal(store.read_features("demo1", "handcrafted", 48),
                                   FeatureStore(embedded_cache).read_features("demo1", "handcrafted", 48))
+
+
+def test_ranks_own_fixed_units_whatever_the_others_have_done(demo_dir, tmp_path, monkeypatch):
+    """A rank starting late sees fewer pending units; it must still take only its own share, no more, no less."""
+    from embed.patches import contiguous_share
+
+    sample = open_sample(demo_dir / "demo2.zarr")
+    store = FeatureStore(tmp_path / "features.zarr")
+    encoder = load_encoder("handcrafted")
+    settings = EmbedSettings(patch_sizes=(24,), chunk_nuclei=128, rank=0, world_size=2, max_units=2)
+    first = embed_sample(sample, store, encoder, settings, progress=False)  # rank 0 is under way
+
+    written = []
+    original = FeatureEntry.write_unit
+    monkeypatch.setattr(FeatureEntry, "write_unit", lambda self, u, v: (written.append(u), original(self, u, v)))
+    settings.rank, settings.max_units = 1, None
+    embed_sample(sample, store, encoder, settings, progress=False)
+    assert written == contiguous_share(list(range(first.units_total)), 1, 2)
