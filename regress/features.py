@@ -31,11 +31,9 @@ class FeatureSpec:
     def __post_init__(self):
         object.__setattr__(self, "keys", tuple((self.encoder, int(s)) for s in self.patch_sizes) + self.extra_keys)
 
-    def describe(self) -> str:
-        base = f"{self.encoder}@{'/'.join(str(s) for s in self.patch_sizes)}"
-        if self.context_radius:
-            return base + f"+ctx{self.context_radius:g}px"
-        return base + (f"+ctx{self.context_k}" if self.context_k else "")
+    @property
+    def has_context(self) -> bool:
+        return bool(self.context_radius or self.context_k)
 
 
 def knn_weights(coords: np.ndarray, k: int, weighted: bool = False) -> sparse.csr_matrix:
@@ -94,17 +92,15 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
     """
     nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
     entries = [store.open_entry(sample_name, encoder, size) for encoder, size in spec.keys]
-    widths = [e.features.shape[1] for e in entries] + ([len(MORPHOLOGY_COLUMNS)] if spec.morphology else [])
-    has_context = bool(spec.context_radius or spec.context_k)
-    base_width = sum(widths)
-    out = np.empty((len(nuclei), base_width * (2 if has_context else 1)), dtype=FEATURE_DTYPE)
+    base_width = sum(e.features.shape[1] for e in entries) + (len(MORPHOLOGY_COLUMNS) if spec.morphology else 0)
+    out = np.empty((len(nuclei), base_width * (2 if spec.has_context else 1)), dtype=FEATURE_DTYPE)
     offset = 0
     for entry in entries:
         out[:, offset: offset + entry.features.shape[1]] = entry.read()
         offset += entry.features.shape[1]
     if spec.morphology:
         out[:, offset: base_width] = np.log1p(nuclei[list(MORPHOLOGY_COLUMNS)].to_numpy(np.float32))
-    if has_context:
+    if spec.has_context:
         coords = nuclei[["y", "x"]].to_numpy(np.float64)
         weights = radius_weights(coords, spec.context_radius) if spec.context_radius else \
             knn_weights(coords, spec.context_k, spec.context_weighted)

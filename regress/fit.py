@@ -158,10 +158,9 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     context_spec = replace(settings.features, context_k=settings.context_k, context_radius=settings.context_radius)
     base_spec = replace(settings.features, context_k=0, context_radius=None)
     table = load_table(samples, store, context_spec)
-    has_context = bool(settings.context_k or settings.context_radius)
-    if not has_context and any(m.endswith("+context") for m in settings.models):
+    if not context_spec.has_context and any(m.endswith("+context") for m in settings.models):
         raise ValueError("a +context model needs context_k > 0 or a context_radius")
-    base_dim = table.X.shape[1] // 2 if has_context else table.X.shape[1]
+    base_dim = table.X.shape[1] // 2 if context_spec.has_context else table.X.shape[1]
 
     protocol, scores, gene_scores, _ = evaluate(table, settings, base_dim, progress)
     candidates = scores[~scores["model"].isin(BASELINES)]
