@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     from slidedata.errors import DataError
     from embed.encoders import EncoderLoadError
 
+    from embed.registry import get_spec
+
+    try:
+        get_spec(args.encoder)
+    except KeyError as exc:  # only the name lookup: a KeyError from deeper down is a bug and keeps its traceback
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ:
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device)
-    except (DataError, EncoderLoadError, KeyError) as exc:
+    except (DataError, EncoderLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for r in reports:
