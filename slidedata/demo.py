@@ -14,8 +14,6 @@ so that the task is learnable in the same ways as on real colon tissue:
 from __future__ import annotations
 
 import argparse
-import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +22,13 @@ import pandas as pd
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from slidedata.sample import EXPRESSION, GROUPS, IMAGE, MASK, N_GENES
+from slidedata.sample import N_GENES
+from slidedata.writer import write_sample
 
 # Ruifrok & Johnston optical-density vectors of haematoxylin and eosin (RGB).
 HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
 EOSIN = np.array([0.07, 0.99, 0.11])
-MICRONS_PER_PIXEL = 0.2125  # Xenium's pixel size; only used for obsm['spatial']
+MICRONS_PER_PIXEL = 0.2125  # Xenium's pixel size, stored with each sample
 
 
 @dataclass(frozen=True)
@@ -181,32 +180,6 @@ def expression_table(cell_ids: np.ndarray, counts: np.ndarray, y: np.ndarray, x:
     return table
 
 
-def write_sample(path: str | Path, image: np.ndarray, mask: np.ndarray, groups: pd.DataFrame,
-                 expression=None, chunk_size: int = 512) -> Path:
-    """Write a Crunch-format sample zarr atomically (temporary name, then rename)."""
-    import anndata as ad
-    import spatialdata as sd
-    from spatialdata.models import Image2DModel, TableModel
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    images = {
-        IMAGE: Image2DModel.parse(image, dims=("c", "y", "x"), chunks=(3, chunk_size, chunk_size)),
-        MASK: Image2DModel.parse(mask[None], dims=("c", "y", "x"), chunks=(1, chunk_size, chunk_size)),
-    }
-    group_table = ad.AnnData(obs=groups.set_index(groups["cell_id"].astype(str).to_numpy()))
-    tables = {GROUPS: TableModel.parse(group_table)}
-    if expression is not None:
-        tables[EXPRESSION] = TableModel.parse(expression)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sd.SpatialData(images=images, tables=tables).write(tmp, overwrite=True)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
-
-
 def make_demo_sample(path: str | Path, seed: int, n_nuclei: int = 3000, with_expression: bool = True,
                      n_genes: int = N_GENES, unmeasured_train_fraction: float = 0.02,
                      chunk_size: int = 512) -> Path:
@@ -224,7 +197,8 @@ def make_demo_sample(path: str | Path, seed: int, n_nuclei: int = 3000, with_exp
         measured &= tissue["counts"].sum(axis=1) > 0
         expression = expression_table(tissue["cell_ids"][measured], tissue["counts"][measured],
                                       tissue["y"][measured], tissue["x"][measured])
-    return write_sample(path, tissue["image"], tissue["mask"], group_table, expression, chunk_size)
+    return write_sample(path, tissue["image"], tissue["mask"], group_table, expression, chunk_size,
+                        microns_per_pixel=MICRONS_PER_PIXEL)
 
 
 DEMO_SAMPLES = (("demo1", 1, True), ("demo2", 2, True), ("demo0", 3, False))

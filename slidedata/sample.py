@@ -28,6 +28,7 @@ N_GENES = 460
 GROUP_NAMES = ("train", "validation", "test")
 HELD_OUT_GROUPS = ("validation", "test")
 SAMPLE_SUFFIX = ".zarr"
+MICRONS = "microns"  # coordinate system whose scale transformation of HE_original gives the pixel size
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Sample:
     mask: da.Array  # (H, W) integer, pixel value = cell_id, 0 = background
     groups: pd.Series  # cell_id (int64 index) -> 'train' | 'validation' | 'test'
     expression: ad.AnnData | None  # rows indexed by obs['cell_id']; None where the sample has no measurements
+    microns_per_pixel: float | None = None  # stored with the sample or given by the user; None where unknown
     _nuclei: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
@@ -113,8 +115,12 @@ class Sample:
                         self.path, int(unlisted.sum()), GROUPS)
 
 
-def open_sample(path: str | Path, n_genes: int | None = N_GENES) -> Sample:
-    """Open and validate one sample zarr. `n_genes=None` accepts any gene panel size."""
+def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None) -> Sample:
+    """Open and validate one sample zarr. `n_genes=None` accepts any gene panel size.
+
+    The pixel size is the one stored with the sample (a 'microns' coordinate system); `microns_per_pixel` gives it
+    for samples that store none and overrides a stored one.
+    """
     import spatialdata as sd
 
     path = Path(path)
@@ -127,27 +133,34 @@ def open_sample(path: str | Path, n_genes: int | None = N_GENES) -> Sample:
     except Exception as exc:  # the reader raises many types; the user needs the file name
         raise DataError(path, "-", f"not a readable SpatialData zarr ({type(exc).__name__}: {exc})") from exc
 
-    image = _image_element(sdata, path)
+    image_element = _element(sdata, path, IMAGE, ("images",))
+    image = _image_element(image_element, path)
     mask = _mask_element(sdata, path)
     if tuple(mask.shape) != tuple(image.shape[1:]):
         raise DataError(path, MASK, f"mask shape {tuple(mask.shape)} differs from {IMAGE} shape "
                                     f"{tuple(image.shape[1:])}")
     groups = _groups(sdata, path)
     expression = _expression(sdata, path, n_genes)
-    return Sample(name=_sample_name(path), path=path, image=image, mask=mask, groups=groups, expression=expression)
+    if microns_per_pixel is None:
+        microns_per_pixel = _stored_microns_per_pixel(image_element, path)
+    elif not microns_per_pixel > 0:
+        raise DataError(path, IMAGE, f"microns per pixel must be positive, got {microns_per_pixel}")
+    return Sample(name=_sample_name(path), path=path, image=image, mask=mask, groups=groups, expression=expression,
+                  microns_per_pixel=microns_per_pixel)
 
 
-def open_samples(path: str | Path, n_genes: int | None = N_GENES) -> list[Sample]:
+def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None
+                 ) -> list[Sample]:
     """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name."""
     path = Path(path)
     if path.suffix == SAMPLE_SUFFIX or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-        return [open_sample(path, n_genes)]
+        return [open_sample(path, n_genes, microns_per_pixel)]
     if not path.is_dir():
         raise DataError(path, "-", "neither a sample zarr nor a folder of them")
     found = sorted(p for p in path.iterdir() if p.suffix == SAMPLE_SUFFIX)
     if not found:
         raise DataError(path, "-", f"no *{SAMPLE_SUFFIX} sample in this folder")
-    return [open_sample(p, n_genes) for p in found]
+    return [open_sample(p, n_genes, microns_per_pixel) for p in found]
 
 
 def _sample_name(path: Path) -> str:
@@ -169,8 +182,25 @@ def _scale0(element):
     return element
 
 
-def _image_element(sdata, path: Path) -> da.Array:
-    image = _scale0(_element(sdata, path, IMAGE, ("images",)))
+def _stored_microns_per_pixel(element, path: Path) -> float | None:
+    from spatialdata.transformations import Scale, get_transformation
+
+    transform = get_transformation(element, get_all=True).get(MICRONS)
+    if transform is None:
+        return None
+    if not isinstance(transform, Scale):
+        raise DataError(path, IMAGE, f"the '{MICRONS}' coordinate system must be a Scale transformation, "
+                                     f"got {type(transform).__name__}")
+    scale = dict(zip(transform.axes, transform.scale))
+    if "y" not in scale or "x" not in scale or not np.isclose(scale["y"], scale["x"], rtol=1e-3):
+        raise DataError(path, IMAGE, f"the '{MICRONS}' scale must be square in y and x, got {scale}")
+    if not scale["x"] > 0:
+        raise DataError(path, IMAGE, f"the '{MICRONS}' scale must be positive, got {scale}")
+    return float(scale["x"])
+
+
+def _image_element(element, path: Path) -> da.Array:
+    image = _scale0(element)
     if tuple(image.dims) != ("c", "y", "x") or image.shape[0] != 3:
         raise DataError(path, IMAGE, f"expected an RGB image with dims (c, y, x) = (3, H, W), got dims "
                                      f"{tuple(image.dims)} shape {tuple(image.shape)}")

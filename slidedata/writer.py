@@ -1,0 +1,51 @@
+"""Write a Crunch-format sample zarr: the one writer behind the demo data and the spot-data importer."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slidedata.sample import EXPRESSION, GROUPS, IMAGE, MASK, MICRONS
+
+
+def write_sample(path: str | Path, image: np.ndarray, mask: np.ndarray, groups: pd.DataFrame,
+                 expression=None, chunk_size: int = 512, microns_per_pixel: float | None = None) -> Path:
+    """Write a sample zarr atomically (temporary name, then rename).
+
+    `image` (3, H, W) uint8, `mask` (H, W) integer cell ids, `groups` a frame with `cell_id` and `group`,
+    `expression` an AnnData laid out like `anucleus` (or None). The pixel size, when known, is stored the SpatialData
+    way: a scale transformation of both image elements to a coordinate system named 'microns'.
+    """
+    import anndata as ad
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, TableModel
+    from spatialdata.transformations import Identity, Scale
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    transformations = {"global": Identity()}
+    if microns_per_pixel is not None:
+        if not microns_per_pixel > 0:
+            raise ValueError(f"microns_per_pixel must be positive, got {microns_per_pixel}")
+        transformations[MICRONS] = Scale([microns_per_pixel, microns_per_pixel], axes=("y", "x"))
+    images = {
+        IMAGE: Image2DModel.parse(image, dims=("c", "y", "x"), chunks=(3, chunk_size, chunk_size),
+                                  transformations=dict(transformations)),
+        MASK: Image2DModel.parse(mask[None], dims=("c", "y", "x"), chunks=(1, chunk_size, chunk_size),
+                                 transformations=dict(transformations)),
+    }
+    group_table = ad.AnnData(obs=groups.set_index(groups["cell_id"].astype(str).to_numpy()))
+    tables = {GROUPS: TableModel.parse(group_table)}
+    if expression is not None:
+        tables[EXPRESSION] = TableModel.parse(expression)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd.SpatialData(images=images, tables=tables).write(tmp, overwrite=True)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
