@@ -93,3 +93,20 @@ def test_radius_mean_matches_brute_force():
         near = (distances <= 15.0) & (np.arange(60) != i)
         expected = features[near].mean(0) if near.any() else np.zeros(3)
         np.testing.assert_allclose(result[i], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_ridge_matches_sklearn_on_features_far_from_zero(offset):
+    """Features whose mean is 1000 times their spread (like RGB means and log-areas on real tissue): the sufficient
+    statistics must not lose the spread to cancellation. Before the fix, R^2 against scikit-learn was -39 here."""
+    rng = np.random.default_rng(1)
+    X = (rng.normal(size=(4000, 20)) + offset).astype(np.float32)
+    Y = np.abs((X - offset) @ rng.normal(size=(20, 30)) * 0.3 + 2 + rng.normal(size=(4000, 30))).astype(np.float32)
+    for standardize in (False, True):
+        ours = RidgeCVRegressor(alphas=[10.0], n_folds=1, standardize=standardize).fit(X, Y)
+        X64 = X.astype(np.float64)  # the reference in float64, or it suffers the same cancellation
+        scale = X64.std(0) if standardize else np.ones(X.shape[1])
+        reference = Ridge(alpha=10.0).fit(X64 / scale, Y.astype(np.float64))
+        expected = reference.predict(X64 / scale)
+        np.testing.assert_allclose(ours.coef_, reference.coef_.T / scale[:, None], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(ours.predict(X), np.clip(expected, 0, Y.max(0)), rtol=1e-4, atol=1e-4)
