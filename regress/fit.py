@@ -72,8 +72,11 @@ def evaluation_splits(table: NucleusTable, protocol: str, n_folds: int, n_blocks
                       ) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
     train = (table.group == "train") & table.measured
     validation = (table.group == "validation") & table.measured
-    if protocol == "auto":
-        protocol = "validation" if validation.any() else "spatial-kfold"
+    if protocol == "auto":  # across samples when it can: the model must generalise to unseen tissue
+        if validation.any():
+            protocol = "validation"
+        else:
+            protocol = "loso" if len(np.unique(table.sample[train])) >= 2 else "spatial-kfold"
     if protocol == "validation":
         if not validation.any():
             raise ValueError("no validation nucleus has measured expression; use --protocol spatial-kfold or loso")
@@ -94,12 +97,26 @@ def evaluation_splits(table: NucleusTable, protocol: str, n_folds: int, n_blocks
     raise ValueError(f"unknown protocol '{protocol}'")
 
 
+def held_out_regions(table: NucleusTable, protocol: str, n_blocks: int) -> np.ndarray | None:
+    """Region label per nucleus for the official aggregation (mean within region, then regions, then samples).
+
+    Under cross-validation the held-out regions are what was held out: whole spatial blocks, or whole samples.
+    None for 'validation': its regions are the connected patches of validation nuclei, as in the challenge.
+    """
+    if protocol == "spatial-kfold":
+        return table.spatial_blocks(n_blocks)
+    if protocol == "loso":
+        return pd.factorize(table.sample)[0]
+    return None
+
+
 def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress: bool = True
              ) -> tuple[str, pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
     """Scores of every model over the held-out splits; also per-gene Pearson per model and the evaluated rows."""
     protocol, splits = evaluation_splits(table, settings.protocol, settings.n_folds, settings.n_blocks)
     blocks = table.spatial_blocks(settings.n_blocks)
     held = np.concatenate([test for _, test in splits])
+    regions = held_out_regions(table, protocol, settings.n_blocks)
     rows, gene_scores = [], {}
     for name in settings.models:
         predictions = np.zeros((len(held), len(table.genes)), dtype=np.float32)
@@ -113,7 +130,8 @@ def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress
             predictions[offset: offset + len(test_idx)] = estimator.predict(inputs[test_idx])
             offset += len(test_idx)
         truth = table.Y[held]
-        scores = score_table(truth, predictions, table.sample[held], table.coords[held])
+        scores = score_table(truth, predictions, table.sample[held], table.coords[held],
+                             patches=None if regions is None else regions[held])
         gene_scores[name] = genewise_pearson(truth, predictions)
         rows.append({"model": name, **scores, "fit_seconds": fit_seconds, "n_eval": len(held)})
         if progress:

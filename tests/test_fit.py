@@ -2,7 +2,7 @@ import numpy as np
 
 from regress.dataset import load_table
 from regress.features import FeatureSpec, sample_features
-from regress.fit import evaluation_splits
+from regress.fit import evaluation_splits, held_out_regions
 from slidedata import open_samples
 from slidedata.feature_store import FeatureStore
 from tests.conftest import FIXTURE_PATCH_SIZES
@@ -39,3 +39,19 @@ def test_evaluation_never_mixes_train_and_held_out_space(demo_dir, embedded_cach
     assert [set(table.sample[t]) for _, t in loso] == [{"demo1"}, {"demo2"}]
     assert all(not set(table.sample[tr]) & set(table.sample[te]) for tr, te in loso)
     assert "demo0" not in set(table.sample[np.concatenate([t for _, t in loso])])  # no expression: never scored
+
+
+def test_cross_validation_scores_the_held_out_blocks_and_samples_as_regions(demo_dir, embedded_cache):
+    table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
+    np.testing.assert_array_equal(held_out_regions(table, "spatial-kfold", 4), table.spatial_blocks(4))
+    loso = held_out_regions(table, "loso", 4)
+    for name in ("demo1", "demo2"):  # one region per held-out sample, never a one-nucleus region
+        assert len(set(loso[table.sample == name])) == 1
+    assert held_out_regions(table, "validation", 4) is None  # the challenge's own connected patches
+
+
+def test_auto_protocol_is_leave_one_sample_out_without_a_validation_group(demo_dir, embedded_cache):
+    table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
+    table.group[table.group == "validation"] = "train"
+    protocol, splits = evaluation_splits(table, "auto", 5, 4)
+    assert protocol == "loso" and len(splits) == 2

@@ -66,3 +66,17 @@ def test_scoring_many_nuclei_is_vectorised():
     table = score_table(truth, pred, np.array(["A"] * 20000), rng.random((20000, 2)) * 1000)
     assert set(table) == {"spearman_official", "spearman_mean", "mse", "gene_pearson"}
     assert time.perf_counter() - start < 60  # a per-row Python loop would take minutes
+
+
+def test_official_score_uses_the_given_held_out_regions():
+    """One region of 1 nucleus scoring -1 and one of 3 nuclei scoring +1 weigh equally: official 0, plain mean 0.5."""
+    up = np.arange(10, dtype=float)
+    truth = np.tile(up, (4, 1))
+    pred = np.vstack([-up, up, up, up])
+    coords = np.array([[0, 0], [0, 1], [0, 2], [0, 3]], dtype=float)  # all touching: one connected patch
+    samples = np.array(["A"] * 4)
+    connected = score_table(truth, pred, samples, coords)
+    assert connected["spearman_official"] == pytest.approx(0.5)
+    given = score_table(truth, pred, samples, coords, patches=np.array([7, 9, 9, 9]))
+    assert given["spearman_official"] == pytest.approx(0.0)
+    assert given["spearman_mean"] == pytest.approx(0.5)
