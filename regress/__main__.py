@@ -29,15 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
     parser.add_argument("--pca", type=int, help="ridge on this many principal components of the features")
+    parser.add_argument("--standardize-per-sample", action="store_true",
+                        help="z-score every feature within each sample (removes slide-wide stain/scanner shifts)")
+    parser.add_argument("--tuning-groups", default="auto", choices=["auto", "samples", "blocks"],
+                        help="folds of ridge's alpha CV and LightGBM's early stopping (auto: samples when >= 3)")
     args = parser.parse_args(argv)
 
     from slidedata.errors import DataError
 
     extra = tuple((key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])) for key in args.extra_features)
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
-                                                extra_keys=extra, morphology=not args.no_morphology),
+                                                extra_keys=extra, morphology=not args.no_morphology,
+                                                standardize_per_sample=args.standardize_per_sample),
                            models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
-                           ridge_components=args.pca, context_radius=args.context_radius)
+                           ridge_components=args.pca, context_radius=args.context_radius,
+                           tuning_groups=args.tuning_groups)
     start = time.perf_counter()
     try:
         scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)

@@ -26,6 +26,9 @@ class FeatureSpec:
     context_k: int = 0  # append the mean features of the k nearest nuclei (0 = none)
     context_weighted: bool = False  # weight neighbours by a Gaussian of their distance instead of equally
     context_radius: float | None = None  # px: average all nuclei within this radius instead of the k nearest
+    # z-score every feature within each sample: removes what differs between slides as a whole (stain, scanner,
+    # section thickness) and keeps what differs between the nuclei of one slide
+    standardize_per_sample: bool = False
     keys: tuple[tuple[str, int], ...] = field(init=False)
 
     def __post_init__(self):
@@ -83,6 +86,15 @@ def radius_mean(coords: np.ndarray, features: np.ndarray, radius: float) -> np.n
     return apply_weights(radius_weights(coords, radius), features)
 
 
+def standardize_columns(block: np.ndarray, columns: int = 256) -> None:
+    """In place: each column minus its mean, over its standard deviation (constant columns become 0)."""
+    for start in range(0, block.shape[1], columns):
+        part = block[:, start: start + columns].astype(np.float64)
+        spread = part.std(0)
+        part = (part - part.mean(0)) / np.where(spread > 1e-8, spread, 1.0)
+        block[:, start: start + columns] = part
+
+
 def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
                     nuclei: pd.DataFrame | None = None) -> np.ndarray:
     """(n_nuclei, n_features) in the cache's nucleus order.
@@ -100,6 +112,8 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
         offset += entry.features.shape[1]
     if spec.morphology:
         out[:, offset: base_width] = np.log1p(nuclei[list(MORPHOLOGY_COLUMNS)].to_numpy(np.float32))
+    if spec.standardize_per_sample:
+        standardize_columns(out[:, :base_width])
     if spec.has_context:
         coords = nuclei[["y", "x"]].to_numpy(np.float64)
         weights = radius_weights(coords, spec.context_radius) if spec.context_radius else \

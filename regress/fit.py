@@ -42,7 +42,21 @@ class FitSettings:
     n_folds: int = 5
     n_blocks: int = 4  # spatial blocks per side and sample (spatial-kfold and ridge's alpha CV)
     ridge_components: int | None = None  # PCA of the standardised features before ridge (None = all features)
+    # Folds of the models' own tuning (ridge's alpha, LightGBM's early stopping): 'samples' tunes for unseen slides,
+    # 'blocks' for unseen places of seen slides; 'auto' is 'samples' when three or more samples train the model.
+    tuning_groups: str = "auto"
     lightgbm: dict = field(default_factory=dict)
+
+
+def tuning_groups(table: NucleusTable, rows: np.ndarray, settings: FitSettings) -> np.ndarray:
+    """Group label per training row for the estimators' internal cross-validation."""
+    by_sample = settings.tuning_groups == "samples" or (
+        settings.tuning_groups == "auto" and len(np.unique(table.sample[rows])) >= 3)
+    if by_sample:
+        return pd.factorize(table.sample[rows])[0]
+    if settings.tuning_groups not in ("auto", "blocks"):
+        raise ValueError(f"unknown tuning_groups '{settings.tuning_groups}'; use auto, samples or blocks")
+    return table.spatial_blocks(settings.n_blocks)[rows]
 
 
 def make_estimator(name: str, settings: FitSettings):
@@ -114,7 +128,6 @@ def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress
              ) -> tuple[str, pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
     """Scores of every model over the held-out splits; also per-gene Pearson per model and the evaluated rows."""
     protocol, splits = evaluation_splits(table, settings.protocol, settings.n_folds, settings.n_blocks)
-    blocks = table.spatial_blocks(settings.n_blocks)
     held = np.concatenate([test for _, test in splits])
     regions = held_out_regions(table, protocol, settings.n_blocks)
     rows, gene_scores = [], {}
@@ -125,7 +138,7 @@ def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress
         for train_idx, test_idx in splits:
             estimator = make_estimator(name, settings)
             start = time.perf_counter()
-            estimator.fit(inputs[train_idx], table.Y[train_idx], groups=blocks[train_idx])
+            estimator.fit(inputs[train_idx], table.Y[train_idx], groups=tuning_groups(table, train_idx, settings))
             fit_seconds += time.perf_counter() - start
             predictions[offset: offset + len(test_idx)] = estimator.predict(inputs[test_idx])
             offset += len(test_idx)
@@ -191,7 +204,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     labelled = np.flatnonzero(table.measured & np.isin(table.group, ("train", "validation")))
     estimator = make_estimator(best, settings)
     estimator.fit(model_inputs(best, table, base_dim)[labelled], table.Y[labelled],
-                  groups=table.spatial_blocks(settings.n_blocks)[labelled])
+                  groups=tuning_groups(table, labelled, settings))
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=context_spec if best.endswith("+context") else base_spec,
         estimator=estimator, genes=table.genes,

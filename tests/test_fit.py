@@ -55,3 +55,27 @@ def test_auto_protocol_is_leave_one_sample_out_without_a_validation_group(demo_d
     table.group[table.group == "validation"] = "train"
     protocol, splits = evaluation_splits(table, "auto", 5, 4)
     assert protocol == "loso" and len(splits) == 2
+
+
+def test_per_sample_standardisation_is_a_z_score_within_each_sample(embedded_cache):
+    store = FeatureStore(embedded_cache)
+    raw = sample_features(store, "demo2", FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES)).astype(np.float64)
+    z = sample_features(store, "demo2", FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, standardize_per_sample=True))
+    spread = raw.std(0)
+    expected = np.where(spread > 1e-8, (raw - raw.mean(0)) / np.where(spread > 1e-8, spread, 1), 0.0)
+    np.testing.assert_allclose(z.astype(np.float64), expected, atol=2e-3)  # float16 storage
+
+
+def test_models_tune_across_samples_when_three_or_more_train_them():
+    from regress.dataset import NucleusTable
+    from regress.fit import FitSettings, tuning_groups
+
+    n = 12
+    table = NucleusTable(sample=np.repeat(np.array(["a", "b", "c"], dtype=object), 4), cell_id=np.arange(n),
+                         group=np.full(n, "train", dtype=object), coords=np.random.default_rng(0).random((n, 2)),
+                         X=np.zeros((n, 1)), Y=np.zeros((n, 1)), measured=np.ones(n, bool), genes=["g"])
+    everything, two = np.arange(n), np.arange(8)
+    np.testing.assert_array_equal(tuning_groups(table, everything, FitSettings()), np.repeat([0, 1, 2], 4))
+    np.testing.assert_array_equal(tuning_groups(table, two, FitSettings()), table.spatial_blocks(4)[two])
+    np.testing.assert_array_equal(tuning_groups(table, two, FitSettings(tuning_groups="samples")),
+                                  np.repeat([0, 1], 4))
