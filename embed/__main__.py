@@ -13,6 +13,8 @@ import time
 
 import pandas as pd
 
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, patch_size_arg
+
 
 def main(argv: list[str] | None = None) -> int:
     from embed.registry import encoder_table
@@ -22,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="outputs/features.zarr", help="the zarr feature cache")
     parser.add_argument("--encoder", default="handcrafted", help="registry name (see --list-encoders)")
     parser.add_argument("--weights", help="local weights file or hub-layout folder (else the hub, HF_TOKEN)")
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 64, 128, 224])
+    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(DEFAULT_PATCH_SIZES),
+                        help="context sizes: slide pixels (64) or microns of tissue (32um)")
+    parser.add_argument("--microns-per-pixel", type=float,
+                        help="the slides' pixel size, for samples that do not store it (Xenium H&E: 0.2125)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-nuclei", type=int, default=1024, help="rows per cache chunk (unit of resumption)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers cutting patches")
@@ -68,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                              rank=rank, world_size=world)
     start = time.perf_counter()
     try:
-        reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device)
+        reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device,
+                                microns_per_pixel=args.microns_per_pixel)
     except (DataError, EncoderLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

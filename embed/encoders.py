@@ -44,23 +44,25 @@ class PatchEncoder(nn.Module):
     def dim(self) -> int:
         return self.spec.dim
 
-    def preprocess(self, patches: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> normalised float (B, 3, input_size, input_size)."""
+    def preprocess(self, patches: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> normalised float (B, 3, size, size); `size` defaults to the encoder's input size."""
         x = patches.float().div_(255)
-        size = self.spec.input_size
+        size = size or self.spec.input_size
         if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=x.shape[-1] > size,
+            x = F.interpolate(x, size=(size, size), mode=self.spec.interpolation, antialias=x.shape[-1] > size,
                               align_corners=False)
+            if self.spec.interpolation == "bicubic":  # bicubic overshoots outside [0, 1]
+                x = x.clamp_(0, 1)
         return (x - self.mean) / self.std
 
-    def forward(self, patches: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.preprocess(patches)
+    def forward(self, patches: torch.Tensor, masks: torch.Tensor | None = None, size: int | None = None
+                ) -> torch.Tensor:
+        x = self.preprocess(patches, size)
         if self.spec.library == "handcrafted":
             if masks is None:
                 raise ValueError("the handcrafted encoder needs the nucleus masks of the patches")
-            size = self.spec.input_size
-            small = F.interpolate(masks.float(), size=(size, size), mode="nearest")
-            return self.backbone(x, small, scale=patches.shape[-1] / size)
+            small = F.interpolate(masks.float(), size=x.shape[-2:], mode="nearest")
+            return self.backbone(x, small, scale=patches.shape[-1] / x.shape[-1])
         if self.spec.library == "transformers":
             return self.backbone(pixel_values=x).last_hidden_state[:, 0]
         if self.spec.pooling == "cls_mean":

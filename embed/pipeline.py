@@ -20,18 +20,19 @@ from tqdm.auto import tqdm
 
 from embed.encoders import PatchEncoder, load_encoder
 from embed.patches import UnitPatchDataset, contiguous_share
+from embed.registry import encoder_input_size
 from slidedata.feature_store import FeatureEntry, FeatureStore
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
 from slidedata.sample import Sample, open_samples
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "embed-1"
-DEFAULT_PATCH_SIZES = (32, 64, 128, 224)
+CODE_VERSION = "embed-2"
 
 
 @dataclass
 class EmbedSettings:
-    patch_sizes: tuple[int, ...] = DEFAULT_PATCH_SIZES
+    patch_sizes: tuple[str, ...] = DEFAULT_PATCH_SIZES  # '64' (slide pixels) or '32um' (microns), see PatchSize
     batch_size: int = 256
     chunk_nuclei: int = 1024
     num_workers: int = 0
@@ -42,6 +43,9 @@ class EmbedSettings:
     rank: int = 0
     world_size: int = 1
     max_units: int | None = None  # stop after this many units (tests and benchmarks)
+
+    def __post_init__(self):
+        self.patch_sizes = patch_keys(self.patch_sizes)
 
 
 @dataclass
@@ -54,11 +58,31 @@ class EmbedReport:
     entries: list[Path] = field(default_factory=list)
 
 
-def entry_attrs(encoder: PatchEncoder, patch_size: int, n_nuclei: int, settings: EmbedSettings) -> dict:
+@dataclass(frozen=True)
+class PatchPlan:
+    """How one patch size is cut from a sample and shown to an encoder."""
+
+    key: str  # the cache key, e.g. '64' or '32um'
+    crop_pixels: int  # edge of the crop on the slide
+    input_size: int  # edge the crop is resampled to for the encoder
+
+
+def patch_plans(sample: Sample, encoder: PatchEncoder, settings: EmbedSettings) -> list[PatchPlan]:
+    plans = []
+    for key in settings.patch_sizes:
+        crop = PatchSize.parse(key).pixels(sample.microns_per_pixel, sample=str(sample.path))
+        plans.append(PatchPlan(key, crop, encoder_input_size(encoder.spec, crop, sample.microns_per_pixel)))
+    return plans
+
+
+def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei: int,
+                settings: EmbedSettings) -> dict:
     spec = encoder.spec
     return {
-        "encoder": spec.name, "weights_sha256": encoder.weights_sha256, "patch_size": int(patch_size),
-        "input_size": spec.input_size, "mean": list(spec.mean), "std": list(spec.std), "pooling": spec.pooling,
+        "encoder": spec.name, "weights_sha256": encoder.weights_sha256, "patch_size": plan.key,
+        "crop_pixels": plan.crop_pixels, "input_size": plan.input_size, "interpolation": spec.interpolation,
+        "sample_microns_per_pixel": sample.microns_per_pixel, "encoder_microns_per_pixel": spec.microns_per_pixel,
+        "mean": list(spec.mean), "std": list(spec.std), "pooling": spec.pooling,
         "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
         "pad_mode": settings.pad_mode, "dim": spec.dim, "n_nuclei": int(n_nuclei),
         "chunk_nuclei": int(settings.chunk_nuclei), "code_version": CODE_VERSION,
@@ -70,8 +94,9 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
     """Fill the cache entries (sample, encoder, each patch size); finished units are skipped."""
     start = time.perf_counter()
     nuclei = store.nuclei(sample, progress=progress)
-    entries = {size: store.create_entry(sample.name, entry_attrs(encoder, size, len(nuclei), settings))
-               for size in settings.patch_sizes}
+    plans = {plan.key: plan for plan in patch_plans(sample, encoder, settings)}
+    entries = {key: store.create_entry(sample.name, entry_attrs(encoder, plan, sample, len(nuclei), settings))
+               for key, plan in plans.items()}
     pending = set().union(*(set(e.pending_units().tolist()) for e in entries.values()))
     n_units = next(iter(entries.values())).n_units if entries else 0
     # Shard all units, not the pending ones: ranks that start at different moments see different pending sets,
@@ -88,7 +113,8 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
         from embed.stain import MacenkoNormalizer
 
         normalizer = MacenkoNormalizer.fit_sample(sample, nuclei)
-    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, settings.patch_sizes,
+    crops = tuple(sorted({plan.crop_pixels for plan in plans.values()}))
+    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, crops,
                                store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer)
     device = next(iter(encoder.buffers())).device
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
@@ -99,10 +125,12 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
     bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
                disable=not progress)
     for item in loader:
-        for size, entry in entries.items():
+        for key, entry in entries.items():
             if entry.done[item.unit]:
                 continue
-            features = encode_patches(model, item.patches[size], item.masks.get(size), settings, device)
+            plan = plans[key]
+            features = encode_patches(model, item.patches[plan.crop_pixels], item.masks.get(plan.crop_pixels),
+                                      settings, device, plan.input_size)
             entry.write_unit(item.unit, features)
         bar.update(int(next(iter(item.patches.values())).shape[0]))
     bar.close()
@@ -111,7 +139,7 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
 
 
 def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, settings: EmbedSettings,
-                   device: torch.device) -> np.ndarray:
+                   device: torch.device, input_size: int | None = None) -> np.ndarray:
     """Run the frozen encoder over (n, 3, S, S) uint8 patches in batches; returns (n, dim) float32."""
     outputs = []
     use_autocast = settings.autocast and device.type == "cuda"
@@ -122,13 +150,14 @@ def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, set
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             mask = None if masks is None else masks[start: start + settings.batch_size].to(device, non_blocking=True)
-            outputs.append(model(batch, mask).float().cpu())
+            outputs.append(model(batch, mask, input_size).float().cpu())
     return torch.cat(outputs).numpy()
 
 
 def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "handcrafted",
                   weights: str | Path | None = None, settings: EmbedSettings | None = None,
-                  device: str | None = None, progress: bool = True) -> list[EmbedReport]:
+                  device: str | None = None, progress: bool = True,
+                  microns_per_pixel: float | None = None) -> list[EmbedReport]:
     """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`."""
     settings = settings or EmbedSettings()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -139,4 +168,5 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
     if device.startswith("cuda"):
         encoder = encoder.to(memory_format=torch.channels_last)
     store = FeatureStore(cache)
-    return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in open_samples(data)]
+    samples = open_samples(data, microns_per_pixel=microns_per_pixel)
+    return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in samples]

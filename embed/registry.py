@@ -28,11 +28,18 @@ class EncoderSpec:
     state_dict_prefix: str = ""  # keys under this prefix are the encoder (e.g. a vision tower inside a larger model)
     gated: bool = False
     licence: str = ""
-    magnification: str = ""  # what the model was trained on; patches are resized, never resampled to match it
+    magnification: str = ""  # what the model was trained on, in words
+    # Pixel size the model was trained at (0.5 um/px for the 20x pathology models; None for ImageNet models and the
+    # handcrafted features, which have no scale). With the slide's own pixel size, crops are resampled to it.
+    microns_per_pixel: float | None = None
+    size_multiple: int | None = None  # takes any input that is a multiple of this (ViT patch); None: input_size only
+    interpolation: str = "bilinear"  # how crops are resampled to the encoder's input: 'bilinear' | 'bicubic'
     use_mask: bool = False  # the encoder also reads the nucleus mask of each patch
     note: str = ""
 
 
+# The 20x pathology models were trained at 0.5 um/px; their timm configurations resample with bicubic interpolation.
+_AT_20X = {"microns_per_pixel": 0.5, "interpolation": "bicubic"}
 _SWIGLU = {"mlp_layer": "timm.layers:SwiGLUPacked", "act_layer": "torch.nn:SiLU"}
 
 ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
@@ -52,7 +59,8 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         hub_filename="pytorch_model.bin", architecture="vit_large_patch16_224",
         timm_kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0,
                      "dynamic_img_size": True},
-        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)",
+        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)", size_multiple=16,
+        **_AT_20X,
     ),
     EncoderSpec(
         name="uni2-h", library="timm", dim=1536, input_size=224, hub_id="MahmoodLab/UNI2-h",
@@ -60,11 +68,11 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         timm_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
                      "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "num_classes": 0, "no_embed_class": True,
                      "reg_tokens": 8, "dynamic_img_size": True, **_SWIGLU},
-        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)",
+        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)", size_multiple=14, **_AT_20X,
     ),
     EncoderSpec(
         name="conch", library="unsupported", dim=512, input_size=448, hub_id="MahmoodLab/CONCH",
-        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x",
+        gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x", **_AT_20X,
         note="CONCH's image embedding comes from a CoCa attentional pooler and projection defined in MahmoodLab's "
              "`conch` package, which is published on GitHub only; timm alone cannot build it, and its bare ViT-B "
              "trunk would not be CONCH's embedding. Install `conch` and register a loader to use it",
@@ -73,19 +81,21 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         name="h-optimus-0", library="timm", dim=1536, input_size=224, hub_id="bioptimus/H-optimus-0", architecture="vit_giant_patch14_reg4_dinov2",
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False},
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
-        gated=True, licence="Apache-2.0", magnification="20x (0.5 um/px)",
+        gated=True, licence="Apache-2.0", magnification="20x (0.5 um/px)", **_AT_20X,
     ),
     EncoderSpec(
         name="h-optimus-1", library="timm", dim=1536, input_size=224, hub_id="bioptimus/H-optimus-1", architecture="vit_giant_patch14_reg4_dinov2",
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False},
         mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
         gated=True, licence="proprietary (Bioptimus), non-commercial", magnification="20x (0.5 um/px)",
+        **_AT_20X,
     ),
     EncoderSpec(
         name="virchow2", library="timm", dim=2560, input_size=224, hub_id="paige-ai/Virchow2", architecture="vit_huge_patch14_224",
         timm_kwargs={"img_size": 224, "init_values": 1e-5, "num_classes": 0, "mlp_ratio": 5.3375,
                      "reg_tokens": 4, "global_pool": "", "dynamic_img_size": True, **_SWIGLU},
         pooling="cls_mean", gated=True, licence="CC-BY-NC-ND-4.0", magnification="20x (0.5 um/px)",
+        size_multiple=14, **_AT_20X,
         note="embedding = class token concatenated with the mean of the patch tokens (registers excluded), "
              "as the model card prescribes",
     ),
@@ -95,14 +105,27 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         timm_kwargs={"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40,
                      "num_heads": 24, "init_values": 1e-5, "mlp_ratio": 5.33334, "num_classes": 0},
         gated=True, licence="Apache-2.0", magnification="20x (0.5 um/px)", note="tile encoder of Prov-GigaPath",
+        **_AT_20X,
     ),
     EncoderSpec(
         name="phikon-v2", library="transformers", dim=1024, input_size=224, hub_id="owkin/phikon-v2",
-        licence="Owkin non-commercial", magnification="20x (0.5 um/px)",
+        licence="Owkin non-commercial", magnification="20x (0.5 um/px)", **_AT_20X,
         note="a transformers Dinov2 model; embedding = class token of the last hidden state. Needs the optional "
              "extra: pip install -e '.[transformers]'",
     ),
 )}
+
+
+def encoder_input_size(spec: EncoderSpec, crop_pixels: int, sample_microns_per_pixel: float | None) -> int:
+    """Edge in pixels that a crop of `crop_pixels` slide pixels is resampled to before the encoder.
+
+    An encoder with a training scale sees the tissue at that scale (a 112 um crop is 224 px at 0.5 um/px), rounded to
+    the sizes it accepts; otherwise, or when the slide's pixel size is unknown, every crop fills the input size.
+    """
+    if spec.microns_per_pixel is None or sample_microns_per_pixel is None or spec.size_multiple is None:
+        return spec.input_size
+    native = crop_pixels * sample_microns_per_pixel / spec.microns_per_pixel
+    return max(int(round(native / spec.size_multiple)), 1) * spec.size_multiple
 
 
 def get_spec(name: str) -> EncoderSpec:

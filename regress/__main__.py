@@ -8,6 +8,8 @@ import time
 
 import pandas as pd
 
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, patch_size_arg
+
 
 def main(argv: list[str] | None = None) -> int:
     from regress.fit import BASELINES, MODELS, FitSettings, fit_and_evaluate
@@ -18,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default="outputs/features.zarr")
     parser.add_argument("--model-dir", default="outputs/model")
     parser.add_argument("--encoder", default="handcrafted")
-    parser.add_argument("--patch-sizes", type=int, nargs="+", default=[32, 64, 128, 224])
+    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(DEFAULT_PATCH_SIZES),
+                        help="slide pixels (64) or microns (32um), as embedded")
     parser.add_argument("--models", nargs="+", default=list(BASELINES) + ["ridge", "ridge+context"],
                         choices=list(BASELINES) + list(MODELS))
     parser.add_argument("--context-k", type=int, default=15, help="neighbours averaged by the +context models")
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from slidedata.errors import DataError
 
-    extra = tuple((key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])) for key in args.extra_features)
+    extra = tuple((key.rsplit(":", 1)[0], key.rsplit(":", 1)[1]) for key in args.extra_features)
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
                                                 extra_keys=extra, morphology=not args.no_morphology,
                                                 standardize_per_sample=args.standardize_per_sample),

@@ -10,6 +10,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from slidedata.feature_store import FeatureStore
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
 
 MORPHOLOGY_COLUMNS = ("area", "major_axis", "minor_axis", "eccentricity")
 FEATURE_DTYPE = np.float16
@@ -20,8 +21,8 @@ class FeatureSpec:
     """Which cached features a model reads; saved with the model so prediction rebuilds exactly the same matrix."""
 
     encoder: str = "handcrafted"
-    patch_sizes: tuple[int, ...] = (32, 64, 128, 224)
-    extra_keys: tuple[tuple[str, int], ...] = ()  # more (encoder, patch size) blocks, e.g. from a second encoder
+    patch_sizes: tuple[str, ...] = DEFAULT_PATCH_SIZES  # '64' (slide pixels) or '32um' (microns)
+    extra_keys: tuple[tuple[str, str], ...] = ()  # more (encoder, patch size) blocks, e.g. from a second encoder
     morphology: bool = True  # nucleus area and ellipse axes from the mask
     context_k: int = 0  # append the mean features of the k nearest nuclei (0 = none)
     context_weighted: bool = False  # weight neighbours by a Gaussian of their distance instead of equally
@@ -29,10 +30,12 @@ class FeatureSpec:
     # z-score every feature within each sample: removes what differs between slides as a whole (stain, scanner,
     # section thickness) and keeps what differs between the nuclei of one slide
     standardize_per_sample: bool = False
-    keys: tuple[tuple[str, int], ...] = field(init=False)
+    keys: tuple[tuple[str, str], ...] = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "keys", tuple((self.encoder, int(s)) for s in self.patch_sizes) + self.extra_keys)
+        object.__setattr__(self, "patch_sizes", patch_keys(self.patch_sizes))
+        object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s).key) for e, s in self.extra_keys))
+        object.__setattr__(self, "keys", tuple((self.encoder, s) for s in self.patch_sizes) + self.extra_keys)
 
     @property
     def has_context(self) -> bool:

@@ -176,13 +176,14 @@ def plot_scores(scores: pd.DataFrame, gene_scores: dict[str, np.ndarray], best: 
 
 
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
-                     settings: FitSettings | None = None, progress: bool = True) -> tuple[pd.DataFrame, ExpressionPredictor]:
+                     settings: FitSettings | None = None, progress: bool = True,
+                     microns_per_pixel: float | None = None) -> tuple[pd.DataFrame, ExpressionPredictor]:
     """Evaluate, save the score table and plot, refit the best model on every measured nucleus, save it."""
     settings = settings or FitSettings()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     # Samples without measured expression (like DC1) can neither train nor score a model.
-    samples = [s for s in open_samples(data) if s.has_expression]
+    samples = [s for s in open_samples(data, microns_per_pixel=microns_per_pixel) if s.has_expression]
     if not samples:
         raise DataError(Path(data), "anucleus", "no sample has measured expression to learn from")
     store = FeatureStore(cache)
@@ -220,6 +221,7 @@ def _embed_settings(store: FeatureStore, sample_name: str, spec: FeatureSpec) ->
     encoder, size = spec.keys[0]
     attrs = store.open_entry(sample_name, encoder, size).attrs
     return {"encoder": spec.encoder, "patch_sizes": list(spec.patch_sizes), "pad_mode": attrs.get("pad_mode"),
+            "microns_per_pixel": attrs.get("sample_microns_per_pixel"),
             "stain_normalization": attrs.get("stain_normalization"), "weights_sha256": attrs.get("weights_sha256"),
             "chunk_nuclei": attrs.get("chunk_nuclei")}
 

@@ -27,11 +27,13 @@ import zarr
 
 from slidedata.errors import DataError
 from slidedata.nuclei import NUCLEI_COLUMNS
+from slidedata.patch_size import PatchSize
 from slidedata.sample import Sample
 
 NUCLEI_GROUP = "nuclei"
 # Attributes that define an entry's content; a mismatch on any of them means different features.
-IDENTITY_ATTRS = ("encoder", "weights_sha256", "patch_size", "input_size", "mean", "std", "stain_normalization",
+IDENTITY_ATTRS = ("encoder", "weights_sha256", "patch_size", "crop_pixels", "input_size", "interpolation",
+                  "sample_microns_per_pixel", "encoder_microns_per_pixel", "mean", "std", "stain_normalization",
                   "use_mask", "dim", "n_nuclei", "chunk_nuclei")
 
 
@@ -152,10 +154,10 @@ class FeatureStore:
         _publish_group(self.root / sample_name / NUCLEI_GROUP, build)
 
     # -- features -----------------------------------------------------------------------------------------------
-    def entry_path(self, sample_name: str, encoder: str, patch_size: int) -> Path:
-        return self.root / sample_name / encoder / str(int(patch_size))
+    def entry_path(self, sample_name: str, encoder: str, patch_size: str | int) -> Path:
+        return self.root / sample_name / encoder / PatchSize.parse(patch_size).key
 
-    def open_entry(self, sample_name: str, encoder: str, patch_size: int) -> FeatureEntry:
+    def open_entry(self, sample_name: str, encoder: str, patch_size: str | int) -> FeatureEntry:
         path = self.entry_path(sample_name, encoder, patch_size)
         if not (path / "zarr.json").exists():
             raise DataError(path, "features", f"no cached features for sample '{sample_name}', encoder '{encoder}', "
@@ -184,7 +186,7 @@ class FeatureStore:
         self._check_identity(entry, attrs)
         return entry
 
-    def read_features(self, sample_name: str, encoder: str, patch_size: int) -> np.ndarray:
+    def read_features(self, sample_name: str, encoder: str, patch_size: str | int) -> np.ndarray:
         return self.open_entry(sample_name, encoder, patch_size).read()
 
     def entries(self) -> pd.DataFrame:
@@ -197,7 +199,7 @@ class FeatureStore:
             entry = FeatureEntry(zarr.open_group(path, mode="r"), path)
             done = entry.done[:]
             rows.append({"sample": path.parent.parent.name, "encoder": path.parent.name,
-                         "patch_size": int(path.name), "n_nuclei": entry.features.shape[0],
+                         "patch_size": path.name, "n_nuclei": entry.features.shape[0],
                          "dim": entry.features.shape[1], "units_done": int(done.sum()), "units": len(done)})
         return pd.DataFrame(rows, columns=["sample", "encoder", "patch_size", "n_nuclei", "dim", "units_done", "units"])
 

@@ -20,17 +20,17 @@ from regress.features import FeatureSpec
 from regress.fit import FitSettings, fit_and_evaluate
 from regress.predictor import ExpressionPredictor
 from slidedata.feature_store import FeatureStore
+from slidedata.patch_size import DEFAULT_PATCH_SIZES
 from slidedata.sample import open_sample, open_samples
 from submission.predict import predict_held_out
 from submission.writer import long_blocks
 
 ENCODER_WEIGHTS_DIR = "encoder"
-DEFAULT_PATCH_SIZES = (32, 64, 128, 224)
 
 
 def train(data_directory_path: str, model_directory_path: str, encoder: str | None = None,
           weights: str | None = None, cache_directory_path: str | None = None,
-          models: tuple[str, ...] | None = None) -> None:
+          models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder."""
     model_dir = Path(model_directory_path)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -45,12 +45,12 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
         module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
         store = FeatureStore(cache)
         settings = EmbedSettings(patch_sizes=DEFAULT_PATCH_SIZES)
-        for sample in open_samples(data_directory_path):
+        for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel):
             embed_sample(sample, store, module, settings, progress=True)
         fit_settings = FitSettings(features=FeatureSpec(encoder=encoder, patch_sizes=DEFAULT_PATCH_SIZES))
         if models:
             fit_settings.models = tuple(models)
-        fit_and_evaluate(data_directory_path, cache, model_dir, fit_settings)
+        fit_and_evaluate(data_directory_path, cache, model_dir, fit_settings, microns_per_pixel=microns_per_pixel)
 
 
 def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None) -> pd.DataFrame:
@@ -65,7 +65,10 @@ def infer(data_file_path: str, model_directory_path: str, cache_directory_path: 
                              chunk_nuclei=int(recorded.get("chunk_nuclei") or 1024),
                              stain_normalization=None if recorded.get("stain_normalization") in (None, "none")
                              else recorded["stain_normalization"])
+    # The pixel size the model was trained with serves samples that store none (sizes in microns need it).
     sample = open_sample(data_file_path, n_genes=None)
+    if sample.microns_per_pixel is None:
+        sample.microns_per_pixel = recorded.get("microns_per_pixel")
     with _cache(cache_directory_path) as cache:
         store = FeatureStore(cache)
         embed_sample(sample, store, module, settings, progress=False)

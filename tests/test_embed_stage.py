@@ -95,7 +95,7 @@ def test_other_settings_never_overwrite_an_entry(demo_dir, tmp_path):
                                      "stain_normalization": "macenko"})
     # Another patch size is another entry, next to the first.
     embed_sample(sample, store, encoder, EmbedSettings(patch_sizes=(16,), chunk_nuclei=128), progress=False)
-    assert set(store.entries()["patch_size"]) == {16, 24}
+    assert set(store.entries()["patch_size"]) == {"16", "24"}
 
 
 def test_two_processes_fill_disjoint_chunks_of_one_cache(demo_dir, embedded_cache, tmp_path):
