@@ -124,25 +124,31 @@ def held_out_regions(table: NucleusTable, protocol: str, n_blocks: int) -> np.nd
     return None
 
 
+def cross_validated_predictions(name: str, table: NucleusTable, splits: list[tuple[np.ndarray, np.ndarray]],
+                                settings: FitSettings, base_dim: int) -> tuple[np.ndarray, float]:
+    """Predictions for the test rows of every split (concatenated in split order), each from a model fitted on the
+    split's train rows; and the total fit time."""
+    inputs = model_inputs(name, table, base_dim)
+    parts, fit_seconds = [], 0.0
+    for train_idx, test_idx in splits:
+        estimator = make_estimator(name, settings)
+        start = time.perf_counter()
+        estimator.fit(inputs[train_idx], table.Y[train_idx], groups=tuning_groups(table, train_idx, settings))
+        fit_seconds += time.perf_counter() - start
+        parts.append(estimator.predict(inputs[test_idx]))
+    return np.concatenate(parts).astype(np.float32, copy=False), fit_seconds
+
+
 def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress: bool = True
              ) -> tuple[str, pd.DataFrame, dict[str, np.ndarray], np.ndarray]:
     """Scores of every model over the held-out splits; also per-gene Pearson per model and the evaluated rows."""
     protocol, splits = evaluation_splits(table, settings.protocol, settings.n_folds, settings.n_blocks)
     held = np.concatenate([test for _, test in splits])
     regions = held_out_regions(table, protocol, settings.n_blocks)
+    truth = table.Y[held]
     rows, gene_scores = [], {}
     for name in settings.models:
-        predictions = np.zeros((len(held), len(table.genes)), dtype=np.float32)
-        fit_seconds, offset = 0.0, 0
-        inputs = model_inputs(name, table, base_dim)
-        for train_idx, test_idx in splits:
-            estimator = make_estimator(name, settings)
-            start = time.perf_counter()
-            estimator.fit(inputs[train_idx], table.Y[train_idx], groups=tuning_groups(table, train_idx, settings))
-            fit_seconds += time.perf_counter() - start
-            predictions[offset: offset + len(test_idx)] = estimator.predict(inputs[test_idx])
-            offset += len(test_idx)
-        truth = table.Y[held]
+        predictions, fit_seconds = cross_validated_predictions(name, table, splits, settings, base_dim)
         scores = score_table(truth, predictions, table.sample[held], table.coords[held],
                              patches=None if regions is None else regions[held])
         gene_scores[name] = genewise_pearson(truth, predictions)
@@ -151,6 +157,32 @@ def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress
             print(f"  {name:<18} spearman {scores['spearman_official']:.4f}  mse {scores['mse']:.4f}  "
                   f"({fit_seconds:.1f} s)", flush=True)
     return protocol, pd.DataFrame(rows, columns=SCORE_COLUMNS), gene_scores, held
+
+
+def best_model(scores: pd.DataFrame) -> str:
+    """The model to save: the best official Spearman among the models and the mean profile.
+
+    The mean profile stays a candidate on purpose: where no model beats it on held-out tissue, it is the honest
+    choice. The spatial baseline predicts from positions alone and cannot serve new tissue.
+    """
+    candidates = scores[scores["model"] != "spatial-knn"]
+    if not len(candidates):
+        raise ValueError("no model to choose from: add a model or the mean-profile baseline")
+    return str(candidates.sort_values("spearman_official", ascending=False, kind="stable")["model"].iloc[0])
+
+
+def select_and_fit(table: NucleusTable, settings: FitSettings, base_dim: int, progress: bool = True):
+    """Evaluate every model, choose the best, refit it on every measured train/validation nucleus.
+
+    Returns (protocol, scores, gene_scores, best name, fitted estimator).
+    """
+    protocol, scores, gene_scores, _ = evaluate(table, settings, base_dim, progress)
+    best = best_model(scores)
+    labelled = np.flatnonzero(table.measured & np.isin(table.group, ("train", "validation")))
+    estimator = make_estimator(best, settings)
+    estimator.fit(model_inputs(best, table, base_dim)[labelled], table.Y[labelled],
+                  groups=tuning_groups(table, labelled, settings))
+    return protocol, scores, gene_scores, best, estimator
 
 
 def plot_scores(scores: pd.DataFrame, gene_scores: dict[str, np.ndarray], best: str, path: Path, title: str) -> None:
@@ -175,6 +207,22 @@ def plot_scores(scores: pd.DataFrame, gene_scores: dict[str, np.ndarray], best: 
     plt.close(fig)
 
 
+def model_feature_spec(name: str, settings: FitSettings) -> FeatureSpec:
+    """The features a model reads: with the neighbourhood block for +context models, without it otherwise."""
+    if name.endswith("+context"):
+        return replace(settings.features, context_k=settings.context_k, context_radius=settings.context_radius)
+    return replace(settings.features, context_k=0, context_radius=None)
+
+
+def training_table(samples: list, store: FeatureStore, settings: FitSettings) -> tuple[NucleusTable, int]:
+    """Every sample's nuclei with features (context block appended when configured) and the base block's width."""
+    spec = model_feature_spec("+context", settings)
+    if not spec.has_context and any(m.endswith("+context") for m in settings.models):
+        raise ValueError("a +context model needs context_k > 0 or a context_radius")
+    table = load_table(samples, store, spec)
+    return table, (table.X.shape[1] // 2 if spec.has_context else table.X.shape[1])
+
+
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                      settings: FitSettings | None = None, progress: bool = True,
                      microns_per_pixel: float | None = None) -> tuple[pd.DataFrame, ExpressionPredictor]:
@@ -187,27 +235,13 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     if not samples:
         raise DataError(Path(data), "anucleus", "no sample has measured expression to learn from")
     store = FeatureStore(cache)
-    context_spec = replace(settings.features, context_k=settings.context_k, context_radius=settings.context_radius)
-    base_spec = replace(settings.features, context_k=0, context_radius=None)
-    table = load_table(samples, store, context_spec)
-    if not context_spec.has_context and any(m.endswith("+context") for m in settings.models):
-        raise ValueError("a +context model needs context_k > 0 or a context_radius")
-    base_dim = table.X.shape[1] // 2 if context_spec.has_context else table.X.shape[1]
-
-    protocol, scores, gene_scores, _ = evaluate(table, settings, base_dim, progress)
-    candidates = scores[~scores["model"].isin(BASELINES)]
-    best = str(candidates.sort_values("spearman_official", ascending=False)["model"].iloc[0]) \
-        if len(candidates) else str(scores["model"].iloc[0])
+    table, base_dim = training_table(samples, store, settings)
+    protocol, scores, gene_scores, best, estimator = select_and_fit(table, settings, base_dim, progress)
     scores.to_csv(model_dir / "scores.csv", index=False)
     pd.DataFrame(gene_scores, index=table.genes).rename_axis("gene").to_csv(model_dir / "gene_pearson.csv")
     plot_scores(scores, gene_scores, best, model_dir / "scores.png", f"held-out: {protocol}")
-
-    labelled = np.flatnonzero(table.measured & np.isin(table.group, ("train", "validation")))
-    estimator = make_estimator(best, settings)
-    estimator.fit(model_inputs(best, table, base_dim)[labelled], table.Y[labelled],
-                  groups=tuning_groups(table, labelled, settings))
     predictor = ExpressionPredictor(
-        model_name=best, feature_spec=context_spec if best.endswith("+context") else base_spec,
+        model_name=best, feature_spec=model_feature_spec(best, settings),
         estimator=estimator, genes=table.genes,
         embed_settings=_embed_settings(store, samples[0].name, settings.features),
         scores={"protocol": protocol, **scores.set_index("model").loc[best].to_dict()},
@@ -226,4 +260,5 @@ def _embed_settings(store: FeatureStore, sample_name: str, spec: FeatureSpec) ->
             "chunk_nuclei": attrs.get("chunk_nuclei")}
 
 
-__all__ = ["FitSettings", "evaluate", "evaluation_splits", "fit_and_evaluate"]
+__all__ = ["FitSettings", "best_model", "cross_validated_predictions", "evaluate", "evaluation_splits",
+           "fit_and_evaluate", "select_and_fit"]

@@ -79,3 +79,15 @@ def test_models_tune_across_samples_when_three_or_more_train_them():
     np.testing.assert_array_equal(tuning_groups(table, two, FitSettings()), table.spatial_blocks(4)[two])
     np.testing.assert_array_equal(tuning_groups(table, two, FitSettings(tuning_groups="samples")),
                                   np.repeat([0, 1], 4))
+
+
+def test_the_mean_profile_is_saved_when_no_model_beats_it():
+    import pandas as pd
+
+    from regress.fit import best_model
+
+    scores = pd.DataFrame({"model": ["mean-profile", "spatial-knn", "ridge", "lightgbm"],
+                           "spearman_official": [0.60, 0.70, 0.55, 0.58]})
+    assert best_model(scores) == "mean-profile"  # spatial-knn cannot serve new tissue
+    scores.loc[2, "spearman_official"] = 0.65
+    assert best_model(scores) == "ridge"
