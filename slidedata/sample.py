@@ -256,7 +256,9 @@ def _expression(sdata, path: Path, n_genes: int | None) -> ad.AnnData | None:
     ids = table.obs["cell_id"].to_numpy(np.int64)
     if len(np.unique(ids)) != len(ids):
         raise DataError(path, EXPRESSION, "cell_id is not unique")
-    return ad.AnnData(X=values, obs=pd.DataFrame({"cell_id": ids}, index=table.obs_names), var=table.var.copy())
+    obs = table.obs.copy()  # extra columns (e.g. the spot of an imported nucleus) stay available
+    obs["cell_id"] = ids
+    return ad.AnnData(X=values, obs=obs, var=table.var.copy())
 
 
 def _dense(matrix) -> np.ndarray:

@@ -1,0 +1,296 @@
+"""Real tissue: leave-one-section-out on the her2st sections, every encoder and model beside the mean profile.
+
+    python benchmarks/bench_real.py [--her2st DIR] [--out outputs/bench-real] [--modes spot nuclei]
+
+For each cell mode (`spot`: one cell per spot; `nuclei`: segmented nuclei inheriting their spot's expression) the
+sections are imported into the challenge's format, embedded, and every (features, model) pair is trained on all
+sections but one and scored on the one left out. Per held-out section: the official cell-wise Spearman (the held-out
+section is the region), MSE, gene-wise Pearson over all genes and over the 50 genes most variable in the training
+sections, and in nuclei mode the cell-wise Spearman of the predictions averaged back to spots. The row `selected`
+is what `make fit` would save: the model chosen by leave-one-section-out among the training sections alone, refitted
+on them, then scored on the held-out one (nested, so the choice never sees the section it is scored on).
+Writes `results.csv`, `scores.png` and `maps.png` (measured vs predicted expression of the best and worst genes on
+one held-out section) under --out. Exits 0 with a message when the data folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from embed.pipeline import EmbedSettings, embed_dataset
+from regress.dataset import NucleusTable
+from regress.features import FeatureSpec
+from regress.fit import (FitSettings, cross_validated_predictions, evaluation_splits, model_inputs, select_and_fit,
+                         training_table)
+from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson
+from slidedata.feature_store import FeatureStore
+from slidedata.sample import open_samples
+
+DEFAULT_HER2ST = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
+MODELS = ("mean-profile", "ridge", "ridge+context", "lightgbm+context")
+HANDCRAFTED, EFFICIENTNET = "handcrafted", "efficientnet-lite0"
+
+
+@dataclass(frozen=True)
+class ModeConfig:
+    """How one cell mode is embedded and what its neighbourhood is."""
+
+    patch_sizes: dict[str, tuple[str, ...]]  # encoder -> sizes
+    input_size: dict[str, int | None]  # encoder -> resampled edge (None: the encoder's own)
+    context_k: int = 0
+    context_radius_um: float | None = None
+
+
+MODES = {
+    # A spot is 100 um across, its neighbours 200 um away: the spot, and the spot with its ring of neighbours.
+    "spot": ModeConfig(patch_sizes={HANDCRAFTED: ("50um", "100um", "200um"), EFFICIENTNET: ("100um", "200um")},
+                       input_size={HANDCRAFTED: None, EFFICIENTNET: None}, context_k=6),
+    # A nucleus, its neighbours, and about a spot; EfficientNet at 112 px keeps the CPU run short.
+    "nuclei": ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), EFFICIENTNET: ("48um",)},
+                         input_size={HANDCRAFTED: None, EFFICIENTNET: 112}, context_radius_um=50.0),
+}
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    name: str
+    encoders: tuple[str, ...]
+    standardize_per_sample: bool = False
+
+
+FEATURE_SETS = (
+    FeatureSet("handcrafted", (HANDCRAFTED,)),
+    FeatureSet("handcrafted, per-sample z", (HANDCRAFTED,), True),
+    FeatureSet("efficientnet", (EFFICIENTNET,)),
+    FeatureSet("efficientnet, per-sample z", (EFFICIENTNET,), True),
+    FeatureSet("both, per-sample z", (HANDCRAFTED, EFFICIENTNET), True),
+)
+
+
+@dataclass
+class ModeData:
+    mode: str
+    folder: Path
+    cache: Path
+    samples: list = field(default_factory=list)
+
+
+def prepare(mode: str, her2st: Path, out: Path, encoders: set[str]) -> ModeData:
+    """Import (once) and embed (resumable) every section in this cell mode."""
+    from slidedata.spots import her2st_sections, import_sections
+
+    folder, cache = out / "data" / mode, out / f"features-{mode}.zarr"
+    if not folder.is_dir() or not any(folder.glob("*.zarr")):
+        start = time.perf_counter()
+        import_sections(her2st_sections(her2st), folder, cells=mode, progress=True)
+        print(f"[{mode}] imported in {time.perf_counter() - start:.0f} s", flush=True)
+    config = MODES[mode]
+    for encoder in sorted(encoders):
+        start = time.perf_counter()
+        settings = EmbedSettings(patch_sizes=config.patch_sizes[encoder], input_size=config.input_size[encoder],
+                                 batch_size=64)
+        embed_dataset(folder, cache, encoder, settings=settings, device="cpu", progress=False)
+        print(f"[{mode}] {encoder} embedded in {time.perf_counter() - start:.0f} s", flush=True)
+    return ModeData(mode, folder, cache, open_samples(folder))
+
+
+def fit_settings(mode: str, features: FeatureSet, samples: list, models: tuple[str, ...]) -> FitSettings:
+    config = MODES[mode]
+    first, *others = features.encoders
+    extra = tuple((e, s) for e in others for s in config.patch_sizes[e])
+    radius = None
+    if config.context_radius_um:  # the cache's coordinates are pixels
+        radius = config.context_radius_um / float(np.median([s.microns_per_pixel for s in samples]))
+    spec = FeatureSpec(encoder=first, patch_sizes=config.patch_sizes[first], extra_keys=extra,
+                       morphology=mode == "nuclei", standardize_per_sample=features.standardize_per_sample)
+    return FitSettings(features=spec, models=models, protocol="loso", context_k=config.context_k or 15,
+                       context_radius=radius)
+
+
+def section_scores(table: NucleusTable, rows: np.ndarray, predictions: np.ndarray, top_genes: np.ndarray,
+                   spot_of: pd.Series | None) -> dict[str, float]:
+    """Scores of one held-out section (the whole section is one region, so official = mean over its cells)."""
+    truth = table.Y[rows]
+    per_gene = genewise_pearson(truth, predictions)
+    scores = {"spearman": float(cellwise_spearman(truth, predictions).mean()),
+              "mse": float(cellwise_mse(truth, predictions).mean()),
+              "gene_pearson": float(per_gene.mean()), "gene_pearson_top50": float(per_gene[top_genes].mean())}
+    if spot_of is not None:  # nuclei inherit their spot's expression: compare spot means too
+        spots = spot_of.reindex(table.cell_id[rows]).to_numpy()
+        pred = pd.DataFrame(predictions).groupby(spots, sort=True).mean()
+        true = pd.DataFrame(truth).groupby(spots, sort=True).mean()
+        scores["spot_spearman"] = float(cellwise_spearman(true.to_numpy(), pred.to_numpy()).mean())
+    return scores
+
+
+def most_variable_genes(Y: np.ndarray, n: int = 50) -> np.ndarray:
+    return np.argsort(Y.var(axis=0))[::-1][:n]
+
+
+def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple[str, ...],
+             selection_set: str) -> tuple[pd.DataFrame, dict]:
+    """Leave-one-section-out for every (feature set, model), plus the nested `selected` model of one feature set."""
+    store = FeatureStore(data.cache)
+    spot_of = None
+    if data.mode == "nuclei":
+        spot_of = pd.concat([s.expression.obs.set_index("cell_id")["spot_id"].astype(str) for s in data.samples])
+    rows, maps = [], {}
+    for features in feature_sets:
+        settings = fit_settings(data.mode, features, data.samples, models)
+        table, base_dim = training_table(data.samples, store, settings)
+        _, splits = evaluation_splits(table, "loso", settings.n_folds, settings.n_blocks)
+        sections = [str(table.sample[test[0]]) for _, test in splits]
+        top = {s: most_variable_genes(table.Y[train]) for s, (train, _) in zip(sections, splits)}
+        for model in models:
+            start = time.perf_counter()
+            predictions, _ = cross_validated_predictions(model, table, splits, settings, base_dim)
+            offset = 0
+            for section, (_, test) in zip(sections, splits):
+                part = predictions[offset: offset + len(test)]
+                offset += len(test)
+                rows.append({"mode": data.mode, "features": features.name, "model": model, "section": section,
+                             **section_scores(table, test, part, top[section], spot_of)})
+            print(f"[{data.mode}] {features.name:<28} {model:<18} {time.perf_counter() - start:6.1f} s", flush=True)
+        if features.name != selection_set:
+            continue
+        start = time.perf_counter()
+        for section, (train, test) in zip(sections, splits):
+            _, _, _, best, estimator = select_and_fit(table.rows(train), settings, base_dim, progress=False)
+            predictions = estimator.predict(model_inputs(best, table, base_dim)[test])
+            rows.append({"mode": data.mode, "features": features.name, "model": "selected", "chosen": best,
+                         "section": section, **section_scores(table, test, predictions, top[section], spot_of)})
+            maps[section] = (table.coords[test], table.Y[test], predictions, table.genes)
+        print(f"[{data.mode}] {features.name:<28} {'selected (nested)':<18} {time.perf_counter() - start:6.1f} s",
+              flush=True)
+    return pd.DataFrame(rows), maps
+
+
+def summary(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per (mode, features, model): mean over held-out sections, and the gain over the mean profile."""
+    metrics = [c for c in ("spearman", "spot_spearman", "mse", "gene_pearson", "gene_pearson_top50") if c in results]
+    table = results.groupby(["mode", "features", "model"], sort=False)[metrics].mean()
+    baseline = results[results["model"] == "mean-profile"].set_index(["mode", "features", "section"])["spearman"]
+    gains = results.assign(gain=results["spearman"].to_numpy() - baseline.reindex(
+        pd.MultiIndex.from_frame(results[["mode", "features", "section"]])).to_numpy())
+    grouped = gains.groupby(["mode", "features", "model"], sort=False)["gain"]
+    table["gain_vs_mean"] = grouped.mean()
+    table["folds_won"] = grouped.apply(lambda g: int((g > 0).sum()))
+    return table.reset_index()
+
+
+def plot_scores(results: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(results["mode"]))
+    fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        part = results[results["mode"] == mode]
+        pivot = part.pivot_table(index=["features", "model"], columns="section", values="spearman", sort=False)
+        baseline = part[part["model"] == "mean-profile"].groupby("section")["spearman"].mean()
+        for section in pivot.columns:
+            ax.plot(pivot[section].to_numpy(), range(len(pivot)), "o", label=section)
+            ax.axvline(baseline[section], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+        ax.set_yticks(range(len(pivot)), [f"{f} | {m}" for f, m in pivot.index], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("cell-wise Spearman on the held-out section (dotted: mean profile)")
+        ax.set_title(f"her2st, leave one section out, {mode} mode")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_maps(coords: np.ndarray, truth: np.ndarray, predictions: np.ndarray, genes: list[str], section: str,
+              path: Path, n: int = 3) -> None:
+    """Measured (top) and predicted (bottom) expression of the n best and n worst predicted genes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_gene = genewise_pearson(truth, predictions)
+    variable = truth.std(0) > 0
+    order = np.argsort(np.where(variable, per_gene, np.nan))
+    order = order[~np.isnan(np.where(variable, per_gene, np.nan)[order])]
+    chosen = list(order[::-1][:n]) + list(order[:n])
+    fig, axes = plt.subplots(2, len(chosen), figsize=(2.6 * len(chosen), 5.4))
+    for column, gene in enumerate(chosen):
+        low, high = np.percentile(truth[:, gene], [2, 98])
+        for row, (values, label) in enumerate(((truth, "measured"), (predictions, "predicted"))):
+            ax = axes[row, column]
+            ax.scatter(coords[:, 1], coords[:, 0], c=values[:, gene], s=6, cmap="magma", vmin=low, vmax=high)
+            ax.set_aspect("equal")
+            ax.invert_yaxis()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(f"{genes[gene]}\nr = {per_gene[gene]:.2f}", fontsize=9)
+            if column == 0:
+                ax.set_ylabel(label)
+    fig.suptitle(f"held-out section {section}: best and worst predicted genes (selected model)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--her2st", type=Path, default=Path(os.environ.get("HER2ST_DIR", DEFAULT_HER2ST)))
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench-real"))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--feature-sets", nargs="+", default=[f.name for f in FEATURE_SETS],
+                        choices=[f.name for f in FEATURE_SETS])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--selection-set", default="handcrafted, per-sample z",
+                        help="feature set whose nested model selection is reported as 'selected'")
+    parser.add_argument("--map-section", default="B4", help="held-out section drawn in maps.png")
+    args = parser.parse_args(argv)
+
+    if not args.her2st.is_dir():
+        print(f"bench-real: no her2st data at {args.her2st} (set HER2ST_DIR or --her2st); nothing to benchmark")
+        return 0
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    feature_sets = tuple(f for f in FEATURE_SETS if f.name in args.feature_sets)
+    encoders = {e for f in feature_sets for e in f.encoders}
+    args.out.mkdir(parents=True, exist_ok=True)
+    frames, maps_by_mode = [], {}
+    for mode in args.modes:
+        data = prepare(mode, args.her2st, args.out, encoders)
+        frame, maps = run_mode(data, feature_sets, tuple(args.models), args.selection_set)
+        frames.append(frame)
+        maps_by_mode[mode] = maps
+    results = pd.concat(frames, ignore_index=True)
+    results.to_csv(args.out / "results.csv", index=False)
+    plot_scores(results, args.out / "scores.png")
+    for mode in args.modes:
+        if args.map_section in maps_by_mode[mode]:
+            plot_maps(*maps_by_mode[mode][args.map_section], args.map_section, args.out / f"maps-{mode}.png")
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200,
+                           "display.max_rows", 500):
+        print("\nper held-out section:")
+        print(results.pivot_table(index=["mode", "features", "model"], columns="section", values="spearman",
+                                  sort=False).to_string())
+        print("\nmean over held-out sections (gain_vs_mean: official Spearman minus the mean profile's):")
+        print(summary(results).to_string(index=False))
+        chosen = results[results["model"] == "selected"][["mode", "section", "chosen"]]
+        print("\nmodel chosen by the nested selection:")
+        print(chosen.to_string(index=False))
+    print(f"\nbench-real: {time.perf_counter() - start:.0f} s; results.csv, scores.png, maps-*.png in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
