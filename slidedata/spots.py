@@ -1,0 +1,307 @@
+"""Import spot-level spatial transcriptomics (her2st folders, HEST-1k / Visium h5ad) into the challenge's format.
+
+Each section becomes one sample zarr (`<section>.zarr`) that the rest of the pipeline reads unchanged:
+`HE_original` is the full-resolution H&E, `anucleus` holds the measured expression, the pixel size is stored.
+Cells are made in one of two ways:
+
+* `spot`   — each spot is one cell: a disc of the spot's diameter in `HE_nuc_original`, ids 1..n;
+* `nuclei` — nuclei segmented inside each spot disc (`slidedata.spot_nuclei`), each inheriting its spot's counts.
+
+Either way `obs['spot_id']` names each cell's spot, in `anucleus` and in `cell_id-group` (read it back with
+`read_spot_ids`), so predictions can be averaged back to spots. The gene panel is shared by the sections imported
+together: an explicit list, or the `n_genes` most expressed genes common to all of them. Spots whose total count
+over all genes is below `min_counts` are defective array positions and are dropped, not normalised.
+
+    python -m slidedata.spots her2st --src ../shared/data/her2st --out data/her2st/spot --cells spot
+    python -m slidedata.spots h5ad --h5ad X.h5ad --image X.tif --out DIR --microns-per-pixel 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from tqdm.auto import tqdm
+
+from slidedata.errors import DataError
+from slidedata.sample import GROUP_NAMES, GROUPS, N_GENES, SAMPLE_SUFFIX
+from slidedata.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
+from slidedata.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
+from slidedata.writer import write_sample
+
+CELL_MODES = ("spot", "nuclei")
+# her2st: defective array positions hold 1-3 reads in total, the smallest real spots ~100 (C2) to ~150 (B4); 10
+# sits in that gap (about its geometric middle) and is far below every real spot's depth.
+DEFAULT_MIN_COUNTS = 10
+SCALE_FACTOR = 100  # X = log1p(counts / total * 100), as in the challenge's anucleus
+
+
+@dataclass
+class SectionReport:
+    """What one imported section became."""
+
+    name: str
+    path: Path
+    spots_read: int
+    spots_dropped: int  # total count below min_counts
+    spots_kept: int
+    cells: int
+    genes: int
+    microns_per_pixel: float
+
+    def line(self) -> str:
+        return (f"{self.name}: {self.spots_kept} spots kept, {self.spots_dropped} dropped (of {self.spots_read}), "
+                f"{self.cells} cells, {self.genes} genes, {self.microns_per_pixel:.4f} um/px -> {self.path}")
+
+
+# ------------------------------------------------------------------------------------------------ spots, genes
+
+def drop_defective_spots(section: SpotSection, min_counts: int = DEFAULT_MIN_COUNTS) -> tuple[SpotSection, int]:
+    """The section without spots whose total count over all genes is below `min_counts`, and how many were dropped."""
+    keep = section.total_counts() >= min_counts
+    return (section if keep.all() else section.subset(keep)), int((~keep).sum())
+
+
+def mean_expression_fractions(section: SpotSection) -> pd.Series:
+    """Per gene, the mean over spots of count / spot total (over all genes): a depth-free expression level."""
+    totals = np.maximum(section.total_counts(), 1).astype(np.float64)
+    counts = sparse.csr_matrix(section.counts, dtype=np.float64)
+    fractions = sparse.diags(1 / totals) @ counts
+    return pd.Series(np.asarray(fractions.mean(axis=0)).ravel(), index=section.genes)
+
+
+def choose_gene_panel(sections: Sequence[SpotSection], genes: Sequence[str] | None = None,
+                      n_genes: int = N_GENES) -> list[str]:
+    """The given gene list (every entry checked in every section), else the `n_genes` most expressed genes common
+    to all sections.
+
+    Rank: mean over sections of each section's mean per-spot expression fraction (count / spot total). Sections
+    weigh equally whatever their sequencing depth (her2st's B4 has ~15x fewer reads than C2-C4; summing raw counts
+    would let the deep sections choose alone). Ties go to the gene name, so the panel is deterministic.
+    """
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        for section in sections:
+            missing = [g for g in genes if g not in set(section.genes)]
+            if missing:
+                raise DataError(section.counts_file or section.source, "genes",
+                                f"{len(missing)} gene(s) of the requested panel are absent, e.g. {missing[:5]}")
+        return genes
+    common = set(sections[0].genes).intersection(*(s.genes for s in sections[1:]))
+    if not common:
+        files = ", ".join(str(s.counts_file or s.source) for s in sections)
+        raise DataError(files, "genes", "no gene is common to all sections")
+    score = sum(mean_expression_fractions(s).reindex(sorted(common)) for s in sections) / len(sections)
+    ranked = sorted(common, key=lambda g: (-score[g], g))
+    return ranked[:n_genes]
+
+
+def panel_counts(section: SpotSection, panel: Sequence[str]) -> np.ndarray:
+    """(spots, panel genes) int32 counts, in panel order."""
+    columns = pd.Index(section.genes).get_indexer(list(panel))
+    counts = section.counts[:, columns]
+    return np.asarray(counts.toarray() if sparse.issparse(counts) else counts, dtype=np.int32)
+
+
+def log_normalise(counts: np.ndarray) -> np.ndarray:
+    """log1p(counts / total * 100), total over the given genes (as `anucleus.X` is over its 460)."""
+    total = counts.sum(axis=1, keepdims=True)
+    return np.log1p(counts / np.maximum(total, 1) * SCALE_FACTOR).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------- cells
+
+def spot_disc_mask(shape: tuple[int, int], centres: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) uint32 mask with one disc per spot (ids 1..n in spot order) and the spot index of each id.
+
+    Where discs overlap, the earlier spot keeps the pixels; a spot left without any pixel (same centre as an
+    earlier one) gets no id.
+    """
+    height, width = shape
+    mask = np.zeros(shape, dtype=np.uint32)
+    spot_of_cell: list[int] = []
+    for spot, (y, x) in enumerate(centres):
+        y0, y1 = max(int(np.floor(y - radius_px)), 0), min(int(np.ceil(y + radius_px)) + 1, height)
+        x0, x1 = max(int(np.floor(x - radius_px)), 0), min(int(np.ceil(x + radius_px)) + 1, width)
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        window = mask[y0:y1, x0:x1]
+        disc = ((yy - y) ** 2 + (xx - x) ** 2 <= radius_px ** 2) & (window == 0)
+        if disc.any():
+            window[disc] = len(spot_of_cell) + 1
+            spot_of_cell.append(spot)
+    return mask, np.asarray(spot_of_cell, dtype=np.int64)
+
+
+def expression_table(cell_ids: np.ndarray, spot_ids: Sequence[str], counts: np.ndarray, panel: Sequence[str],
+                     centres_xy_um: np.ndarray):
+    """AnnData laid out like `anucleus`, plus `obs['spot_id']`; `obsm['spatial']` is the spot centre (x, y) in um."""
+    import anndata as ad
+
+    obs = pd.DataFrame({"cell_id": cell_ids.astype(np.int64), "spot_id": pd.Series(spot_ids, dtype=str).to_numpy()},
+                       index=[str(c) for c in cell_ids])
+    genes = [str(g) for g in panel]
+    table = ad.AnnData(X=log_normalise(counts), obs=obs, var=pd.DataFrame({"gene_symbols": genes}, index=genes))
+    table.layers["counts"] = counts
+    table.obsm["spatial"] = centres_xy_um
+    return table
+
+
+def section_cells(section: SpotSection, image: np.ndarray, cells: str,
+                  segmentation: NucleusSegmentation | None = None, progress: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mask and the spot index of every cell id, for one section whose image is already loaded."""
+    if cells == "spot":
+        return spot_disc_mask(image.shape[:2], section.centres_px, section.spot_radius_px)
+    if cells == "nuclei":
+        return segment_spot_nuclei(image, section.centres_px, section.spot_radius_px, section.microns_per_pixel,
+                                   segmentation or NucleusSegmentation(), progress=progress,
+                                   desc=f"{section.name}: nuclei")
+    raise ValueError(f"cells must be one of {CELL_MODES}, got {cells!r}")
+
+
+# ------------------------------------------------------------------------------------------------------ import
+
+def import_sections_report(sections: Sequence[SpotSection], out_dir: str | Path, cells: str = "spot",
+                           genes: Sequence[str] | None = None, n_genes: int = N_GENES,
+                           min_counts: int = DEFAULT_MIN_COUNTS, chunk_size: int = 512, group: str = "train",
+                           segmentation: NucleusSegmentation | None = None, progress: bool = False
+                           ) -> list[SectionReport]:
+    """`import_sections`, returning what each section became (spots kept and dropped, cells, genes)."""
+    if cells not in CELL_MODES:
+        raise ValueError(f"cells must be one of {CELL_MODES}, got {cells!r}")
+    if group not in GROUP_NAMES:
+        raise ValueError(f"group must be one of {GROUP_NAMES}, got {group!r}")
+    if not sections:
+        raise ValueError("no section to import")
+    names = [s.name for s in sections]
+    if len(set(names)) != len(names):
+        raise ValueError(f"section names must be unique (they name the samples), got {names}")
+    filtered = [drop_defective_spots(s, min_counts) for s in sections]
+    for section, _ in filtered:
+        if section.n_spots == 0:
+            raise DataError(section.counts_file or section.source, "counts",
+                            f"no spot has at least {min_counts} counts")
+    panel = choose_gene_panel([s for s, _ in filtered], genes, n_genes)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = []
+    for (section, dropped), original in zip(tqdm(filtered, desc=f"import ({cells})", disable=not progress),
+                                            sections):
+        image = section.load_image()  # one section's pixels in memory at a time
+        mask, spot_of_cell = section_cells(section, image, cells, segmentation, progress)
+        cell_ids = np.arange(1, len(spot_of_cell) + 1, dtype=np.int64)
+        spot_ids = [section.spot_ids[i] for i in spot_of_cell]
+        centres_xy_um = section.centres_px[spot_of_cell][:, ::-1] * section.microns_per_pixel
+        expression = expression_table(cell_ids, spot_ids, panel_counts(section, panel)[spot_of_cell], panel,
+                                      centres_xy_um)
+        groups = pd.DataFrame({"cell_id": cell_ids, "group": group, "spot_id": spot_ids})
+        path = write_sample(out_dir / f"{section.name}{SAMPLE_SUFFIX}", np.moveaxis(image, -1, 0), mask, groups,
+                            expression, chunk_size, microns_per_pixel=section.microns_per_pixel)
+        del image, mask
+        reports.append(SectionReport(section.name, path, original.n_spots, dropped, section.n_spots,
+                                     len(cell_ids), len(panel), section.microns_per_pixel))
+    return reports
+
+
+def import_sections(sections: Sequence[SpotSection], out_dir: str | Path, cells: str = "spot",
+                    genes: Sequence[str] | None = None, n_genes: int = N_GENES, min_counts: int = DEFAULT_MIN_COUNTS,
+                    chunk_size: int = 512, group: str = "train", segmentation: NucleusSegmentation | None = None,
+                    progress: bool = False) -> list[Path]:
+    """Write one `<section>.zarr` per section under `out_dir` with a shared gene panel; returns the paths.
+
+    `cells`: 'spot' (one disc-shaped cell per spot) or 'nuclei' (segmented nuclei inheriting their spot's counts).
+    Every cell is put in `group` ('train' by default). Spots with fewer than `min_counts` counts over all genes
+    are dropped before the panel is chosen.
+    """
+    return [r.path for r in import_sections_report(sections, out_dir, cells, genes, n_genes, min_counts, chunk_size,
+                                                   group, segmentation, progress)]
+
+
+def read_spot_ids(sample_path: str | Path) -> pd.Series:
+    """cell_id -> spot_id of an imported sample (from its `cell_id-group` table)."""
+    import warnings
+
+    import spatialdata as sd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obs = sd.read_zarr(sample_path).tables[GROUPS].obs
+    if "spot_id" not in obs:
+        raise DataError(sample_path, GROUPS, "no 'spot_id' column: not a sample imported from spot data")
+    return pd.Series(obs["spot_id"].astype(str).to_numpy(), index=pd.Index(obs["cell_id"].to_numpy(np.int64),
+                                                                             name="cell_id"), name="spot_id")
+
+
+def her2st_sections(src: str | Path, names: Sequence[str] | None = None,
+                    microns_per_pixel: float | None = None) -> list[SpotSection]:
+    """The her2st section folders under `src` (each holding counts.tsv.gz), all or those named, sorted."""
+    src = Path(src)
+    if not src.is_dir():
+        raise DataError(src, "-", "her2st folder not found")
+    found = sorted(p for p in src.iterdir() if (p / HER2ST_COUNTS).exists())
+    if names:
+        missing = [n for n in names if not (src / n / HER2ST_COUNTS).exists()]
+        if missing:
+            raise DataError(src, "-", f"no section folder(s) {missing} (found {[p.name for p in found]})")
+        found = [src / n for n in names]
+    if not found:
+        raise DataError(src, "-", f"no section folder holding {HER2ST_COUNTS}")
+    return [read_her2st_section(p, microns_per_pixel) for p in found]
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m slidedata.spots", description=__doc__.splitlines()[0])
+    layouts = parser.add_subparsers(dest="layout", required=True)
+    her2st = layouts.add_parser("her2st", help="her2st section folders (HE.jpg, counts.tsv.gz, spots.tsv)")
+    her2st.add_argument("--src", default="../shared/data/her2st", help="folder of section folders")
+    her2st.add_argument("--sections", nargs="+", help="section folder names (default: all found)")
+    h5ad = layouts.add_parser("h5ad", help="AnnData with obsm['spatial'] in full-resolution pixels, plus its image")
+    h5ad.add_argument("--h5ad", nargs="+", required=True, type=Path, help="one or more .h5ad files")
+    h5ad.add_argument("--image", nargs="+", required=True, type=Path, help="the image of each h5ad, same order")
+    h5ad.add_argument("--spot-diameter-um", type=float, help="spot diameter (Visium: 55; legacy ST: 100)")
+    for sub in (her2st, h5ad):
+        sub.add_argument("--out", required=True, type=Path, help="folder for the <section>.zarr samples")
+        sub.add_argument("--cells", choices=CELL_MODES, default="spot")
+        sub.add_argument("--microns-per-pixel", type=float, help="pixel size (default: from the data)")
+        sub.add_argument("--genes-file", type=Path, help="gene panel, one name per line (default: most expressed)")
+        sub.add_argument("--n-genes", type=int, default=N_GENES, help="panel size when no --genes-file")
+        sub.add_argument("--min-counts", type=int, default=DEFAULT_MIN_COUNTS,
+                         help="drop spots with fewer counts over all genes (defective array positions)")
+        sub.add_argument("--group", choices=GROUP_NAMES, default="train", help="group of every imported cell")
+        sub.add_argument("--chunk-size", type=int, default=512, help="zarr chunk edge of image and mask, px")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.layout == "her2st":
+            sections = her2st_sections(args.src, args.sections, args.microns_per_pixel)
+        else:
+            if len(args.h5ad) != len(args.image):
+                raise SystemExit(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
+            sections = [read_h5ad_section(h, i, args.microns_per_pixel, args.spot_diameter_um)
+                        for h, i in zip(args.h5ad, args.image)]
+        genes = None
+        if args.genes_file is not None:
+            genes = [g.strip() for g in args.genes_file.read_text().splitlines() if g.strip()]
+        reports = import_sections_report(sections, args.out, args.cells, genes, args.n_genes, args.min_counts,
+                                         args.chunk_size, args.group, progress=True)
+    except DataError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    for report in reports:
+        print(report.line())
+    print(f"{len(reports)} section(s), {sum(r.cells for r in reports)} cells, {reports[0].genes} genes "
+          f"({args.cells} mode) in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
