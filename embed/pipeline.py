@@ -2,13 +2,16 @@
 
 `embed_sample` computes only the units that are not done yet for the requested (encoder, patch size) entries, and
 only this shard's share of them (`rank`, `world_size`), so independent processes (torchrun ranks, Dask workers,
-several machines on a shared file system) fill disjoint chunks of the same cache.
+several machines on a shared file system) fill disjoint chunks of the same cache. Processes without a shard of
+their own (two `python -m embed` on one cache) share the units through per-unit lock files: each claims the next free
+unit, and waits at the end for the units that the other is still computing, so both finish with a complete cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +21,17 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from embed import handcrafted
+from slidedata import locks
 from embed.encoders import PatchEncoder, load_encoder
-from embed.patches import UnitPatchDataset, contiguous_share
+from embed.patches import UnitClaims, UnitPatchDataset, contiguous_share
 from slidedata.feature_store import FeatureEntry, FeatureStore
 from slidedata.sample import Sample, open_samples
 
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "embed-1"
+WAIT_POLL_S = 1.0  # how often a process re-checks units that another process is computing
 DEFAULT_PATCH_SIZES = (32, 64, 128, 224)
 
 
@@ -54,7 +60,9 @@ class EmbedReport:
     entries: list[Path] = field(default_factory=list)
 
 
-def entry_attrs(encoder: PatchEncoder, patch_size: int, n_nuclei: int, settings: EmbedSettings) -> dict:
+def entry_attrs(encoder: PatchEncoder, patch_size: int, n_nuclei: int, settings: EmbedSettings,
+                input_digest: str = "") -> dict:
+    """What an entry's numbers depend on; `slidedata.feature_store.IDENTITY_ATTRS` names which keys are compared."""
     spec = encoder.spec
     return {
         "encoder": spec.name, "weights_sha256": encoder.weights_sha256, "patch_size": int(patch_size),
@@ -62,34 +70,70 @@ def entry_attrs(encoder: PatchEncoder, patch_size: int, n_nuclei: int, settings:
         "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
         "pad_mode": settings.pad_mode, "dim": spec.dim, "n_nuclei": int(n_nuclei),
         "chunk_nuclei": int(settings.chunk_nuclei), "code_version": CODE_VERSION,
+        "encoder_code_version": encoder_code_version(encoder), "input_digest": input_digest,
     }
+
+
+def encoder_code_version(encoder: PatchEncoder) -> str:
+    """A network's numbers are pinned by its weights (weights_sha256); the handcrafted encoder's by its code."""
+    return handcrafted.CODE_VERSION if encoder.spec.library == "handcrafted" else "none"
 
 
 def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings,
                  progress: bool = True) -> EmbedReport:
     """Fill the cache entries (sample, encoder, each patch size); finished units are skipped."""
     start = time.perf_counter()
-    nuclei = store.nuclei(sample, progress=progress)
-    entries = {size: store.create_entry(sample.name, entry_attrs(encoder, size, len(nuclei), settings))
+    nuclei = store.nuclei(sample, progress=progress)  # recomputed (with the entries) if the sample's files changed
+    entries = {size: store.create_entry(sample.name, entry_attrs(encoder, size, len(nuclei), settings,
+                                                                 sample.input_digest()))
                for size in settings.patch_sizes}
-    pending = set().union(*(set(e.pending_units().tolist()) for e in entries.values()))
     n_units = next(iter(entries.values())).n_units if entries else 0
     # Shard all units, not the pending ones: ranks that start at different moments see different pending sets,
     # and must still agree on who owns which unit.
-    mine = [u for u in contiguous_share(list(range(n_units)), settings.rank, settings.world_size) if u in pending]
-    if settings.max_units is not None:
-        mine = mine[: settings.max_units]
-    if not mine:
-        return EmbedReport(sample.name, len(nuclei), n_units, 0, time.perf_counter() - start,
-                           [e.path for e in entries.values()])
+    share = contiguous_share(list(range(n_units)), settings.rank, settings.world_size)
+    computed, waiting_logged = 0, False
+    while True:
+        pending = set().union(*(set(e.pending_units().tolist()) for e in entries.values()))
+        mine = [u for u in share if u in pending]
+        if settings.max_units is not None:
+            mine = mine[: settings.max_units]
+        if not mine:
+            break
+        free = [u for u in mine if not locks.is_held(store.unit_lock(sample.name, encoder.name, u))]
+        done_now = _embed_units(sample, store, encoder, settings, nuclei, entries, free, progress) if free else 0
+        computed += done_now
+        if settings.max_units is not None:
+            break
+        if done_now == 0:  # every unit left is locked by another live process: wait for it (or for its death)
+            if not waiting_logged:
+                log.warning("%s: waiting for %d chunk(s) that another process is computing", sample.name, len(mine))
+                waiting_logged = True
+            time.sleep(WAIT_POLL_S)
+    return EmbedReport(sample.name, len(nuclei), n_units, computed, time.perf_counter() - start,
+                       [e.path for e in entries.values()])
 
+
+def _embed_units(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings, nuclei,
+                 entries: dict[int, FeatureEntry], mine: list[int], progress: bool) -> int:
+    """Compute the units of `mine` that no other process has claimed; returns how many this process computed."""
+    claims = UnitClaims({u: store.unit_lock(sample.name, encoder.name, u) for u in mine},
+                        [e.path / "done" for e in entries.values()], os.getpid())
+    try:
+        return _run_loader(sample, store, encoder, settings, nuclei, entries, mine, claims, progress)
+    finally:
+        claims.release_own()
+
+
+def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings, nuclei,
+                entries: dict[int, FeatureEntry], mine: list[int], claims: UnitClaims, progress: bool) -> int:
     normalizer = None
     if settings.stain_normalization == "macenko":
         from embed.stain import MacenkoNormalizer
 
         normalizer = MacenkoNormalizer.fit_sample(sample, nuclei)
     dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, settings.patch_sizes,
-                               store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer)
+                               store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer,
+                               claims)
     device = next(iter(encoder.buffers())).device
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda",
@@ -98,16 +142,18 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
     rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
     bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
                disable=not progress)
+    computed = 0
     for item in loader:
         for size, entry in entries.items():
             if entry.done[item.unit]:
                 continue
             features = encode_patches(model, item.patches[size], item.masks.get(size), settings, device)
             entry.write_unit(item.unit, features)
+        claims.release(item.unit)
+        computed += 1
         bar.update(int(next(iter(item.patches.values())).shape[0]))
     bar.close()
-    return EmbedReport(sample.name, len(nuclei), n_units, len(mine), time.perf_counter() - start,
-                       [e.path for e in entries.values()])
+    return computed
 
 
 def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, settings: EmbedSettings,
