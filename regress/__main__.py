@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
     parser.add_argument("--pca", type=int, help="ridge on this many principal components of the features")
-    args = parser.parse_args(argv)
+    from slidedata.cli import add_debug_flag, run_reporting_input_errors
 
-    from slidedata.errors import DataError
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
 
     extra = tuple((key.rsplit(":", 1)[0], int(key.rsplit(":", 1)[1])) for key in args.extra_features)
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
@@ -39,16 +40,16 @@ def main(argv: list[str] | None = None) -> int:
                            models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
                            ridge_components=args.pca, context_radius=args.context_radius)
     start = time.perf_counter()
-    try:
+
+    def stage() -> int:
         scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
-        print(scores.to_string(index=False))
-    print(f"best: {predictor.model_name} -> {args.model_dir}/predictor.joblib "
-          f"(scores.csv, scores.png beside it); fit stage {time.perf_counter() - start:.1f} s")
-    return 0
+        with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
+            print(scores.to_string(index=False))
+        print(f"best: {predictor.model_name} -> {args.model_dir}/predictor.joblib "
+              f"(scores.csv, scores.png beside it); fit stage {time.perf_counter() - start:.1f} s")
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug)
 
 
 if __name__ == "__main__":
