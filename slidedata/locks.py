@@ -73,7 +73,7 @@ def _reclaim_if_stale(path: Path) -> bool:
         return True  # released meanwhile
     stale = age > STALE_AFTER_S
     if len(text) >= 2 and text[1] == socket.gethostname() and text[0].isdigit():
-        stale = not _alive(int(text[0]))
+        stale = not pid_alive(int(text[0]))
     elif len(text) < 2:  # a lock still being written by its creator, or garbage: trust it only briefly
         stale = age > 10
     if stale:
@@ -81,7 +81,8 @@ def _reclaim_if_stale(path: Path) -> bool:
     return stale
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
