@@ -143,16 +143,18 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
                disable=not progress)
     computed = 0
-    for item in loader:
-        for size, entry in entries.items():
-            if entry.done[item.unit]:
-                continue
-            features = encode_patches(model, item.patches[size], item.masks.get(size), settings, device)
-            entry.write_unit(item.unit, features)
-        claims.release(item.unit)
-        computed += 1
-        bar.update(int(next(iter(item.patches.values())).shape[0]))
-    bar.close()
+    try:
+        for item in loader:
+            for size, entry in entries.items():
+                if entry.done[item.unit]:
+                    continue
+                features = encode_patches(model, item.patches[size], item.masks.get(size), settings, device)
+                entry.write_unit(item.unit, features)
+            claims.release(item.unit)
+            computed += 1
+            bar.update(int(next(iter(item.patches.values())).shape[0]))
+    finally:
+        bar.close()  # also on errors: the error message then starts on a line of its own
     return computed
 
 
