@@ -148,8 +148,9 @@ class FeatureStore:
                     sample.set_nuclei(table)
                     return table
                 if if_changed != "recompute":
-                    raise DataError(sample.path, "-", f"the image or mask changed since this sample was embedded "
-                                                      f"into {self.root}; run the embed stage again (make embed)")
+                    raise DataError(sample.path, "-", "the image or mask files differ from those this sample was "
+                                                      f"embedded from into {self.root} (changed data, or a cache "
+                                                      "of an older version); run the embed stage again (make embed)")
                 self._discard_sample(sample.name)
             tile_size = int(sample.image.chunks[1][0])
             table = sample.nuclei(progress=progress)
