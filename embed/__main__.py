@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument("--list-encoders", action="store_true")
     parser.add_argument("--list", action="store_true", help="list the cache's entries")
+    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
     if args.list_encoders:
@@ -52,7 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--data is required")
 
     from embed.pipeline import EmbedSettings, embed_dataset
-    from slidedata.errors import DataError
     from embed.encoders import EncoderLoadError
 
     from embed.registry import get_spec
@@ -69,22 +71,23 @@ def main(argv: list[str] | None = None) -> int:
 
         if torch.cuda.is_available():
             device = f"cuda:{os.environ['LOCAL_RANK']}"
-    settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size, input_size=args.input_size,
+    settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size,
+                             input_size=args.input_size,
                              chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
                              stain_normalization=args.stain_normalization, compile=args.compile,
                              rank=rank, world_size=world)
     start = time.perf_counter()
-    try:
+
+    def stage() -> int:
         reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device,
                                 microns_per_pixel=args.microns_per_pixel)
-    except (DataError, EncoderLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for r in reports:
-        print(f"{r.sample}: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} chunks "
-              f"in {r.seconds:.1f} s")
-    print(f"embed: {time.perf_counter() - start:.1f} s, cache {args.cache}")
-    return 0
+        for r in reports:
+            print(f"{r.sample}: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} chunks "
+                  f"in {r.seconds:.1f} s")
+        print(f"embed: {time.perf_counter() - start:.1f} s, cache {args.cache}")
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug, (EncoderLoadError,))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,15 @@ Computed in torch on the same resized patches as the neural encoders, so the pip
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from torch import nn
+
+# The features are this module's code (there are no weights to pin them), so the code is their version: any edit
+# here gives cache entries another identity and they are recomputed instead of silently reused.
+CODE_VERSION = "handcrafted-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 # Ruifrok & Johnston stain vectors (optical density of R, G, B), completed by their cross product.
 _H = torch.tensor([0.65, 0.70, 0.29])

@@ -9,6 +9,7 @@ is read about once per worker, and no worker ever holds more than a tile and its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch.utils.data import IterableDataset, get_worker_info
 
+from slidedata import locks
 from slidedata.sample import Sample
 
 
@@ -91,11 +93,11 @@ class UnitPatchDataset(IterableDataset):
 
     def __init__(self, sample: Sample, nuclei: pd.DataFrame, units: list[int], chunk_nuclei: int,
                  patch_sizes: tuple[int, ...], tile_size: int, with_mask: bool, pad_mode: str = "symmetric",
-                 stain_normalizer=None):
+                 stain_normalizer=None, claims: "UnitClaims | None" = None):
         self.sample, self.nuclei, self.units = sample, nuclei, list(units)
         self.chunk_nuclei, self.patch_sizes = chunk_nuclei, tuple(sorted(patch_sizes))
         self.tile_size, self.with_mask, self.pad_mode = tile_size, with_mask, pad_mode
-        self.stain_normalizer = stain_normalizer
+        self.stain_normalizer, self.claims = stain_normalizer, claims
 
     def __iter__(self):
         info = get_worker_info()
@@ -103,8 +105,45 @@ class UnitPatchDataset(IterableDataset):
         reader = TileReader(self.sample, self.tile_size, self.patch_sizes[-1] // 2 + 1, self.with_mask,
                             self.pad_mode, self.stain_normalizer)
         for unit in units:
+            if self.claims is not None and not self.claims.claim(unit):
+                continue  # another process computes (or has computed) it
             rows = self.nuclei.iloc[unit * self.chunk_nuclei: (unit + 1) * self.chunk_nuclei]
             yield unit_patches(reader, rows, self.patch_sizes, unit)
+
+
+@dataclass
+class UnitClaims:
+    """Claims units through lock files just before cutting them, so two processes embedding into one cache take
+    different units. Picklable: DataLoader workers claim in the name of the main process (`owner_pid`), which
+    releases each lock once the unit's features are written."""
+
+    lock_of: dict[int, Path]  # unit -> its lock file
+    done_arrays: list[Path]  # the `done` flags of every entry being filled
+    owner_pid: int
+
+    def claim(self, unit: int) -> bool:
+        if not locks.try_lock(self.lock_of[unit], self.owner_pid):
+            return False
+        if all(self._done(path, unit) for path in self.done_arrays):  # finished while we were looking
+            locks.release(self.lock_of[unit])
+            return False
+        return True
+
+    def release(self, unit: int) -> None:
+        locks.release(self.lock_of[unit])
+
+    def release_own(self) -> None:
+        """Release the locks this process still holds (units claimed but never written, e.g. after an error)."""
+        for path in self.lock_of.values():
+            holder = locks.holder(path)
+            if holder is not None and holder.split()[1] == str(self.owner_pid):
+                locks.release(path)
+
+    @staticmethod
+    def _done(path: Path, unit: int) -> bool:
+        import zarr
+
+        return bool(zarr.open_array(path, mode="r")[unit])
 
 
 def contiguous_share(items: list, index: int, count: int) -> list:

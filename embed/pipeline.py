@@ -2,13 +2,16 @@
 
 `embed_sample` computes only the units that are not done yet for the requested (encoder, patch size) entries, and
 only this shard's share of them (`rank`, `world_size`), so independent processes (torchrun ranks, Dask workers,
-several machines on a shared file system) fill disjoint chunks of the same cache.
+several machines on a shared file system) fill disjoint chunks of the same cache. Processes without a shard of
+their own (two `python -m embed` on one cache) share the units through per-unit lock files: each claims the next free
+unit, and waits at the end for the units that the other is still computing, so both finish with a complete cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +21,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from embed import handcrafted
+from slidedata import locks
 from embed.encoders import PatchEncoder, load_encoder
-from embed.patches import UnitPatchDataset, contiguous_share
+from embed.patches import UnitClaims, UnitPatchDataset, contiguous_share
 from embed.registry import encoder_input_size
 from slidedata.feature_store import FeatureEntry, FeatureStore
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
@@ -28,6 +33,7 @@ from slidedata.sample import Sample, open_samples
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "embed-2"
+WAIT_POLL_S = 1.0  # how often a process re-checks units that another process is computing
 
 
 @dataclass
@@ -68,17 +74,18 @@ class PatchPlan:
     input_size: int  # edge the crop is resampled to for the encoder
 
 
-def patch_plans(sample: Sample, encoder: PatchEncoder, settings: EmbedSettings) -> list[PatchPlan]:
-    plans = []
+def patch_plans(sample: Sample, encoder: PatchEncoder, settings: EmbedSettings) -> dict[str, PatchPlan]:
+    plans = {}
     for key in settings.patch_sizes:
         crop = PatchSize.parse(key).pixels(sample.microns_per_pixel, sample=str(sample.path))
         size = settings.input_size or encoder_input_size(encoder.spec, crop, sample.microns_per_pixel)
-        plans.append(PatchPlan(key, crop, size))
+        plans[key] = PatchPlan(key, crop, size)
     return plans
 
 
-def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei: int,
-                settings: EmbedSettings) -> dict:
+def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei: int, settings: EmbedSettings,
+                input_digest: str = "") -> dict:
+    """What an entry's numbers depend on; `slidedata.feature_store.IDENTITY_ATTRS` names which keys are compared."""
     spec = encoder.spec
     return {
         "encoder": spec.name, "weights_sha256": encoder.weights_sha256, "patch_size": plan.key,
@@ -88,28 +95,66 @@ def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei
         "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
         "pad_mode": settings.pad_mode, "dim": spec.dim, "n_nuclei": int(n_nuclei),
         "chunk_nuclei": int(settings.chunk_nuclei), "code_version": CODE_VERSION,
+        "encoder_code_version": encoder_code_version(encoder), "input_digest": input_digest,
     }
+
+
+def encoder_code_version(encoder: PatchEncoder) -> str:
+    """A network's numbers are pinned by its weights (weights_sha256); the handcrafted encoder's by its code."""
+    return handcrafted.CODE_VERSION if encoder.spec.library == "handcrafted" else "none"
 
 
 def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings,
                  progress: bool = True) -> EmbedReport:
     """Fill the cache entries (sample, encoder, each patch size); finished units are skipped."""
     start = time.perf_counter()
-    nuclei = store.nuclei(sample, progress=progress)
-    plans = {plan.key: plan for plan in patch_plans(sample, encoder, settings)}
-    entries = {key: store.create_entry(sample.name, entry_attrs(encoder, plan, sample, len(nuclei), settings))
+    nuclei = store.nuclei(sample, progress=progress)  # recomputed (with the entries) if the sample's files changed
+    plans = patch_plans(sample, encoder, settings)
+    entries = {key: store.create_entry(sample.name, entry_attrs(encoder, plan, sample, len(nuclei), settings,
+                                                                sample.input_digest()))
                for key, plan in plans.items()}
-    pending = set().union(*(set(e.pending_units().tolist()) for e in entries.values()))
     n_units = next(iter(entries.values())).n_units if entries else 0
     # Shard all units, not the pending ones: ranks that start at different moments see different pending sets,
     # and must still agree on who owns which unit.
-    mine = [u for u in contiguous_share(list(range(n_units)), settings.rank, settings.world_size) if u in pending]
-    if settings.max_units is not None:
-        mine = mine[: settings.max_units]
-    if not mine:
-        return EmbedReport(sample.name, len(nuclei), n_units, 0, time.perf_counter() - start,
-                           [e.path for e in entries.values()])
+    share = contiguous_share(list(range(n_units)), settings.rank, settings.world_size)
+    computed, waiting_logged = 0, False
+    while True:
+        pending = set().union(*(set(e.pending_units().tolist()) for e in entries.values()))
+        mine = [u for u in share if u in pending]
+        if settings.max_units is not None:
+            mine = mine[: settings.max_units]
+        if not mine:
+            break
+        free = [u for u in mine if not locks.is_held(store.unit_lock(sample.name, encoder.name, u))]
+        done_now = _embed_units(sample, store, encoder, settings, nuclei, entries, plans, free, progress) \
+            if free else 0
+        computed += done_now
+        if settings.max_units is not None:
+            break
+        if done_now == 0:  # every unit left is locked by another live process: wait for it (or for its death)
+            if not waiting_logged:
+                log.warning("%s: waiting for %d chunk(s) that another process is computing", sample.name, len(mine))
+                waiting_logged = True
+            time.sleep(WAIT_POLL_S)
+    return EmbedReport(sample.name, len(nuclei), n_units, computed, time.perf_counter() - start,
+                       [e.path for e in entries.values()])
 
+
+def _embed_units(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings, nuclei,
+                 entries: dict[str, FeatureEntry], plans: dict[str, PatchPlan], mine: list[int],
+                 progress: bool) -> int:
+    """Compute the units of `mine` that no other process has claimed; returns how many this process computed."""
+    claims = UnitClaims({u: store.unit_lock(sample.name, encoder.name, u) for u in mine},
+                        [e.path / "done" for e in entries.values()], os.getpid())
+    try:
+        return _run_loader(sample, store, encoder, settings, nuclei, entries, plans, mine, claims, progress)
+    finally:
+        claims.release_own()
+
+
+def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings, nuclei,
+                entries: dict[str, FeatureEntry], plans: dict[str, PatchPlan], mine: list[int], claims: UnitClaims,
+                progress: bool) -> int:
     normalizer = None
     if settings.stain_normalization == "macenko":
         from embed.stain import MacenkoNormalizer
@@ -117,7 +162,8 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
         normalizer = MacenkoNormalizer.fit_sample(sample, nuclei)
     crops = tuple(sorted({plan.crop_pixels for plan in plans.values()}))
     dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, crops,
-                               store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer)
+                               store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer,
+                               claims)
     device = next(iter(encoder.buffers())).device
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda",
@@ -126,18 +172,22 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
     rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
     bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
                disable=not progress)
-    for item in loader:
-        for key, entry in entries.items():
-            if entry.done[item.unit]:
-                continue
-            plan = plans[key]
-            features = encode_patches(model, item.patches[plan.crop_pixels], item.masks.get(plan.crop_pixels),
-                                      settings, device, plan.input_size)
-            entry.write_unit(item.unit, features)
-        bar.update(int(next(iter(item.patches.values())).shape[0]))
-    bar.close()
-    return EmbedReport(sample.name, len(nuclei), n_units, len(mine), time.perf_counter() - start,
-                       [e.path for e in entries.values()])
+    computed = 0
+    try:
+        for item in loader:
+            for key, entry in entries.items():
+                if entry.done[item.unit]:
+                    continue
+                crop = plans[key].crop_pixels
+                features = encode_patches(model, item.patches[crop], item.masks.get(crop), settings, device,
+                                          plans[key].input_size)
+                entry.write_unit(item.unit, features)
+            claims.release(item.unit)
+            computed += 1
+            bar.update(int(next(iter(item.patches.values())).shape[0]))
+    finally:
+        bar.close()  # also on errors: the error message then starts on a line of its own
+    return computed
 
 
 def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, settings: EmbedSettings,

@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="z-score every feature within each sample (removes slide-wide stain/scanner shifts)")
     parser.add_argument("--tuning-groups", default="auto", choices=["auto", "samples", "blocks"],
                         help="folds of ridge's alpha CV and LightGBM's early stopping (auto: samples when >= 3)")
-    args = parser.parse_args(argv)
+    from slidedata.cli import add_debug_flag, run_reporting_input_errors
 
-    from slidedata.errors import DataError
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
 
     extra = tuple((key.rsplit(":", 1)[0], key.rsplit(":", 1)[1]) for key in args.extra_features)
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
@@ -48,16 +49,16 @@ def main(argv: list[str] | None = None) -> int:
                            ridge_components=args.pca, context_radius=args.context_radius,
                            tuning_groups=args.tuning_groups)
     start = time.perf_counter()
-    try:
+
+    def stage() -> int:
         scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
-        print(scores.to_string(index=False))
-    print(f"best: {predictor.model_name} -> {args.model_dir}/predictor.joblib "
-          f"(scores.csv, scores.png beside it); fit stage {time.perf_counter() - start:.1f} s")
-    return 0
+        with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
+            print(scores.to_string(index=False))
+        print(f"best: {predictor.model_name} -> {args.model_dir}/predictor.joblib "
+              f"(scores.csv, scores.png beside it); fit stage {time.perf_counter() - start:.1f} s")
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug)
 
 
 if __name__ == "__main__":

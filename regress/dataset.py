@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from regress.features import FeatureSpec, sample_features
 from slidedata.errors import DataError
-from slidedata.feature_store import FeatureStore
+from slidedata.feature_store import FeatureStore, settings_differences
 from slidedata.sample import HELD_OUT_GROUPS, Sample
 
 
@@ -23,13 +23,16 @@ class NucleusTable:
     Y: np.ndarray  # (n, g) float32 measured log1p expression, NaN rows where unmeasured
     measured: np.ndarray  # (n,) bool
     genes: list[str]
+    # How the features were embedded ('encoder:patch_size' -> settings), the same for every sample; saved with
+    # the model so prediction can refuse features made otherwise.
+    feature_settings: dict[str, dict] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.cell_id)
 
     def rows(self, index: np.ndarray) -> "NucleusTable":
         return NucleusTable(self.sample[index], self.cell_id[index], self.group[index], self.coords[index],
-                            self.X[index], self.Y[index], self.measured[index], self.genes)
+                            self.X[index], self.Y[index], self.measured[index], self.genes, self.feature_settings)
 
     @property
     def held_out(self) -> np.ndarray:
@@ -54,12 +57,13 @@ def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
     genes = genes if genes is not None else next((s.genes for s in samples if s.has_expression), None)
     if genes is None:
         raise DataError(samples[0].path.parent, "anucleus", "no sample has measured expression to learn from")
-    parts = []
+    parts, settings = [], None
     for sample in samples:
-        nuclei = store.read_nuclei(sample.name)
+        nuclei = store.nuclei(sample, if_changed="raise")
         cell_ids = nuclei["cell_id"].to_numpy(np.int64)
         if sample.has_expression and sample.genes != genes:
             raise DataError(sample.path, "anucleus", "genes differ from the other samples' (names or order)")
+        settings = _same_settings(settings, store.settings(sample.name, spec.keys), sample, samples[0])
         Y, measured = sample.expression_of(cell_ids) if sample.has_expression else (
             np.full((len(cell_ids), len(genes)), np.nan, np.float32), np.zeros(len(cell_ids), bool))
         parts.append(NucleusTable(
@@ -67,5 +71,24 @@ def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
             group=sample.group_of(cell_ids), coords=nuclei[["y", "x"]].to_numpy(np.float64),
             X=sample_features(store, sample.name, spec, nuclei), Y=Y, measured=measured, genes=genes,
         ))
-    return NucleusTable(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                          ("sample", "cell_id", "group", "coords", "X", "Y", "measured")), genes=genes)
+    table = NucleusTable(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                           ("sample", "cell_id", "group", "coords", "X", "Y", "measured")), genes=genes,
+                         feature_settings=settings)
+    if not (table.measured & (table.group == "train")).any():
+        raise DataError(samples[0].path.parent, "cell_id-group",
+                        f"no training nuclei: none of the {len(samples)} sample(s) has a nucleus in group 'train' "
+                        "with measured expression, so there is nothing to learn from")
+    return table
+
+
+def _same_settings(first: dict | None, these: dict, sample: Sample, first_sample: Sample) -> dict:
+    """One model, one way of embedding: features of samples embedded with other settings are not comparable."""
+    if first is None:
+        return these
+    for key, wanted in first.items():
+        differences = settings_differences(wanted, these[key])
+        if differences:
+            raise DataError(sample.path, "features", f"{key} was embedded with other settings than for "
+                                                     f"{first_sample.name} ({'; '.join(differences)}); embed all "
+                                                     "samples alike")
+    return first

@@ -245,6 +245,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
         estimator=estimator, genes=table.genes,
         embed_settings=_embed_settings(store, samples[0].name, settings.features),
         scores={"protocol": protocol, **scores.set_index("model").loc[best].to_dict()},
+        feature_settings=table.feature_settings,
     )
     predictor.save(model_dir)
     return scores.assign(protocol=protocol), predictor

@@ -27,6 +27,9 @@ class ExpressionPredictor:
     genes: list[str]
     embed_settings: dict = field(default_factory=dict)  # patch sizes, pad mode... to re-embed new samples alike
     scores: dict = field(default_factory=dict)  # held-out scores from the evaluation that chose this model
+    # The settings of the cache entries it was trained on ('encoder:patch_size' -> settings_of(attrs)): features
+    # made otherwise are refused at prediction. Empty for models saved before this was recorded.
+    feature_settings: dict = field(default_factory=dict)
 
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         return self.estimator.predict(X)
@@ -35,6 +38,7 @@ class ExpressionPredictor:
                        nuclei: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(cell_ids, predictions) for every nucleus of a cached sample, in the cache's order."""
         nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
+        store.check_settings(sample_name, getattr(self, "feature_settings", {}))
         X = sample_features(store, sample_name, self.feature_spec, nuclei)
         return nuclei["cell_id"].to_numpy(np.int64), self.predict_features(X)
 
@@ -46,7 +50,8 @@ class ExpressionPredictor:
         joblib.dump(self, tmp)
         os.replace(tmp, directory / PREDICTOR_FILE)
         summary = {"model": self.model_name, "features": asdict(self.feature_spec), "n_genes": len(self.genes),
-                   "embed_settings": self.embed_settings, "scores": self.scores,
+                   "embed_settings": self.embed_settings, "feature_settings": self.feature_settings,
+                   "scores": self.scores,
                    "estimator": repr(self.estimator)}
         (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
         return directory / PREDICTOR_FILE

@@ -10,7 +10,10 @@ Layout (one zarr v3 group, e.g. ``outputs/features.zarr``)::
 A unit is one chunk of rows, so workers (DataLoader workers, torchrun ranks, Dask workers) that own disjoint units
 write disjoint zarr chunks and never race. `done` is set only after a unit's features are written, so an interrupted
 run resumes from the first unfinished unit. Attributes record what produced an entry; opening it with other settings
-raises instead of mixing two encoders' features.
+raises instead of mixing two encoders' features; a sample whose image or mask files changed (`input_digest`) has its
+nuclei table and entries recomputed by the embed stage, and is refused by the stages that only read.
+
+Hidden beside the samples, `.locks/<sample>/...` holds the lock files that let several embed processes share units.
 """
 
 from __future__ import annotations
@@ -25,20 +28,37 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from slidedata import locks
 from slidedata.errors import DataError
 from slidedata.nuclei import NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
 from slidedata.sample import Sample
 
 NUCLEI_GROUP = "nuclei"
-# Attributes that define an entry's content; a mismatch on any of them means different features.
-IDENTITY_ATTRS = ("encoder", "weights_sha256", "patch_size", "crop_pixels", "input_size", "interpolation",
-                  "sample_microns_per_pixel", "encoder_microns_per_pixel", "mean", "std", "stain_normalization",
-                  "use_mask", "dim", "n_nuclei", "chunk_nuclei")
+LOCKS = ".locks"
+# THE list of what an entry's numbers depend on (its identity): a mismatch on any of them means other features.
+# Adding a setting = recording it in `embed.pipeline.entry_attrs` and naming it here; nothing else changes.
+IDENTITY_ATTRS = ("encoder", "weights_sha256", "encoder_code_version", "code_version", "patch_size", "crop_pixels",
+                  "input_size", "interpolation", "sample_microns_per_pixel", "encoder_microns_per_pixel", "mean",
+                  "std", "pooling", "stain_normalization", "use_mask", "pad_mode", "dim", "n_nuclei", "chunk_nuclei",
+                  "input_digest")
+# Of those, the ones that describe the sample, not the settings: they differ between the samples of one model.
+SAMPLE_ATTRS = ("n_nuclei", "input_digest", "crop_pixels", "sample_microns_per_pixel")
 
 
 class CacheMismatchError(DataError):
     """An existing cache entry was made with other settings than the ones asked for."""
+
+
+def settings_of(attrs: dict) -> dict:
+    """The embedding settings of an entry's attributes: its identity without the per-sample keys."""
+    return {key: _normalise(attrs.get(key)) for key in IDENTITY_ATTRS if key not in SAMPLE_ATTRS}
+
+
+def settings_differences(expected: dict, found: dict) -> list[str]:
+    """'key: expected X, found Y' for every setting that differs (keys missing on one side count as None)."""
+    return [f"{key}: expected {expected.get(key)!r}, found {found.get(key)!r}"
+            for key in sorted(set(expected) | set(found)) if _normalise(expected.get(key)) != _normalise(found.get(key))]
 
 
 def tile_order(nuclei: pd.DataFrame, tile_size: int) -> np.ndarray:
@@ -114,25 +134,42 @@ class FeatureStore:
     def has_nuclei(self, sample_name: str) -> bool:
         return (self.root / sample_name / NUCLEI_GROUP / "zarr.json").exists()
 
-    def nuclei(self, sample: Sample, progress: bool = False) -> pd.DataFrame:
-        """The sample's nuclei in tile order; computed from the mask on first use, then read from the cache."""
-        if self.has_nuclei(sample.name):
-            table = self.read_nuclei(sample.name)
-            group = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r")
-            if list(group.attrs["mask_shape"]) != list(sample.shape):
-                raise CacheMismatchError(self.root / sample.name / NUCLEI_GROUP, NUCLEI_GROUP,
-                                         f"cached for a mask of shape {group.attrs['mask_shape']}, but "
-                                         f"{sample.path} has {sample.shape}; use another cache folder")
+    def nuclei(self, sample: Sample, progress: bool = False, if_changed: str = "recompute") -> pd.DataFrame:
+        """The sample's nuclei in tile order; computed from the mask on first use, then read from the cache.
+
+        A cached table made from other image or mask files (their digest differs, or was not recorded) is stale, and
+        so is every entry of the sample: `if_changed="recompute"` (the embed stage) deletes them and starts again,
+        `"raise"` (the stages that only read) stops with a DataError that says to embed again.
+        """
+        digest = sample.input_digest()
+        with locks.hold(self.root / LOCKS / sample.name / "nuclei.lock"):  # one process invalidates and computes
+            if self.has_nuclei(sample.name):
+                stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs.get("input_digest")
+                if stored == digest:
+                    table = self.read_nuclei(sample.name)
+                    sample.set_nuclei(table)
+                    return table
+                if if_changed != "recompute":
+                    raise DataError(sample.path, "-", "the image or mask files differ from those this sample was "
+                                                      f"embedded from into {self.root} (changed data, or a cache "
+                                                      "of an older version); run the embed stage again (make embed)")
+                self._discard_sample(sample.name)
+            tile_size = int(sample.image.chunks[1][0])
+            table = sample.nuclei(progress=progress)
+            table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
+            attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),
+                     "n_nuclei": len(table), "input_digest": digest}
+            self._write_nuclei(sample.name, table, attrs)
             sample.set_nuclei(table)
             return table
-        tile_size = int(sample.image.chunks[1][0])
-        table = sample.nuclei(progress=progress)
-        table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
-        attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),
-                 "n_nuclei": len(table)}
-        self._write_nuclei(sample.name, table, attrs)
-        sample.set_nuclei(table)
-        return table
+
+    def _discard_sample(self, sample_name: str) -> None:
+        """Remove a sample's nuclei table and entries: move them aside in one rename (readers never see half a
+        sample), then delete."""
+        aside = self.root / f".{sample_name}.stale{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        (self.root / sample_name).rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def read_nuclei(self, sample_name: str) -> pd.DataFrame:
         path = self.root / sample_name / NUCLEI_GROUP
@@ -189,6 +226,26 @@ class FeatureStore:
     def read_features(self, sample_name: str, encoder: str, patch_size: str | int) -> np.ndarray:
         return self.open_entry(sample_name, encoder, patch_size).read()
 
+    def settings(self, sample_name: str, keys) -> dict[str, dict]:
+        """Embedding settings of the entries `keys` ((encoder, patch size) pairs), by 'encoder:patch_size'."""
+        return {f"{encoder}:{PatchSize.parse(size).key}": settings_of(self.open_entry(sample_name, encoder, size).attrs)
+                for encoder, size in keys}
+
+    def check_settings(self, sample_name: str, expected: dict[str, dict]) -> None:
+        """Refuse the sample's entries if any was made with other settings than `expected` (from `settings`)."""
+        for key, wanted in expected.items():
+            encoder, size = key.rsplit(":", 1)
+            entry = self.open_entry(sample_name, encoder, size)
+            differences = settings_differences(wanted, settings_of(entry.attrs))
+            if differences:
+                raise CacheMismatchError(entry.path, "features", "made with other settings than the model was "
+                                                                 f"trained on ({'; '.join(differences)}); embed this "
+                                                                 "sample with the model's settings")
+
+    def unit_lock(self, sample_name: str, encoder: str, unit: int) -> Path:
+        """The lock file of one unit (all patch sizes of the encoder): held while a process computes it."""
+        return self.root / LOCKS / sample_name / encoder / f"unit-{int(unit)}.lock"
+
     def entries(self) -> pd.DataFrame:
         """Every cached entry with its completion, for `python -m embed --list`."""
         rows = []
@@ -207,9 +264,10 @@ class FeatureStore:
     def _check_identity(entry: FeatureEntry, attrs: dict) -> None:
         stored = entry.attrs
         for key in IDENTITY_ATTRS:
-            if key in attrs and key in stored and _normalise(stored[key]) != _normalise(attrs[key]):
-                raise CacheMismatchError(entry.path, key, f"cached with {key}={stored[key]!r}, now asked for "
-                                                          f"{attrs[key]!r}; refusing to mix them. Use another "
+            # A key one side lacks (an entry from an older version) is a difference too: never assume it matches.
+            if (key in attrs or key in stored) and _normalise(stored.get(key)) != _normalise(attrs.get(key)):
+                raise CacheMismatchError(entry.path, key, f"cached with {key}={stored.get(key)!r}, now asked for "
+                                                          f"{attrs.get(key)!r}; refusing to mix them. Use another "
                                                           "--cache folder or delete this entry")
 
 

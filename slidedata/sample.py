@@ -16,6 +16,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
+from slidedata.chunks import ChunkFiles, describe_chunk, digest_files
 from slidedata.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ GROUP_NAMES = ("train", "validation", "test")
 HELD_OUT_GROUPS = ("validation", "test")
 SAMPLE_SUFFIX = ".zarr"
 MICRONS = "microns"  # coordinate system whose scale transformation of HE_original gives the pixel size
+SCALE_FACTOR = 100  # X = log1p(counts / total * SCALE_FACTOR): the challenge's normalisation
+MAX_LOG_EXPRESSION = float(np.log1p(SCALE_FACTOR))  # a cell's whole total in one gene: the most X can hold
+EXPRESSION_ATOL = 1e-3  # X may be stored rounded or as float16; the normalisation itself is exact
+ROWS_CHECKED = 2000  # rows of X compared with layers['counts'] (evenly spaced): bounded cost on any table
 
 
 @dataclass
@@ -42,7 +47,10 @@ class Sample:
     groups: pd.Series  # cell_id (int64 index) -> 'train' | 'validation' | 'test'
     expression: ad.AnnData | None  # rows indexed by obs['cell_id']; None where the sample has no measurements
     microns_per_pixel: float | None = None  # stored with the sample or given by the user; None where unknown
+    image_files: ChunkFiles | None = field(default=None, repr=False)  # None where not a local zarr v2/v3 array
+    mask_files: ChunkFiles | None = field(default=None, repr=False)
     _nuclei: pd.DataFrame | None = field(default=None, repr=False)
+    _digest: str | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,10 +71,28 @@ class Sample:
         if self._nuclei is None:
             from slidedata.nuclei import nuclei_from_mask
 
-            table = nuclei_from_mask(self.mask, progress=progress, desc=f"{self.name}: nuclei")
+            try:
+                table = nuclei_from_mask(self.mask, progress=progress, desc=f"{self.name}: nuclei")
+            except Exception as exc:
+                error = self._read_error(MASK, self.mask, None)
+                if error is None:
+                    raise
+                raise error from exc
             self._check_tables_against_mask(table)
+            self._check_missing_mask_chunks(table)
             self._nuclei = table
         return self._nuclei
+
+    def input_digest(self) -> str:
+        """sha256 of the image's and the mask's files (metadata and chunks): what every feature is computed from.
+        One sequential read of the compressed files, once per Sample object."""
+        if self._digest is None:
+            arrays = [f for f in (self.image_files, self.mask_files) if f is not None]
+            if len(arrays) < 2:  # not a local zarr: hash the decoded arrays instead (slower, always correct)
+                self._digest = _array_digest([self.image, self.mask])
+            else:
+                self._digest = digest_files(arrays)
+        return self._digest
 
     def set_nuclei(self, table: pd.DataFrame) -> None:
         """Reuse a nuclei table computed earlier (e.g. read from the feature cache) instead of re-reading the mask."""
@@ -91,11 +117,50 @@ class Sample:
 
     def read_image(self, y0: int, y1: int, x0: int, x1: int, pad_mode: str = "symmetric") -> np.ndarray:
         """Image window [y0, y1) x [x0, x1) as (3, h, w) uint8; the part outside the slide is padded."""
-        return _read_padded(self.image, y0, y1, x0, x1, pad_mode, constant=255)
+        return self._read(IMAGE, self.image, y0, y1, x0, x1, pad_mode, constant=255)
 
     def read_mask(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Mask window as (h, w); outside the slide is background (0)."""
-        return _read_padded(self.mask[None], y0, y1, x0, x1, "constant", constant=0)[0]
+        return self._read(MASK, self.mask[None], y0, y1, x0, x1, "constant", constant=0)[0]
+
+    def _read(self, element: str, array: da.Array, y0: int, y1: int, x0: int, x1: int, pad_mode: str,
+              constant: int) -> np.ndarray:
+        try:
+            return _read_padded(array, y0, y1, x0, x1, pad_mode, constant)
+        except Exception as exc:
+            window = (slice(max(y0, 0), max(min(y1, array.shape[-2]), 0)),
+                      slice(max(x0, 0), max(min(x1, array.shape[-1]), 0)))
+            error = self._read_error(element, array, window)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _read_error(self, element: str, array: da.Array, window: tuple[slice, slice] | None) -> DataError | None:
+        """A DataError naming the chunk that cannot be decoded, found by reading the window's chunks one by one;
+        None where every chunk reads (then the failure is a bug, not damaged data, and keeps its traceback)."""
+        bad = _undecodable_block(array, window)
+        if bad is None:
+            return None
+        files = self.image_files if element == IMAGE else self.mask_files
+        block, error = bad
+        where = _block_description(array, block, files)
+        return DataError(self.path, element, f"{where} cannot be read ({type(error).__name__}: {error}); the file "
+                                             "is damaged or truncated: copy the sample again")
+
+    def _check_missing_mask_chunks(self, nuclei: pd.DataFrame) -> None:
+        """zarr leaves out mask chunks that are all background, so a missing mask chunk is only wrong if a nucleus
+        reaches its border (a nucleus cut off by a missing chunk: a partial copy)."""
+        if self.mask_files is None:
+            return
+        for index in self.mask_files.missing():
+            ys, xs = self.mask_files.region(index)[-2:]
+            touching = ((nuclei["y_max"] >= ys.start - 1) & (nuclei["y_min"] <= ys.stop)
+                        & (nuclei["x_max"] >= xs.start - 1) & (nuclei["x_min"] <= xs.stop))
+            if touching.any():
+                raise DataError(self.path, MASK, f"{describe_chunk(self.mask_files, index)} is missing, but "
+                                                 f"{int(touching.sum())} nucleus/nuclei reach it (e.g. cell_id "
+                                                 f"{int(nuclei.loc[touching, 'cell_id'].iloc[0])}): a partial copy "
+                                                 "of the sample? Copy it again")
 
     def _check_tables_against_mask(self, nuclei: pd.DataFrame) -> None:
         in_mask = pd.Index(nuclei["cell_id"].to_numpy())
@@ -139,6 +204,9 @@ def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pix
     if tuple(mask.shape) != tuple(image.shape[1:]):
         raise DataError(path, MASK, f"mask shape {tuple(mask.shape)} differs from {IMAGE} shape "
                                     f"{tuple(image.shape[1:])}")
+    image_files = ChunkFiles.find(path / "images" / IMAGE)
+    mask_files = next((f for f in (ChunkFiles.find(path / kind / MASK) for kind in ("images", "labels")) if f), None)
+    _check_missing_image_chunks(path, image_files, mask_files)
     groups = _groups(sdata, path)
     expression = _expression(sdata, path, n_genes)
     if microns_per_pixel is None:
@@ -146,7 +214,7 @@ def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pix
     elif not microns_per_pixel > 0:
         raise DataError(path, IMAGE, f"microns per pixel must be positive, got {microns_per_pixel}")
     return Sample(name=_sample_name(path), path=path, image=image, mask=mask, groups=groups, expression=expression,
-                  microns_per_pixel=microns_per_pixel)
+                  microns_per_pixel=microns_per_pixel, image_files=image_files, mask_files=mask_files)
 
 
 def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None
@@ -160,7 +228,50 @@ def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pi
     found = sorted(p for p in path.iterdir() if p.suffix == SAMPLE_SUFFIX)
     if not found:
         raise DataError(path, "-", f"no *{SAMPLE_SUFFIX} sample in this folder")
-    return [open_sample(p, n_genes, microns_per_pixel) for p in found]
+    samples = [open_sample(p, n_genes, microns_per_pixel) for p in found]
+    check_same_genes(samples)
+    return samples
+
+
+def check_same_genes(samples: list[Sample]) -> None:
+    """Every sample with expression has the same genes in the same order (before any stage spends time on them)."""
+    measured = [s for s in samples if s.has_expression]
+    for sample in measured[1:]:
+        reference, genes = measured[0].genes, sample.genes
+        if genes == reference:
+            continue
+        if sorted(genes) == sorted(reference):
+            first = next(i for i, (a, b) in enumerate(zip(genes, reference)) if a != b)
+            problem = (f"the same genes as {measured[0].path.name} but in another order (position {first}: "
+                       f"'{genes[first]}' here, '{reference[first]}' there)")
+        else:
+            only_here = sorted(set(genes) - set(reference))[:5]
+            problem = f"genes differ from {measured[0].path.name}'s (e.g. only here: {only_here})"
+        raise DataError(sample.path, EXPRESSION, problem)
+
+
+def _check_missing_image_chunks(path: Path, image_files: ChunkFiles | None, mask_files: ChunkFiles | None) -> None:
+    """An image chunk without a file reads as black. zarr also leaves out chunks that equal the fill value, so it is
+    wrong only where the mask has nuclei: where the mask chunk there is present (zarr leaves out empty ones too)."""
+    if image_files is None:
+        return
+    missing = image_files.missing()
+    if not missing:
+        return
+    mask_missing = set(mask_files.missing()) if mask_files is not None else set()
+    for index in missing:
+        ys, xs = image_files.region(index)[-2:]
+        if mask_files is None or _mask_has_chunk_in(mask_files, mask_missing, ys, xs):
+            raise DataError(path, IMAGE, f"{describe_chunk(image_files, index)} is missing ({len(missing)} chunk "
+                                         "file(s) missing in all) and would read as black pixels where the mask has "
+                                         "nuclei: a partial copy of the sample? Copy it again")
+
+
+def _mask_has_chunk_in(mask_files: ChunkFiles, mask_missing: set, ys: slice, xs: slice) -> bool:
+    cy, cx = mask_files.chunks[-2:]
+    lead = (0,) * (len(mask_files.shape) - 2)
+    return any(lead + (by, bx) not in mask_missing
+               for by in range(ys.start // cy, -(-ys.stop // cy)) for bx in range(xs.start // cx, -(-xs.stop // cx)))
 
 
 def _sample_name(path: Path) -> str:
@@ -253,12 +364,82 @@ def _expression(sdata, path: Path, n_genes: int | None) -> ad.AnnData | None:
     if (values < 0).any():
         raise DataError(path, EXPRESSION, f"X holds {int((values < 0).sum())} negative value(s); "
                                           "expected log1p(counts / total * 100)")
+    _check_normalisation(path, values, table.layers["counts"] if "counts" in table.layers else None)
     ids = table.obs["cell_id"].to_numpy(np.int64)
     if len(np.unique(ids)) != len(ids):
         raise DataError(path, EXPRESSION, "cell_id is not unique")
     obs = table.obs.copy()  # extra columns (e.g. the spot of an imported nucleus) stay available
     obs["cell_id"] = ids
     return ad.AnnData(X=values, obs=obs, var=table.var.copy())
+
+
+def _check_normalisation(path: Path, values: np.ndarray, counts) -> None:
+    """X must be log1p(counts / total * 100): equal to it where layers['counts'] exists, and within its range
+    (at most log1p(100)) where it does not. Raw counts or another scale would train and validate silently."""
+    unit = f"log1p(counts / total * {SCALE_FACTOR})"
+    if counts is not None:
+        rows = np.unique(np.linspace(0, values.shape[0] - 1, min(ROWS_CHECKED, values.shape[0])).astype(np.int64))
+        raw = _dense(counts[rows]).astype(np.float64)
+        if (raw < 0).any():
+            raise DataError(path, EXPRESSION, f"layers['counts'] holds negative values (e.g. {raw[raw < 0][0]:g}); "
+                                              "counts cannot be negative")
+        totals = raw.sum(axis=1, keepdims=True)
+        expected = np.log1p(raw / np.where(totals > 0, totals, 1) * SCALE_FACTOR)
+        error = np.abs(values[rows] - expected)
+        tolerance = EXPRESSION_ATOL + EXPRESSION_ATOL * expected
+        if (error > tolerance).any():
+            row, gene = np.unravel_index(np.argmax(error - tolerance), error.shape)
+            raise DataError(path, EXPRESSION, f"X is not {unit} of layers['counts']: row {int(rows[row])}, gene "
+                                              f"{int(gene)} holds {values[rows[row], gene]:.4g}, the counts give "
+                                              f"{expected[row, gene]:.4g}")
+    top = float(values.max(initial=0.0))
+    if top > MAX_LOG_EXPRESSION + EXPRESSION_ATOL:
+        looks = "raw counts" if np.array_equal(values, np.round(values)) else "another scale"
+        raise DataError(path, EXPRESSION, f"X holds values up to {top:.4g}, but {unit} is at most log1p(100) = "
+                                          f"{MAX_LOG_EXPRESSION:.3f}: this looks like {looks}. Store {unit} in X "
+                                          "(and the counts in layers['counts'])")
+
+
+def _array_digest(arrays: list[da.Array]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        for block in np.ndindex(*array.numblocks):
+            digest.update(np.ascontiguousarray(array.blocks[block].compute(scheduler="synchronous")).tobytes())
+    return digest.hexdigest()
+
+
+def _undecodable_block(array: da.Array, window: tuple[slice, slice] | None
+                       ) -> tuple[tuple[int, ...], Exception] | None:
+    """(block index, its error) of the first chunk in the (y, x) window that fails to read, or None."""
+    starts = [np.r_[0, np.cumsum(c)[:-1]] for c in array.chunks]
+    for block in np.ndindex(*array.numblocks):
+        if window is not None:
+            inside = True
+            for axis, limits in zip((-2, -1), window):
+                lo = starts[axis][block[axis]]
+                hi = lo + array.chunks[axis][block[axis]]
+                inside &= bool(lo < limits.stop and limits.start < hi)
+            if not inside:
+                continue
+        try:
+            array.blocks[block].compute(scheduler="synchronous")
+        except Exception as exc:  # whatever the codec raises: it is the chunk's bytes
+            return block, exc
+    return None
+
+
+def _block_description(array: da.Array, block: tuple[int, ...], files: ChunkFiles | None) -> str:
+    """The chunk's file name where the dask blocks are the zarr chunks (as spatialdata reads them), else its region."""
+    starts = [int(sum(c[: i])) for c, i in zip(array.chunks, block)]
+    y0, x0 = starts[-2], starts[-1]
+    y1, x1 = y0 + array.chunks[-2][block[-2]], x0 + array.chunks[-1][block[-1]]
+    if files is not None and tuple(files.chunks[-2:]) == (array.chunks[-2][0], array.chunks[-1][0]):
+        index = (0,) * (len(files.shape) - 2) + tuple(block[-2:])
+        return describe_chunk(files, index)
+    return f"the chunk at rows {y0}:{y1}, columns {x0}:{x1}"
 
 
 def _dense(matrix) -> np.ndarray:

@@ -16,28 +16,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--anndata", help="also write one <sample>.h5ad of predictions per sample here")
     parser.add_argument("--into-spatialdata", action="store_true",
                         help="also add the predictions as table 'predicted_expression' to each sample zarr")
+    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
 
-    from slidedata.errors import DataError
     from submission.pipeline import make_submission
 
     start = time.perf_counter()
-    try:
+
+    def stage() -> int:
         report = make_submission(args.data, args.cache, args.model_dir, args.out, args.anndata,
                                  args.into_spatialdata)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for sample, n in report.per_sample.items():
-        print(f"{sample}: {n} held-out nuclei")
-    print(f"wrote {report.rows} rows to {report.path} in {time.perf_counter() - start:.1f} s")
-    if report.problems:
-        print("validation FAILED:")
-        for problem in report.problems:
-            print(f"  - {problem}")
-        return 1
-    print("validation: ok")
-    return 0
+        for sample, n in report.per_sample.items():
+            print(f"{sample}: {n} held-out nuclei")
+        if report.problems:
+            print(f"validation FAILED, nothing written to {args.out}:")
+            for problem in report.problems:
+                print(f"  - {problem}")
+            return 1
+        print(f"wrote {report.rows} rows to {report.path} in {time.perf_counter() - start:.1f} s")
+        print("validation: ok")
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug)
 
 
 if __name__ == "__main__":

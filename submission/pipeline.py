@@ -10,7 +10,7 @@ from slidedata.feature_store import FeatureStore
 from slidedata.sample import open_samples
 from submission.predict import SamplePredictions, predict_held_out
 from submission.validate import Problem, validate_submission
-from submission.writer import write_submission
+from submission.writer import InvalidSubmission, write_submission
 
 
 @dataclass
@@ -18,17 +18,23 @@ class SubmissionReport:
     path: Path
     rows: int
     per_sample: dict[str, int]  # held-out nuclei per sample
-    problems: list[Problem]
+    problems: list[Problem]  # non-empty: the file failed validation and was not written to `path`
 
 
 def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, out: str | Path,
                     anndata_dir: str | Path | None = None, into_spatialdata: bool = False) -> SubmissionReport:
-    """Predict, write the 4-column file (CSV or Parquet by suffix), optionally AnnData too, then validate it."""
+    """Predict, write the 4-column file (CSV or Parquet by suffix) and validate it before it is renamed into place
+    (an invalid file never reaches `out`), optionally AnnData too."""
     predictor = ExpressionPredictor.load(model_dir)
     store = FeatureStore(cache)
     samples = open_samples(data)
     predictions: list[SamplePredictions] = [predict_held_out(predictor, store, s) for s in samples]
-    path = write_submission(predictions, out)
+    per_sample = {p.sample: len(p.cell_ids) for p in predictions}
+    try:
+        path = write_submission(predictions, out,
+                                check=lambda written: validate_submission(written, samples, predictor.genes))
+    except InvalidSubmission as invalid:
+        return SubmissionReport(invalid.path, 0, per_sample, invalid.problems)
     if anndata_dir is not None:
         from submission.anndata_io import write_anndata
 
@@ -38,6 +44,4 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
 
         for sample, p in zip(samples, predictions):
             add_to_spatialdata(sample.path, p)
-    problems = validate_submission(path, samples, predictor.genes)
-    return SubmissionReport(path, sum(p.n_rows for p in predictions),
-                            {p.sample: len(p.cell_ids) for p in predictions}, problems)
+    return SubmissionReport(path, sum(p.n_rows for p in predictions), per_sample, [])

@@ -35,7 +35,7 @@ def finalise(values: np.ndarray, clip_max: np.ndarray | None = None) -> np.ndarr
 def predict_held_out(predictor: ExpressionPredictor, store: FeatureStore, sample: Sample,
                      groups: tuple[str, ...] = HELD_OUT_GROUPS) -> SamplePredictions:
     """Every nucleus of `sample` in `groups` (default: validation and test), sorted by cell_id."""
-    nuclei = store.nuclei(sample)  # cached once the sample is embedded
+    nuclei = store.nuclei(sample, if_changed="raise")  # cached once the sample is embedded; refused if it changed
     cell_ids, values = predictor.predict_sample(store, sample.name, nuclei)
     keep = np.isin(sample.group_of(cell_ids), groups)
     order = np.argsort(cell_ids[keep], kind="stable")

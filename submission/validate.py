@@ -2,7 +2,8 @@
 
     python -m submission.validate FILE --data DIR
 
-Every expected (sample, cell_id, gene) exactly once, nothing else; predictions numeric, finite, non-negative, with
+Every expected (sample, cell_id, gene) exactly once, nothing else; a float `prediction` column (the challenge checks
+the column's type: text that parses as numbers is refused, in Parquet too), predictions finite, non-negative, with
 at most 2 decimals; n_held_out x n_genes rows per sample. Each problem is reported with a count and examples, and the
 exit status is non-zero if there is any.
 """
@@ -19,6 +20,9 @@ import pandas as pd
 
 from slidedata.sample import HELD_OUT_GROUPS, Sample, open_samples
 from submission.writer import COLUMNS, read_submission_blocks
+
+
+NOT_FLOAT = "prediction column is not float"
 
 
 @dataclass
@@ -62,6 +66,7 @@ def validate_submission(path: str | Path, samples: list[Sample], genes: list[str
     seen = {name: np.zeros((len(ids), len(genes)), dtype=np.uint16) for name, ids in expected.items()}
     tally = _Tally()
     try:
+        _check_prediction_type(path, tally)
         blocks = read_submission_blocks(path)
         first = True
         for block in blocks:
@@ -86,7 +91,21 @@ def validate_submission(path: str | Path, samples: list[Sample], genes: list[str
     return list(tally.problems.values())
 
 
+def _check_prediction_type(path: Path, tally: _Tally) -> None:
+    """Parquet stores the column's type: it must be a float, whatever the values look like as text."""
+    if path.suffix != ".parquet":
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(path).schema_arrow
+    if "prediction" in schema.names and not pa.types.is_floating(schema.field("prediction").type):
+        tally.add(NOT_FLOAT, 1, [f"Parquet type {schema.field('prediction').type}"])
+
+
 def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tally) -> None:
+    if not pd.api.types.is_float_dtype(block["prediction"]) and NOT_FLOAT not in tally.problems:
+        tally.add(NOT_FLOAT, 1, [f"read as {block['prediction'].dtype}"])
     values = pd.to_numeric(block["prediction"], errors="coerce").to_numpy(np.float64)
     raw = block["prediction"]
     not_numeric = np.isnan(values) & raw.notna().to_numpy() & (raw.astype(str).str.lower() != "nan").to_numpy()

@@ -133,3 +133,72 @@ def test_handcrafted_features_see_the_nucleus():
     torch.testing.assert_close(area, torch.tensor([64.0, 192.0]), rtol=0.02, atol=1.0)
     haem = features[:, names.index("nucleus_haem_mean")]
     assert (haem > features[:, names.index("background_haem_mean")] + 0.3).all()
+
+
+# -- preprocessing and handcrafted features against numbers computed by hand ---------------------------------------
+
+def test_preprocessing_normalises_with_the_spec_mean_and_std():
+    spec = replace(TINY_VIT, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1))
+    encoder = _preprocessor(spec)
+    patches = torch.empty((1, 3, 32, 32), dtype=torch.uint8)
+    patches[0, 0], patches[0, 1], patches[0, 2] = 51, 102, 153  # 0.2, 0.4, 0.6 after / 255
+    out = encoder.preprocess(patches)
+    # (0.2 - 0.5) / 0.25 = -1.2, (0.4 - 0.4) / 0.2 = 0, (0.6 - 0.3) / 0.1 = 3
+    expected = torch.tensor([-1.2, 0.0, 3.0]).view(1, 3, 1, 1).expand(1, 3, 32, 32)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_preprocessing_resizes_bilinearly_with_half_pixel_centres_and_antialias():
+    spec = replace(TINY_VIT, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), input_size=4)
+    encoder = _preprocessor(spec)
+    # Up: a 2-px row [0, 1] sampled at x = -0.25, 0.25, 0.75, 1.25 (clamped) -> [0, 0.25, 0.75, 1].
+    up = torch.tensor([[0, 255], [0, 255]], dtype=torch.uint8).expand(1, 3, 2, 2)
+    torch.testing.assert_close(encoder.preprocess(up)[0, 0, 0], torch.tensor([0.0, 0.25, 0.75, 1.0]))
+    # Down with antialias: an 8-px row [0,0,0,0,1,1,1,1] -> 4 px, outputs centred at 1, 3, 5, 7, triangle filter
+    # w(d) = 1 - |d| / 2. The output at 3 weighs the inputs at 1.5, 2.5, 3.5, 4.5 by 0.25, 0.75, 0.75, 0.25 and only
+    # 4.5 is 1: 0.25 / 2 = 0.125 (symmetrically 0.875 at 5); the one at 1 sees only zeros.
+    down = torch.tensor([[0, 0, 0, 0, 255, 255, 255, 255]] * 8, dtype=torch.uint8).expand(1, 3, 8, 8)
+    torch.testing.assert_close(encoder.preprocess(down)[0, 0, 0], torch.tensor([0.0, 0.125, 0.875, 1.0]),
+                               rtol=0, atol=1e-6)
+
+
+def _preprocessor(spec):
+    from embed.encoders import PatchEncoder
+
+    return PatchEncoder(spec, torch.nn.Identity(), weights_sha256="none")
+
+
+def test_handcrafted_features_match_hand_computed_numbers():
+    """A 64 px patch (the encoder's input size: no resize), background (230, 200, 220), an 8 x 8 px nucleus of
+    (80, 40, 140) at rows/columns 28:36 that is also the only nucleus in the 'any nucleus' mask."""
+    from embed.handcrafted import FEATURE_NAMES
+
+    background, nucleus = np.array([230, 200, 220]), np.array([80, 40, 140])
+    patches = torch.from_numpy(np.broadcast_to(background[None, :, None, None], (1, 3, 64, 64)).astype(np.uint8).copy())
+    patches[0, :, 28:36, 28:36] = torch.from_numpy(nucleus.astype(np.uint8))[:, None, None]
+    masks = torch.zeros((1, 2, 64, 64), dtype=torch.bool)
+    masks[0, :, 28:36, 28:36] = True
+    features = dict(zip(FEATURE_NAMES, load_encoder("handcrafted")(patches, masks)[0].tolist()))
+
+    fraction = 64 / 4096
+    mean_rgb = (fraction * nucleus + (1 - fraction) * background) / 255
+    assert [features[k] for k in ("r_mean", "g_mean", "b_mean")] == pytest.approx(mean_rgb.tolist(), abs=1e-5)
+    assert [features[k] for k in ("nucleus_r", "nucleus_g", "nucleus_b")] == pytest.approx((nucleus / 255).tolist(),
+                                                                                           abs=1e-5)
+    assert features["nucleus_fraction"] == pytest.approx(fraction) and features["any_nucleus_fraction"] == pytest.approx(fraction)
+    assert features["nucleus_area"] == pytest.approx(64.0)
+    # An 8 px side has the variance of 0..7, (8^2 - 1) / 12 = 5.25, along both axes: axes 4 * sqrt(5.25), round.
+    assert features["nucleus_major_axis"] == pytest.approx(4 * np.sqrt(5.25), abs=1e-4)
+    assert features["nucleus_minor_axis"] == pytest.approx(4 * np.sqrt(5.25), abs=1e-4)
+    assert features["nucleus_eccentricity"] == pytest.approx(0.0, abs=1e-3)
+    # Haematoxylin density by Ruifrok & Johnston's colour deconvolution, written out here independently.
+    h, e = np.array([0.65, 0.70, 0.29]), np.array([0.07, 0.99, 0.11])
+    h, e = h / np.linalg.norm(h), e / np.linalg.norm(e)
+    residual = np.cross(h, e) / np.linalg.norm(np.cross(h, e))
+    to_stains = np.linalg.inv(np.stack([h, e, residual]))
+    haem = lambda rgb: float((-np.log(rgb / 255) @ to_stains)[0])  # noqa: E731
+    assert features["nucleus_haem_mean"] == pytest.approx(haem(nucleus), abs=1e-4)
+    assert features["background_haem_mean"] == pytest.approx(haem(background), abs=1e-4)
+    assert features["nucleus_haem_std"] == pytest.approx(0.0, abs=1e-4)
+    assert features["haem_mean"] == pytest.approx(fraction * haem(nucleus) + (1 - fraction) * haem(background),
+                                                  abs=1e-4)

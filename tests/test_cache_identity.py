@@ -1,0 +1,157 @@
+"""What a cache entry's identity covers, prediction's check of the settings, and processes sharing one cache."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embed import handcrafted
+from embed.encoders import load_encoder
+from embed.pipeline import EmbedSettings, embed_sample
+from regress.features import FeatureSpec
+from regress.predictor import ExpressionPredictor
+from slidedata import locks, open_sample, open_samples
+from slidedata.feature_store import IDENTITY_ATTRS, CacheMismatchError, FeatureStore, settings_of
+from submission.validate import validate_submission
+from submission.writer import InvalidSubmission, PARTIAL_MARK, write_submission
+from tests.conftest import FIXTURE_PATCH_SIZES
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE_SIZE = dict(patch_sizes=(24,), chunk_nuclei=128)
+
+
+def test_every_recorded_setting_is_part_of_the_identity(demo_dir, embedded_cache):
+    attrs = FeatureStore(embedded_cache).open_entry("demo1", "handcrafted", 24).attrs
+    assert set(attrs) == set(IDENTITY_ATTRS)  # nothing recorded that is not compared (and the reverse)
+
+
+@pytest.mark.parametrize("change", ["pad_mode", "code_version"])
+def test_changed_settings_or_encoder_code_never_reuse_an_entry(demo_dir, tmp_path, monkeypatch, change):
+    sample = open_sample(demo_dir / "demo1.zarr")
+    store, encoder = FeatureStore(tmp_path / "features.zarr"), load_encoder("handcrafted")
+    embed_sample(sample, store, encoder, EmbedSettings(**ONE_SIZE, max_units=1), progress=False)
+    settings = EmbedSettings(**ONE_SIZE)
+    if change == "pad_mode":
+        settings.pad_mode = "reflect"
+    else:  # an edit of embed/handcrafted.py
+        monkeypatch.setattr(handcrafted, "CODE_VERSION", "handcrafted-edited")
+    with pytest.raises(CacheMismatchError, match="pad_mode" if change == "pad_mode" else "encoder_code_version"):
+        embed_sample(sample, store, encoder, settings, progress=False)
+
+
+def test_prediction_refuses_features_made_with_other_settings(demo_dir, embedded_cache):
+    store = FeatureStore(embedded_cache)
+    spec = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES)
+    trained_on = store.settings("demo1", spec.keys)
+    assert trained_on == store.settings("demo2", spec.keys)  # per-sample keys (n_nuclei, digest) are left out
+    store.check_settings("demo2", trained_on)
+
+    other = {key: {**value, "stain_normalization": "macenko"} for key, value in trained_on.items()}
+    predictor = ExpressionPredictor("ridge", spec, estimator=None, genes=[], feature_settings=other)
+    with pytest.raises(CacheMismatchError, match="other settings than the model was trained on.*stain_normalization"):
+        predictor.predict_sample(store, "demo2")
+
+
+def test_settings_of_leaves_out_the_per_sample_keys():
+    attrs = {key: 1 for key in IDENTITY_ATTRS}
+    assert "n_nuclei" not in settings_of(attrs) and "input_digest" not in settings_of(attrs)
+    assert "pad_mode" in settings_of(attrs)
+
+
+def test_stale_locks_of_dead_processes_are_reclaimed(tmp_path):
+    lock = tmp_path / "unit-0.lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(f"{dead.pid} {__import__('socket').gethostname()} 0\n")
+    assert locks.try_lock(lock)  # the dead owner's lock is taken over
+    assert not locks.try_lock(lock)  # ours is live: a second claim fails
+    locks.release(lock)
+    assert not lock.exists()
+
+
+def test_two_embeds_without_shards_share_the_units(demo_dir, embedded_cache, tmp_path):
+    cache = tmp_path / "features.zarr"
+    command = [sys.executable, "-m", "embed", "--data", str(demo_dir / "demo2.zarr"), "--cache", str(cache),
+               "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--chunk-nuclei", "128", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    procs = [subprocess.Popen(command, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    computed = [int(o.split("computed ")[1].split(" of")[0]) for o in outputs]
+    total = FeatureStore(cache).open_entry("demo2", "handcrafted", 24).n_units
+    assert sum(computed) == total  # no unit computed twice, none left out
+    for size in FIXTURE_PATCH_SIZES:
+        np.testing.assert_array_equal(FeatureStore(cache).read_features("demo2", "handcrafted", size),
+                                      FeatureStore(embedded_cache).read_features("demo2", "handcrafted", size))
+    assert not list((cache / ".locks").rglob("unit-*.lock"))  # every lock released
+
+
+# -- submission files --------------------------------------------------------------------------------------------
+
+def test_an_invalid_submission_never_reaches_the_final_path(tmp_path):
+    from submission.predict import SamplePredictions
+
+    path = tmp_path / "submission.csv"
+    path.write_text("previous\n")
+    predictions = [SamplePredictions("A", np.array([1, 2]), ["g1", "g2"], np.ones((2, 2)))]
+    with pytest.raises(InvalidSubmission, match="missing rows"):
+        write_submission(predictions, path, check=lambda written: ["missing rows: 3"])
+    assert path.read_text() == "previous\n" and list(tmp_path.iterdir()) == [path]
+
+
+def test_parquet_with_text_predictions_is_invalid(demo_dir, tmp_path):
+    samples = open_samples(demo_dir)
+    genes = samples[1].genes
+    held = samples[1].groups.index[samples[1].groups != "train"].to_numpy()
+    frame = pd.DataFrame({"cell_id": np.repeat(held, len(genes)), "gene": np.tile(genes, len(held)),
+                          "prediction": "0.5", "sample": "demo1"})
+    frame.to_parquet(tmp_path / "s.parquet")
+    kinds = {p.kind for p in validate_submission(tmp_path / "s.parquet", samples[1:2])}
+    assert "prediction column is not float" in kinds
+    frame.assign(prediction=0.5).to_parquet(tmp_path / "ok.parquet")
+    assert validate_submission(tmp_path / "ok.parquet", samples[1:2]) == []
+
+
+_SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from submission.predict import SamplePredictions
+    from submission.writer import write_submission
+
+    def slow():
+        for i in range(1000):
+            yield SamplePredictions("A", np.arange(10) + 10 * i, ["g1", "g2"], np.ones((10, 2)))
+            time.sleep(0.05)
+
+    write_submission(slow(), sys.argv[1], nuclei_per_block=5)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killed_submit_leaves_no_file_at_the_final_path(tmp_path, sig):
+    path = tmp_path / "submission.csv"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    partial = tmp_path / f".{path.name}{PARTIAL_MARK}{proc.pid}{path.suffix}"
+    for _ in range(600):
+        if partial.exists() and partial.stat().st_size > 0:
+            break
+        __import__("time").sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert not path.exists()
+    if sig == signal.SIGTERM:
+        assert list(tmp_path.iterdir()) == []  # the handler removed the partial file
+        return
+    assert partial.exists()  # SIGKILL runs nothing; the file is recognisable by its name and dead pid...
+    from submission.predict import SamplePredictions
+
+    write_submission([SamplePredictions("A", np.array([1]), ["g1"], np.ones((1, 1)))], path)
+    assert sorted(tmp_path.iterdir()) == [path]  # ...and the next run removes it

@@ -1,0 +1,190 @@
+"""Each damaged or changed input of issue 10, on a copy of the demo fixture: a clear one-line error, or a recompute."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from embed.encoders import load_encoder
+from embed.pipeline import EmbedSettings, embed_sample
+from slidedata import DataError, open_sample, open_samples
+from slidedata.demo import expression_table, simulate_tissue, write_sample
+from slidedata.feature_store import FeatureStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = dict(patch_sizes=(24,), chunk_nuclei=128)
+
+
+def _copy(demo_dir, tmp_path, name="demo1"):
+    return Path(shutil.copytree(demo_dir / f"{name}.zarr", tmp_path / f"{name}.zarr"))
+
+
+def _chunk_with_nuclei(sample_path: Path) -> str:
+    """The key of a mask chunk that holds nuclei (its file exists), which is also an image chunk (same grid)."""
+    chunks = sorted(p.relative_to(sample_path / "images/HE_nuc_original/s0").as_posix()
+                    for p in (sample_path / "images/HE_nuc_original/s0/c").rglob("*") if p.is_file())
+    return chunks[len(chunks) // 2]
+
+
+def _run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def test_missing_image_chunk_is_named(demo_dir, tmp_path):
+    path = _copy(demo_dir, tmp_path)
+    key = _chunk_with_nuclei(path)
+    (path / "images/HE_original/s0" / key).unlink()
+    with pytest.raises(DataError) as info:
+        open_sample(path)
+    message = str(info.value)
+    assert str(path) in message and "HE_original" in message and f"chunk {key}" in message and "missing" in message
+
+
+def test_missing_mask_chunk_with_nuclei_is_refused(demo_dir, tmp_path):
+    path = _copy(demo_dir, tmp_path)
+    key = _chunk_with_nuclei(path)
+    (path / "images/HE_nuc_original/s0" / key).unlink()
+    with pytest.raises(DataError, match="HE_nuc_original|cell_id-group") as info:
+        open_sample(path).nuclei()
+    assert str(path) in str(info.value)
+
+
+def test_missing_chunks_that_zarr_leaves_out_are_accepted(tmp_path):
+    """zarr does not store chunks equal to the fill value: an empty mask chunk (and the image there) is valid."""
+    image = np.full((3, 64, 64), 200, np.uint8)
+    image[:, 32:, 32:] = 0  # black where the mask is empty: zarr leaves out that image chunk too
+    mask = np.zeros((64, 64), np.uint32)
+    mask[2:6, 2:6] = 5
+    path = write_sample(tmp_path / "s.zarr", image, mask, pd.DataFrame({"cell_id": [5], "group": ["train"]}),
+                        None, chunk_size=32)
+    assert not (path / "images/HE_nuc_original/s0/c/0/1/1").exists()
+    assert not (path / "images/HE_original/s0/c/0/1/1").exists()
+    assert open_sample(path).nuclei()["cell_id"].tolist() == [5]
+
+
+def test_truncated_chunk_is_named_and_the_cli_prints_one_line(demo_dir, tmp_path):
+    path = _copy(demo_dir, tmp_path)
+    key = _chunk_with_nuclei(path)
+    chunk = path / "images/HE_original/s0" / key
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    sample = open_sample(path)
+    with pytest.raises(DataError) as info:
+        sample.read_image(0, sample.shape[0], 0, sample.shape[1])
+    assert str(path) in str(info.value) and "HE_original" in str(info.value) and f"chunk {key}" in str(info.value)
+
+    result = _run_cli("embed", "--data", str(path), "--cache", str(tmp_path / "c.zarr"), "--patch-sizes", "24",
+                      "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"chunk {key}" in errors[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_truncated_mask_chunk_is_named(demo_dir, tmp_path):
+    path = _copy(demo_dir, tmp_path)
+    key = _chunk_with_nuclei(path)
+    chunk = path / "images/HE_nuc_original/s0" / key
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(DataError, match=f"HE_nuc_original.*chunk {key}.*damaged or truncated"):
+        open_sample(path).nuclei()
+
+
+def test_data_changed_after_embed_is_recomputed_and_refused_by_readers(demo_dir, tmp_path):
+    import zarr
+
+    path = _copy(demo_dir, tmp_path)
+    store, encoder = FeatureStore(tmp_path / "features.zarr"), load_encoder("handcrafted")
+    first = embed_sample(open_sample(path), store, encoder, EmbedSettings(**SETTINGS), progress=False)
+    before = store.read_features("demo1", "handcrafted", 24)
+
+    image = zarr.open_array(path / "images/HE_original/s0", mode="r+")
+    image[:, :200, :200] = 255 - image[:, :200, :200]  # same shapes, other pixels
+    with pytest.raises(DataError, match="differ from those this sample was embedded from"):
+        store.nuclei(open_sample(path), if_changed="raise")  # what fit and submit do
+
+    again = embed_sample(open_sample(path), store, encoder, EmbedSettings(**SETTINGS), progress=False)
+    assert again.units_computed == again.units_total == first.units_total  # everything recomputed, nothing reused
+    after = store.read_features("demo1", "handcrafted", 24)
+    fresh = FeatureStore(tmp_path / "fresh.zarr")
+    embed_sample(open_sample(path), fresh, encoder, EmbedSettings(**SETTINGS), progress=False)
+    np.testing.assert_array_equal(after, fresh.read_features("demo1", "handcrafted", 24))
+    assert not np.array_equal(after, before)
+
+
+# -- expression --------------------------------------------------------------------------------------------------
+
+def _sample_with(tmp_path, name="s", expression=None, groups=("train", "train", "test")):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (3, 40, 50), dtype=np.uint8)
+    mask = np.zeros((40, 50), dtype=np.uint32)
+    mask[5:10, 5:10], mask[20:25, 30:35], mask[30:35, 10:15] = 11, 42, 97
+    table = pd.DataFrame({"cell_id": [11, 42, 97], "group": list(groups)})
+    if expression is None:
+        expression = expression_table(np.array([11, 42]), rng.integers(1, 5, (2, 460)), np.array([7.0, 22.0]),
+                                      np.array([7.0, 32.0]))
+    return write_sample(tmp_path / "data" / f"{name}.zarr", image, mask, table, expression, chunk_size=16)
+
+
+@pytest.fixture()
+def expression():
+    counts = np.random.default_rng(2).integers(0, 40, (2, 460))
+    return expression_table(np.array([11, 42]), counts, np.array([7.0, 22.0]), np.array([7.0, 32.0]))
+
+
+def test_raw_counts_in_x_are_refused(tmp_path, expression):
+    raw = expression.copy()
+    raw.X = np.asarray(raw.layers["counts"], dtype=np.float32)
+    del raw.layers["counts"]
+    with pytest.raises(DataError, match=r"anucleus.*up to 39.*log1p\(100\).*raw counts"):
+        open_sample(_sample_with(tmp_path, expression=raw))
+
+
+def test_x_that_is_not_the_normalised_counts_is_refused(tmp_path, expression):
+    other = expression.copy()
+    other.X = np.log1p(np.asarray(other.layers["counts"], dtype=np.float32) / 1000)  # another scale factor
+    with pytest.raises(DataError, match=r"anucleus.*X is not log1p\(counts / total \* 100\)"):
+        open_sample(_sample_with(tmp_path, expression=other))
+
+
+def test_negative_counts_are_refused(tmp_path, expression):
+    negative = expression.copy()
+    negative.layers["counts"] = np.asarray(negative.layers["counts"]).copy()
+    negative.layers["counts"][0, 0] = -3
+    with pytest.raises(DataError, match=r"anucleus.*counts cannot be negative"):
+        open_sample(_sample_with(tmp_path, expression=negative))
+
+
+def test_genes_in_another_order_are_refused_before_any_embedding(tmp_path, expression):
+    _sample_with(tmp_path, "a", expression)
+    order = np.r_[1, 0, 2:460]
+    swapped = _sample_with(tmp_path, "b", expression[:, order].copy())
+    with pytest.raises(DataError) as info:
+        open_samples(tmp_path / "data")
+    assert str(swapped) in str(info.value) and "another order" in str(info.value)
+    result = _run_cli("embed", "--data", str(tmp_path / "data"), "--cache", str(tmp_path / "c.zarr"),
+                      "--device", "cpu")
+    assert result.returncode == 2 and "another order" in result.stderr
+    assert not (tmp_path / "c.zarr" / "a").exists()  # refused before embedding anything
+
+
+def test_a_data_set_without_training_nuclei_is_refused(tmp_path):
+    tissue = simulate_tissue(60, seed=5)
+    ids = tissue["cell_ids"]
+    measured = tissue["counts"].sum(1) > 0
+    expression = expression_table(ids[measured], tissue["counts"][measured], tissue["y"][measured],
+                                  tissue["x"][measured])
+    data = tmp_path / "data"
+    write_sample(data / "alone.zarr", tissue["image"], tissue["mask"],
+                 pd.DataFrame({"cell_id": ids, "group": "test"}), expression, chunk_size=128)
+    cache = str(tmp_path / "c.zarr")
+    assert _run_cli("embed", "--data", str(data), "--cache", cache, "--patch-sizes", "24",
+                    "--device", "cpu").returncode == 0
+    result = _run_cli("regress", "--data", str(data), "--cache", cache, "--model-dir", str(tmp_path / "m"),
+                      "--patch-sizes", "24", "--models", "mean-profile", "ridge")
+    assert result.returncode == 2, result.stderr
+    assert "error: " in result.stderr and "no training nuclei" in result.stderr and "Traceback" not in result.stderr
