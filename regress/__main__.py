@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
-    parser.add_argument("--pca", type=int, help="ridge on this many principal components of the features")
+    parser.add_argument("--pca", type=int, default=FitSettings.ridge_components,
+                        help="ridge on this many principal components where there are more features (0: never)")
     parser.add_argument("--standardize-per-sample", action="store_true",
                         help="z-score every feature within each sample (removes slide-wide stain/scanner shifts)")
     parser.add_argument("--tuning-groups", default="auto", choices=["auto", "samples", "blocks"],
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 extra_keys=extra, morphology=not args.no_morphology,
                                                 standardize_per_sample=args.standardize_per_sample),
                            models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
-                           ridge_components=args.pca, context_radius=args.context_radius,
+                           ridge_components=args.pca or None, context_radius=args.context_radius,
                            tuning_groups=args.tuning_groups)
     start = time.perf_counter()
 

@@ -41,7 +41,9 @@ class FitSettings:
     protocol: str = "auto"  # 'auto' | 'validation' | 'spatial-kfold' | 'loso'
     n_folds: int = 5
     n_blocks: int = 4  # spatial blocks per side and sample (spatial-kfold and ridge's alpha CV)
-    ridge_components: int | None = None  # PCA of the standardised features before ridge (None = all features)
+    # Ridge on this many principal components where there are more features (None: always all features); what
+    # HEST-Benchmark does with 256, and it keeps a pathology encoder's thousands of features cheap.
+    ridge_components: int | None = 256
     # Folds of the models' own tuning (ridge's alpha, LightGBM's early stopping): 'samples' tunes for unseen slides,
     # 'blocks' for unseen places of seen slides; 'auto' is 'samples' when three or more samples train the model.
     tuning_groups: str = "auto"

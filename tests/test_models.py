@@ -110,3 +110,17 @@ def test_ridge_matches_sklearn_on_features_far_from_zero(offset):
         expected = reference.predict(X64 / scale)
         np.testing.assert_allclose(ours.coef_, reference.coef_.T / scale[:, None], rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose(ours.predict(X), np.clip(expected, 0, Y.max(0)), rtol=1e-4, atol=1e-4)
+
+
+def test_ridge_on_principal_components_equals_scikit_learn_pca_then_ridge():
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(3)
+    X = (rng.normal(size=(500, 40)) @ rng.normal(size=(40, 40)) + 50).astype(np.float32)
+    Y = np.abs(X[:, :5] @ rng.normal(size=(5, 8)) * 0.05 + 3).astype(np.float32)
+    ours = RidgeCVRegressor(alphas=[5.0], n_folds=1, n_components=6).fit(X, Y)
+    X64 = X.astype(np.float64)
+    Xs = (X64 - X64.mean(0)) / X64.std(0)
+    Z = PCA(n_components=6).fit_transform(Xs)
+    expected = np.clip(Ridge(alpha=5.0).fit(Z, Y.astype(np.float64)).predict(Z), 0, Y.max(0))
+    np.testing.assert_allclose(ours.predict(X), expected, rtol=1e-3, atol=1e-3)
