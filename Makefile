@@ -19,7 +19,7 @@ MODELS      ?= mean-profile spatial-knn ridge ridge+context lightgbm lightgbm+co
 DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 
-.PHONY: install demo embed fit submit test bench bench-embed bench-fit clean
+.PHONY: install demo embed fit submit test bench bench-embed bench-fit bench-real clean
 
 install: $(STAMP)
 
@@ -61,6 +61,11 @@ bench-embed: $(STAMP) $(if $(filter $(DATA),$(DEMO_DATA)),$(DEMO_DATA)/demo1.zar
 
 bench-fit: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
+
+# Real tissue (four her2st sections, leave one section out); says so and exits 0 when the data is absent.
+HER2ST      ?= ../shared/data/her2st
+bench-real: $(STAMP)
+	$(PY) benchmarks/bench_real.py --her2st $(HER2ST) --out $(OUT)/bench-real
 
 clean:
 	rm -rf $(OUT)

@@ -188,3 +188,20 @@ def test_a_data_set_without_training_nuclei_is_refused(tmp_path):
                       "--patch-sizes", "24", "--models", "mean-profile", "ridge")
     assert result.returncode == 2, result.stderr
     assert "error: " in result.stderr and "no training nuclei" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_empty_mask_chunk_under_the_corner_of_a_round_nucleus_box_is_not_damage(tmp_path):
+    """zarr omits all-background chunks; a disc's bounding box reaching one is no sign of a partial copy."""
+    import pandas as pd
+
+    from slidedata.writer import write_sample
+
+    yy, xx = np.mgrid[:64, :64]
+    mask = (((yy - 22) ** 2 + (xx - 22) ** 2) <= 11 ** 2).astype(np.uint32)  # box 11..33 reaches chunk (2, 2)
+    image = np.full((3, 64, 64), 200, np.uint8)
+    path = write_sample(tmp_path / "disc.zarr", image, mask, pd.DataFrame({"cell_id": [1], "group": ["train"]}),
+                        chunk_size=16)
+    assert not (path / "images" / "HE_nuc_original" / "s0" / "c" / "0" / "2" / "2").exists()
+    assert (path / "images" / "HE_nuc_original" / "s0" / "c" / "0" / "1" / "1").exists()
+    sample = open_sample(path)
+    assert sample.nuclei()["cell_id"].tolist() == [1]
