@@ -46,6 +46,7 @@ class ModeConfig:
 
     patch_sizes: dict[str, tuple[str, ...]]  # encoder -> sizes
     input_size: dict[str, int | None]  # encoder -> resampled edge (None: the encoder's own)
+    models: tuple[str, ...]
     context_k: int = 0
     context_radius_um: float | None = None
 
@@ -53,10 +54,11 @@ class ModeConfig:
 MODES = {
     # A spot is 100 um across, its neighbours 200 um away: the spot, and the spot with its ring of neighbours.
     "spot": ModeConfig(patch_sizes={HANDCRAFTED: ("50um", "100um", "200um"), EFFICIENTNET: ("100um", "200um")},
-                       input_size={HANDCRAFTED: None, EFFICIENTNET: None}, context_k=6),
-    # A nucleus, its neighbours, and about a spot; EfficientNet at 112 px keeps the CPU run short.
+                       input_size={HANDCRAFTED: None, EFFICIENTNET: None}, models=MODELS, context_k=6),
+    # A nucleus, its neighbours, and about a spot; EfficientNet at 64 px and no LightGBM keep the CPU run short.
     "nuclei": ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), EFFICIENTNET: ("48um",)},
-                         input_size={HANDCRAFTED: None, EFFICIENTNET: 112}, context_radius_um=50.0),
+                         input_size={HANDCRAFTED: None, EFFICIENTNET: 64}, models=MODELS[:3],
+                         context_radius_um=50.0),
 }
 
 
@@ -72,6 +74,7 @@ FEATURE_SETS = (
     FeatureSet("handcrafted, per-sample z", (HANDCRAFTED,), True),
     FeatureSet("efficientnet", (EFFICIENTNET,)),
     FeatureSet("efficientnet, per-sample z", (EFFICIENTNET,), True),
+    FeatureSet("both", (HANDCRAFTED, EFFICIENTNET)),
     FeatureSet("both, per-sample z", (HANDCRAFTED, EFFICIENTNET), True),
 )
 
@@ -117,7 +120,7 @@ def fit_settings(mode: str, features: FeatureSet, samples: list, models: tuple[s
 
 
 def section_scores(table: NucleusTable, rows: np.ndarray, predictions: np.ndarray, top_genes: np.ndarray,
-                   spot_of: pd.Series | None) -> dict[str, float]:
+                   spot_of: np.ndarray | None) -> dict[str, float]:
     """Scores of one held-out section (the whole section is one region, so official = mean over its cells)."""
     truth = table.Y[rows]
     per_gene = genewise_pearson(truth, predictions)
@@ -125,11 +128,21 @@ def section_scores(table: NucleusTable, rows: np.ndarray, predictions: np.ndarra
               "mse": float(cellwise_mse(truth, predictions).mean()),
               "gene_pearson": float(per_gene.mean()), "gene_pearson_top50": float(per_gene[top_genes].mean())}
     if spot_of is not None:  # nuclei inherit their spot's expression: compare spot means too
-        spots = spot_of.reindex(table.cell_id[rows]).to_numpy()
+        spots = spot_of[rows]
         pred = pd.DataFrame(predictions).groupby(spots, sort=True).mean()
         true = pd.DataFrame(truth).groupby(spots, sort=True).mean()
         scores["spot_spearman"] = float(cellwise_spearman(true.to_numpy(), pred.to_numpy()).mean())
     return scores
+
+
+def spot_labels(table: NucleusTable, samples: list) -> np.ndarray:
+    """'<sample>/<spot_id>' of every row (cell ids restart in each sample)."""
+    labels = np.empty(len(table), dtype=object)
+    for sample in samples:
+        rows = np.flatnonzero(table.sample == sample.name)
+        spot_of = sample.expression.obs.set_index("cell_id")["spot_id"].astype(str)
+        labels[rows] = sample.name + "/" + spot_of.reindex(table.cell_id[rows]).fillna("none").to_numpy(dtype=str)
+    return labels
 
 
 def most_variable_genes(Y: np.ndarray, n: int = 50) -> np.ndarray:
@@ -140,13 +153,11 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
              selection_set: str) -> tuple[pd.DataFrame, dict]:
     """Leave-one-section-out for every (feature set, model), plus the nested `selected` model of one feature set."""
     store = FeatureStore(data.cache)
-    spot_of = None
-    if data.mode == "nuclei":
-        spot_of = pd.concat([s.expression.obs.set_index("cell_id")["spot_id"].astype(str) for s in data.samples])
     rows, maps = [], {}
     for features in feature_sets:
         settings = fit_settings(data.mode, features, data.samples, models)
         table, base_dim = training_table(data.samples, store, settings)
+        spot_of = spot_labels(table, data.samples) if data.mode == "nuclei" else None
         _, splits = evaluation_splits(table, "loso", settings.n_folds, settings.n_blocks)
         sections = [str(table.sample[test[0]]) for _, test in splits]
         top = {s: most_variable_genes(table.Y[train]) for s, (train, _) in zip(sections, splits)}
@@ -252,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--feature-sets", nargs="+", default=[f.name for f in FEATURE_SETS],
                         choices=[f.name for f in FEATURE_SETS])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--selection-set", default="handcrafted, per-sample z",
+    parser.add_argument("--models", nargs="+", help="models to compare (default: each mode's own list)")
+    parser.add_argument("--selection-set", default="both",
                         help="feature set whose nested model selection is reported as 'selected'")
     parser.add_argument("--map-section", default="B4", help="held-out section drawn in maps.png")
     args = parser.parse_args(argv)
@@ -269,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     frames, maps_by_mode = [], {}
     for mode in args.modes:
         data = prepare(mode, args.her2st, args.out, encoders)
-        frame, maps = run_mode(data, feature_sets, tuple(args.models), args.selection_set)
+        models = tuple(args.models) if args.models else MODES[mode].models
+        frame, maps = run_mode(data, feature_sets, models, args.selection_set)
         frames.append(frame)
         maps_by_mode[mode] = maps
     results = pd.concat(frames, ignore_index=True)

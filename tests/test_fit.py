@@ -91,3 +91,18 @@ def test_the_mean_profile_is_saved_when_no_model_beats_it():
     assert best_model(scores) == "mean-profile"  # spatial-knn cannot serve new tissue
     scores.loc[2, "spearman_official"] = 0.65
     assert best_model(scores) == "ridge"
+
+
+def test_the_simplest_model_within_one_standard_error_of_the_best_is_saved():
+    import pandas as pd
+
+    from regress.fit import best_model
+
+    scores = pd.DataFrame({"model": ["mean-profile", "ridge", "lightgbm"], "spearman_official": [0.50, 0.56, 0.57]})
+    folds = {"mean-profile": np.array([0.20, 0.54, 0.52, 0.55]),  # behind the best on every fold: out
+             "ridge": np.array([0.24, 0.59, 0.63, 0.64]),  # behind on average, ahead on two folds: within noise
+             "lightgbm": np.array([0.25, 0.62, 0.58, 0.60])}
+    assert best_model(scores, folds) == "ridge"
+    folds["ridge"] = np.array([0.21, 0.56, 0.54, 0.57])  # behind on every fold, by more than the noise
+    assert best_model(scores, folds) == "lightgbm"
+    assert best_model(scores) == "lightgbm"  # one split: the best score
