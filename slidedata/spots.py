@@ -19,6 +19,7 @@ over all genes is below `min_counts` are defective array positions and are dropp
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,14 +281,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    try:
+def main(argv: list[str] | None = None) -> int:
+    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+
+    parser = _parser()
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    if args.layout == "h5ad" and len(args.h5ad) != len(args.image):
+        parser.error(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
+
+    def stage() -> int:
         if args.layout == "her2st":
             sections = her2st_sections(args.src, args.sections, args.microns_per_pixel)
         else:
-            if len(args.h5ad) != len(args.image):
-                raise SystemExit(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
             sections = [read_h5ad_section(h, i, args.microns_per_pixel, args.spot_diameter_um)
                         for h, i in zip(args.h5ad, args.image)]
         genes = None
@@ -295,13 +301,14 @@ def main(argv: list[str] | None = None) -> None:
             genes = [g.strip() for g in args.genes_file.read_text().splitlines() if g.strip()]
         reports = import_sections_report(sections, args.out, args.cells, genes, args.n_genes, args.min_counts,
                                          args.chunk_size, args.group, progress=True)
-    except DataError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    for report in reports:
-        print(report.line())
-    print(f"{len(reports)} section(s), {sum(r.cells for r in reports)} cells, {reports[0].genes} genes "
-          f"({args.cells} mode) in {args.out}")
+        for report in reports:
+            print(report.line())
+        print(f"{len(reports)} section(s), {sum(r.cells for r in reports)} cells, {reports[0].genes} genes "
+              f"({args.cells} mode) in {args.out}")
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

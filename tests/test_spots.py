@@ -240,10 +240,16 @@ def test_imported_sample_embeds_with_the_handcrafted_encoder(tmp_path):
 
 
 def test_cli_her2st(her2st, tmp_path, capsys):
-    main(["her2st", "--src", str(her2st.parent), "--out", str(tmp_path / "out"), "--cells", "spot"])
+    assert main(["her2st", "--src", str(her2st.parent), "--out", str(tmp_path / "out"), "--cells", "spot"]) == 0
     printed = capsys.readouterr().out
     assert "S1: 3 spots kept, 1 dropped (of 4), 3 cells, 5 genes" in printed
     assert (tmp_path / "out" / "S1.zarr").exists()
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert main(["her2st", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "nowhere" in error and error.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------------- bad input
