@@ -58,23 +58,38 @@ def infer(data_file_path: str, model_directory_path: str, cache_directory_path: 
     model_dir = Path(model_directory_path)
     predictor = ExpressionPredictor.load(model_dir)
     recorded = predictor.embed_settings
-    spec = get_spec(recorded["encoder"])
-    module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
-    settings = EmbedSettings(patch_sizes=tuple(recorded["patch_sizes"]),
-                             pad_mode=recorded.get("pad_mode") or "symmetric",
-                             chunk_nuclei=int(recorded.get("chunk_nuclei") or 1024),
-                             stain_normalization=None if recorded.get("stain_normalization") in (None, "none")
-                             else recorded["stain_normalization"])
     # The pixel size the model was trained with serves samples that store none (sizes in microns need it).
     sample = open_sample(data_file_path, n_genes=None)
     if sample.microns_per_pixel is None:
         sample.microns_per_pixel = recorded.get("microns_per_pixel")
     with _cache(cache_directory_path) as cache:
         store = FeatureStore(cache)
-        embed_sample(sample, store, module, settings, progress=False)
+        for encoder, settings in _embedding_plan(predictor).items():  # every block the model reads
+            spec = get_spec(encoder)
+            weights = _bundled_weights(model_dir, spec.library) if encoder == recorded["encoder"] else None
+            embed_sample(sample, store, load_encoder(spec, weights=weights), settings, progress=False)
         predictions = predict_held_out(predictor, store, sample)
     frame = pd.concat(list(long_blocks(predictions)), ignore_index=True)
     return frame.drop(columns="sample")
+
+
+def _embedding_plan(predictor: ExpressionPredictor) -> dict[str, EmbedSettings]:
+    """Per encoder the model reads (its main one and any extra feature blocks), the settings it was embedded with."""
+    recorded = predictor.embed_settings
+    sizes: dict[str, list[str]] = {}
+    for encoder, key in predictor.feature_spec.keys:
+        sizes.setdefault(encoder, []).append(key)
+    plan = {}
+    for encoder, keys in sizes.items():
+        # An encoder without a training scale was resampled to one recorded size (possibly --input-size).
+        inputs = {predictor.feature_settings.get(f"{encoder}:{k}", {}).get("input_size") for k in keys}
+        fixed = inputs.pop() if len(inputs) == 1 and get_spec(encoder).microns_per_pixel is None else None
+        plan[encoder] = EmbedSettings(
+            patch_sizes=tuple(keys), pad_mode=recorded.get("pad_mode") or "symmetric",
+            chunk_nuclei=int(recorded.get("chunk_nuclei") or 1024), input_size=fixed,
+            stain_normalization=None if recorded.get("stain_normalization") in (None, "none")
+            else recorded["stain_normalization"])
+    return plan
 
 
 def _bundled_weights(model_dir: Path, library: str) -> Path | None:

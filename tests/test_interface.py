@@ -41,3 +41,28 @@ def test_neural_encoder_weights_travel_with_the_model(demo_dir, tmp_path, monkey
     predictions = infer(str(demo_dir / "demo1.zarr"), str(model_dir))
     groups = open_sample(demo_dir / "demo1.zarr").groups
     assert len(predictions) == groups.isin(["validation", "test"]).sum() * 460
+
+
+def test_infer_embeds_every_feature_block_the_model_reads(demo_dir, tmp_path):
+    """A model on handcrafted features plus an EfficientNet block (resampled to 32 px) predicts through infer
+    exactly as from the training cache: infer embeds the extra encoder too, with the recorded input size."""
+    from embed.pipeline import EmbedSettings, embed_dataset
+    from regress.features import FeatureSpec
+    from regress.fit import FitSettings, fit_and_evaluate
+    from slidedata.feature_store import FeatureStore
+    from submission.main import infer
+    from submission.predict import predict_held_out
+
+    cache, model_dir = tmp_path / "features.zarr", tmp_path / "model"
+    embed_dataset(demo_dir, cache, "handcrafted", settings=EmbedSettings(patch_sizes=(24,), chunk_nuclei=128),
+                  device="cpu", progress=False)
+    embed_dataset(demo_dir, cache, "efficientnet-lite0", device="cpu", progress=False,
+                  settings=EmbedSettings(patch_sizes=(48,), chunk_nuclei=128, input_size=32))
+    spec = FeatureSpec(encoder="handcrafted", patch_sizes=(24,), extra_keys=(("efficientnet-lite0", 48),))
+    _, predictor = fit_and_evaluate(demo_dir, cache, model_dir, FitSettings(features=spec, models=("ridge",)),
+                                    progress=False)
+    sample = open_sample(demo_dir / "demo2.zarr")
+    expected = predict_held_out(predictor, FeatureStore(cache), sample)
+    frame = infer(str(demo_dir / "demo2.zarr"), str(model_dir))
+    wide = frame.pivot(index="cell_id", columns="gene", values="prediction").loc[expected.cell_ids, predictor.genes]
+    np.testing.assert_allclose(wide.to_numpy(), expected.values, atol=1e-6)
