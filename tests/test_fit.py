@@ -106,3 +106,14 @@ def test_the_simplest_model_within_one_standard_error_of_the_best_is_saved():
     folds["ridge"] = np.array([0.21, 0.56, 0.54, 0.57])  # behind on every fold, by more than the noise
     assert best_model(scores, folds) == "lightgbm"
     assert best_model(scores) == "lightgbm"  # one split: the best score
+
+
+def test_gene_pearson_under_cross_validation_is_taken_within_each_split():
+    from regress.fit import split_gene_pearson
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((40, 3))
+    predictions = truth.copy()
+    predictions[20:] += 5.0  # the second split is offset as a whole: no effect within it
+    splits = [(None, np.arange(20)), (None, np.arange(20, 40))]
+    np.testing.assert_allclose(split_gene_pearson(truth, predictions, splits), 1.0)
