@@ -295,7 +295,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=model_feature_spec(best, settings),
         estimator=estimator, genes=table.genes,
-        embed_settings=_embed_settings(store, samples[0].name, settings.features),
+        embed_settings=_embed_settings(store, [s.name for s in samples], settings.features),
         scores={"protocol": protocol, **scores.set_index("model").loc[best].to_dict()},
         feature_settings=table.feature_settings,
     )
@@ -303,14 +303,20 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     return scores.assign(protocol=protocol), predictor
 
 
-def _embed_settings(store: FeatureStore, sample_name: str, spec: FeatureSpec) -> dict:
-    """How the features were made, so new samples (the challenge's infer) are embedded the same way."""
+def _embed_settings(store: FeatureStore, sample_names: list[str], spec: FeatureSpec) -> dict:
+    """How the features were made, so new samples (the challenge's infer) are embedded the same way.
+
+    The pixel size is kept only where every training sample had the same one: a sample that stores none is then
+    assumed to come from the same scanner; otherwise it must store or be given its own.
+    """
     encoder, size = spec.keys[0]
-    attrs = store.open_entry(sample_name, encoder, size).attrs
-    return {"encoder": spec.encoder, "patch_sizes": list(spec.patch_sizes), "pad_mode": attrs.get("pad_mode"),
-            "microns_per_pixel": attrs.get("sample_microns_per_pixel"),
-            "stain_normalization": attrs.get("stain_normalization"), "weights_sha256": attrs.get("weights_sha256"),
-            "chunk_nuclei": attrs.get("chunk_nuclei")}
+    attrs = [store.open_entry(name, encoder, size).attrs for name in sample_names]
+    pixel_sizes = {a.get("sample_microns_per_pixel") for a in attrs}
+    first = attrs[0]
+    return {"encoder": spec.encoder, "patch_sizes": list(spec.patch_sizes), "pad_mode": first.get("pad_mode"),
+            "microns_per_pixel": pixel_sizes.pop() if len(pixel_sizes) == 1 else None,
+            "stain_normalization": first.get("stain_normalization"), "weights_sha256": first.get("weights_sha256"),
+            "chunk_nuclei": first.get("chunk_nuclei")}
 
 
 __all__ = ["FitSettings", "best_model", "cross_validated_predictions", "evaluate", "evaluation_splits",

@@ -1,8 +1,9 @@
 """Lock files that let independent processes (two `python -m embed` on one cache) share work instead of repeating it.
 
-A lock is a file created with O_CREAT | O_EXCL (atomic, also on NFS v3+), holding the owner's pid and host. A process
-that died leaves its lock behind: a lock of a dead pid on this host, or older than `STALE_AFTER_S` from another
-host, is reclaimed. Reclaiming has a narrow race (two processes reclaiming one stale lock at once may both get it);
+A lock is a file created with O_CREAT | O_EXCL (atomic, also on NFS v3+), holding the owner's pid, host and process
+start time. A process that died leaves its lock behind: a lock of a dead pid on this host, of a pid now owned by
+another process (containers restart with the same pid and host: a killed run's lock would otherwise look alive
+forever), or older than `STALE_AFTER_S` from another host, is reclaimed. Reclaiming has a narrow race (two processes reclaiming one stale lock at once may both get it);
 its only cost is computing one unit twice, which writes the same bytes.
 """
 
@@ -28,8 +29,9 @@ def try_lock(path: Path, owner_pid: int | None = None) -> bool:
             if not _reclaim_if_stale(path):
                 return False
             continue
+        pid = owner_pid or os.getpid()
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{owner_pid or os.getpid()} {socket.gethostname()} {time.time():.0f}\n")
+            handle.write(f"{pid} {socket.gethostname()} {time.time():.0f} {process_start(pid)}\n")
         return True
     return False
 
@@ -73,12 +75,22 @@ def _reclaim_if_stale(path: Path) -> bool:
         return True  # released meanwhile
     stale = age > STALE_AFTER_S
     if len(text) >= 2 and text[1] == socket.gethostname() and text[0].isdigit():
-        stale = not pid_alive(int(text[0]))
+        pid = int(text[0])
+        recorded = text[3] if len(text) >= 4 else "?"
+        stale = not pid_alive(pid) or (recorded != "?" and process_start(pid) not in ("?", recorded))
     elif len(text) < 2:  # a lock still being written by its creator, or garbage: trust it only briefly
         stale = age > 10
     if stale:
         release(path)
     return stale
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux /proc), '?' where it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
 
 
 def pid_alive(pid: int) -> bool:

@@ -81,9 +81,10 @@ def _embedding_plan(predictor: ExpressionPredictor) -> dict[str, EmbedSettings]:
         sizes.setdefault(encoder, []).append(key)
     plan = {}
     for encoder, keys in sizes.items():
-        # An encoder without a training scale was resampled to one recorded size (possibly --input-size).
+        # One recorded input size for all of an encoder's blocks (its own, or --input-size) is reused as it was;
+        # several (a scale-aware encoder at several sizes in microns) follow from the sizes again.
         inputs = {predictor.feature_settings.get(f"{encoder}:{k}", {}).get("input_size") for k in keys}
-        fixed = inputs.pop() if len(inputs) == 1 and get_spec(encoder).microns_per_pixel is None else None
+        fixed = inputs.pop() if len(inputs) == 1 else None
         plan[encoder] = EmbedSettings(
             patch_sizes=tuple(keys), pad_mode=recorded.get("pad_mode") or "symmetric",
             chunk_nuclei=int(recorded.get("chunk_nuclei") or 1024), input_size=fixed,

@@ -75,6 +75,16 @@ def test_stale_locks_of_dead_processes_are_reclaimed(tmp_path):
     assert not lock.exists()
 
 
+def test_a_lock_left_by_an_earlier_process_with_our_pid_is_reclaimed(tmp_path):
+    """A restarted container reuses pid and host: the killed run's lock names a live pid that is not its owner."""
+    lock = tmp_path / "unit-0.lock"
+    host = __import__("socket").gethostname()
+    lock.write_text(f"{os.getpid()} {host} 0 1\n")  # started at tick 1: another process than this one
+    assert not locks.is_held(lock) and not lock.exists()
+    assert locks.try_lock(lock) and locks.is_held(lock)  # our own lock is live
+    locks.release(lock)
+
+
 def test_two_embeds_without_shards_share_the_units(demo_dir, embedded_cache, tmp_path):
     cache = tmp_path / "features.zarr"
     command = [sys.executable, "-m", "embed", "--data", str(demo_dir / "demo2.zarr"), "--cache", str(cache),

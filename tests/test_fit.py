@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from regress.dataset import load_table
 from regress.features import FeatureSpec, sample_features
@@ -44,6 +45,20 @@ def test_evaluation_never_mixes_train_and_held_out_space(demo_dir, embedded_cach
 def test_cross_validation_scores_the_held_out_blocks_and_samples_as_regions(demo_dir, embedded_cache):
     table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
     np.testing.assert_array_equal(held_out_regions(table, "spatial-kfold", 4), table.spatial_blocks(4))
+    # and evaluate scores with them: the official score is the mean over held-out blocks, not connected patches
+    from regress.fit import FitSettings, cross_validated_predictions, evaluate
+    from regress.metrics import cellwise_spearman, official_score, score_table
+
+    settings = FitSettings(features=FeatureSpec(patch_sizes=(24,)), models=("ridge",), protocol="spatial-kfold")
+    evaluation = evaluate(table, settings, table.X.shape[1], progress=False)
+    _, splits = evaluation_splits(table, "spatial-kfold", 5, 4)
+    predictions, _ = cross_validated_predictions("ridge", table, splits, settings, table.X.shape[1])
+    held = evaluation.held
+    per_nucleus = cellwise_spearman(table.Y[held], predictions)
+    by_blocks = official_score(per_nucleus, table.sample[held], table.spatial_blocks(4)[held])
+    connected = score_table(table.Y[held], predictions, table.sample[held], table.coords[held])["spearman_official"]
+    assert evaluation.scores["spearman_official"].iloc[0] == pytest.approx(by_blocks)
+    assert abs(by_blocks - connected) > 1e-6  # the two aggregations differ here, so the assertion above means it
     loso = held_out_regions(table, "loso", 4)
     for name in ("demo1", "demo2"):  # one region per held-out sample, never a one-nucleus region
         assert len(set(loso[table.sample == name])) == 1
@@ -117,3 +132,18 @@ def test_gene_pearson_under_cross_validation_is_taken_within_each_split():
     predictions[20:] += 5.0  # the second split is offset as a whole: no effect within it
     splits = [(None, np.arange(20)), (None, np.arange(20, 40))]
     np.testing.assert_allclose(split_gene_pearson(truth, predictions, splits), 1.0)
+
+
+def test_a_pixel_size_is_recorded_for_new_samples_only_where_the_training_samples_agree(embedded_cache):
+    from regress.fit import _embed_settings
+
+    store = FeatureStore(embedded_cache)
+    spec = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES)
+    assert _embed_settings(store, ["demo1", "demo2"], spec)["microns_per_pixel"] == 0.2125
+    entry = store.open_entry("demo2", "handcrafted", FIXTURE_PATCH_SIZES[0])
+    stored = entry.group.attrs["sample_microns_per_pixel"]
+    entry.group.attrs["sample_microns_per_pixel"] = 0.5
+    try:
+        assert _embed_settings(store, ["demo1", "demo2"], spec)["microns_per_pixel"] is None
+    finally:
+        entry.group.attrs["sample_microns_per_pixel"] = stored

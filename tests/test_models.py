@@ -23,8 +23,10 @@ def test_ridge_matches_sklearn_for_a_fixed_alpha(linear_data):
     np.testing.assert_allclose(ours.intercept_, reference.intercept_, rtol=1e-4, atol=1e-4)
 
 
-def test_ridge_cv_picks_the_alpha_that_explicit_refits_pick(linear_data):
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_ridge_cv_picks_the_alpha_that_explicit_refits_pick(linear_data, offset):
     X, Y = linear_data
+    X = X + np.float32(offset)
     alphas = [0.01, 1.0, 100.0, 1e4]
     groups = np.arange(len(X)) % 10
     model = RidgeCVRegressor(alphas=alphas, n_folds=5, standardize=False).fit(X, Y, groups=groups)
@@ -33,8 +35,9 @@ def test_ridge_cv_picks_the_alpha_that_explicit_refits_pick(linear_data):
     for alpha in alphas:
         sse = 0.0
         for k in range(5):
-            fit = Ridge(alpha=alpha).fit(X[folds != k], Y[folds != k])
-            sse += ((fit.predict(X[folds == k]) - Y[folds == k]) ** 2).sum()
+            X64 = X.astype(np.float64)  # a float32 reference would suffer the cancellation under test
+            fit = Ridge(alpha=alpha).fit(X64[folds != k], Y[folds != k])
+            sse += ((fit.predict(X64[folds == k]) - Y[folds == k]) ** 2).sum()
         brute.append(sse / Y.size)
     np.testing.assert_allclose(model.cv_mse_, brute, rtol=1e-4)
     assert model.alpha_ == alphas[int(np.argmin(brute))]
