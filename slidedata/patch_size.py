@@ -35,7 +35,7 @@ class PatchSize:
     @property
     def key(self) -> str:
         """Canonical written form: '64' or '32um' (the cache key)."""
-        number = f"{self.value:g}"
+        number = f"{self.value:.12g}"  # no exponent for any size a slide can hold, so keys parse back
         return number if self.unit == "px" else f"{number}um"
 
     def pixels(self, microns_per_pixel: float | None, sample: str = "") -> int:

@@ -14,7 +14,7 @@ from slidedata.patch_size import PatchSize
 
 
 @pytest.mark.parametrize("text, key, pixels_at_0_25", [
-    (64, "64", 64), ("64px", "64", 64), ("32um", "32um", 128), (" 12.5 µm", "12.5um", 50), ("112um", "112um", 448),
+    (64, "64", 64), ("64px", "64", 64), (1000000, "1000000", 1000000), ("32um", "32um", 128), (" 12.5 µm", "12.5um", 50), ("112um", "112um", 448),
 ])
 def test_patch_sizes_parse_to_canonical_keys_and_slide_pixels(text, key, pixels_at_0_25):
     size = PatchSize.parse(text)
