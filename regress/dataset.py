@@ -9,7 +9,7 @@ import pandas as pd
 
 from regress.features import FeatureSpec, sample_features
 from slidedata.errors import DataError
-from slidedata.feature_store import FeatureStore, settings_differences
+from slidedata.feature_store import FeatureStore
 from slidedata.sample import HELD_OUT_GROUPS, Sample
 
 
@@ -63,7 +63,12 @@ def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
         cell_ids = nuclei["cell_id"].to_numpy(np.int64)
         if sample.has_expression and sample.genes != genes:
             raise DataError(sample.path, "anucleus", "genes differ from the other samples' (names or order)")
-        settings = _same_settings(settings, store.settings(sample.name, spec.keys), sample, samples[0])
+        # One model, one way of embedding: features of samples embedded otherwise are not comparable.
+        if settings is None:
+            settings = store.settings(sample.name, spec.keys)
+        else:
+            store.check_settings(sample.name, settings, than=f"those of {samples[0].name}",
+                                 remedy="embed all samples alike")
         Y, measured = sample.expression_of(cell_ids) if sample.has_expression else (
             np.full((len(cell_ids), len(genes)), np.nan, np.float32), np.zeros(len(cell_ids), bool))
         parts.append(NucleusTable(
@@ -80,15 +85,3 @@ def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
                         "with measured expression, so there is nothing to learn from")
     return table
 
-
-def _same_settings(first: dict | None, these: dict, sample: Sample, first_sample: Sample) -> dict:
-    """One model, one way of embedding: features of samples embedded with other settings are not comparable."""
-    if first is None:
-        return these
-    for key, wanted in first.items():
-        differences = settings_differences(wanted, these[key])
-        if differences:
-            raise DataError(sample.path, "features", f"{key} was embedded with other settings than for "
-                                                     f"{first_sample.name} ({'; '.join(differences)}); embed all "
-                                                     "samples alike")
-    return first

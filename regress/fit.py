@@ -176,10 +176,11 @@ def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress
     rows, gene_scores, fold_scores = [], {}, {}
     for name in settings.models:
         predictions, fit_seconds = cross_validated_predictions(name, table, splits, settings, base_dim)
+        per_nucleus = cellwise_spearman(truth, predictions)
         scores = score_table(truth, predictions, table.sample[held], table.coords[held],
-                             patches=None if regions is None else regions[held])
+                             patches=None if regions is None else regions[held], spearman=per_nucleus)
         if len(splits) > 1:
-            fold_scores[name] = split_scores(cellwise_spearman(truth, predictions), table, splits, regions)
+            fold_scores[name] = split_scores(per_nucleus, table, splits, regions)
             # Per gene within each held-out split, then averaged: pooled over splits, the differences between
             # whole samples would dominate (the mean profile scored -0.27 across four real sections).
             gene_scores[name] = split_gene_pearson(truth, predictions, splits)

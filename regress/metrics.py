@@ -72,13 +72,15 @@ def default_patch_radius(coords: np.ndarray) -> float:
 
 
 def score_table(y_true: np.ndarray, y_pred: np.ndarray, samples: np.ndarray, coords: np.ndarray,
-                patch_radius: float | None = None, patches: np.ndarray | None = None) -> dict[str, float]:
+                patch_radius: float | None = None, patches: np.ndarray | None = None,
+                spearman: np.ndarray | None = None) -> dict[str, float]:
     """All headline numbers for one model on one held-out set.
 
     `patches` labels the held-out regions (e.g. the held-out blocks of a cross-validation); without it they are the
-    connected regions of the held-out nuclei, linked within `patch_radius` px.
+    connected regions of the held-out nuclei, linked within `patch_radius` px. `spearman`: the per-nucleus
+    cell-wise Spearman where the caller has it already.
     """
-    spearman = cellwise_spearman(y_true, y_pred)
+    spearman = cellwise_spearman(y_true, y_pred) if spearman is None else spearman
     if patches is None:
         radius = patch_radius if patch_radius is not None else default_patch_radius(coords)
         patches = held_out_patches(coords, samples, radius)

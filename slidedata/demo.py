@@ -23,7 +23,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from slidedata.sample import N_GENES
-from slidedata.writer import write_sample
+from slidedata.writer import anucleus_table, write_sample
 
 # Ruifrok & Johnston optical-density vectors of haematoxylin and eosin (RGB).
 HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
@@ -166,18 +166,10 @@ def spatial_groups(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], seed: i
 
 
 def expression_table(cell_ids: np.ndarray, counts: np.ndarray, y: np.ndarray, x: np.ndarray):
-    """AnnData laid out like the challenge's `anucleus`."""
-    import anndata as ad
-
+    """AnnData laid out like the challenge's `anucleus`, genes GENE000..., positions from the centroids (y, x)."""
     genes = [f"GENE{i:03d}" for i in range(counts.shape[1])]
-    total = counts.sum(axis=1, keepdims=True)
-    normalised = np.log1p(counts / np.maximum(total, 1) * 100).astype(np.float32)
-    obs = pd.DataFrame({"cell_id": cell_ids.astype(np.int64)}, index=[str(c) for c in cell_ids])
-    table = ad.AnnData(X=normalised, obs=obs, var=pd.DataFrame({"gene_symbols": genes}, index=genes))
-    table.layers["counts"] = counts
     # Microns and (x, y) order: a different frame from the image on purpose, as in the challenge.
-    table.obsm["spatial"] = np.c_[x, y] * MICRONS_PER_PIXEL
-    return table
+    return anucleus_table(cell_ids, counts, genes, np.c_[x, y] * MICRONS_PER_PIXEL)
 
 
 def make_demo_sample(path: str | Path, seed: int, n_nuclei: int = 3000, with_expression: bool = True,

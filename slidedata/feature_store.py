@@ -231,16 +231,17 @@ class FeatureStore:
         return {f"{encoder}:{PatchSize.parse(size).key}": settings_of(self.open_entry(sample_name, encoder, size).attrs)
                 for encoder, size in keys}
 
-    def check_settings(self, sample_name: str, expected: dict[str, dict]) -> None:
-        """Refuse the sample's entries if any was made with other settings than `expected` (from `settings`)."""
+    def check_settings(self, sample_name: str, expected: dict[str, dict], than: str = "the model was trained on",
+                       remedy: str = "embed this sample with the model's settings") -> None:
+        """Refuse the sample's entries if any was made with other settings than `expected` (from `settings`);
+        `than` and `remedy` say whose settings those are and what to do."""
         for key, wanted in expected.items():
             encoder, size = key.rsplit(":", 1)
             entry = self.open_entry(sample_name, encoder, size)
             differences = settings_differences(wanted, settings_of(entry.attrs))
             if differences:
-                raise CacheMismatchError(entry.path, "features", "made with other settings than the model was "
-                                                                 f"trained on ({'; '.join(differences)}); embed this "
-                                                                 "sample with the model's settings")
+                raise CacheMismatchError(entry.path, "features", f"made with other settings than {than} "
+                                                                 f"({'; '.join(differences)}); {remedy}")
 
     def unit_lock(self, sample_name: str, encoder: str, unit: int) -> Path:
         """The lock file of one unit (all patch sizes of the encoder): held while a process computes it."""

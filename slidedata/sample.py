@@ -380,6 +380,12 @@ def _expression(sdata, path: Path, n_genes: int | None) -> ad.AnnData | None:
     return ad.AnnData(X=values, obs=obs, var=table.var.copy())
 
 
+def log_normalise(counts: np.ndarray) -> np.ndarray:
+    """log1p(counts / total * 100) per row, the total over the given genes: the challenge's `anucleus.X` (float64)."""
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.log1p(counts / np.where(totals > 0, totals, 1) * SCALE_FACTOR)
+
+
 def _check_normalisation(path: Path, values: np.ndarray, counts) -> None:
     """X must be log1p(counts / total * 100): equal to it where layers['counts'] exists, and within its range
     (at most log1p(100)) where it does not. Raw counts or another scale would train and validate silently."""
@@ -390,8 +396,7 @@ def _check_normalisation(path: Path, values: np.ndarray, counts) -> None:
         if (raw < 0).any():
             raise DataError(path, EXPRESSION, f"layers['counts'] holds negative values (e.g. {raw[raw < 0][0]:g}); "
                                               "counts cannot be negative")
-        totals = raw.sum(axis=1, keepdims=True)
-        expected = np.log1p(raw / np.where(totals > 0, totals, 1) * SCALE_FACTOR)
+        expected = log_normalise(raw)
         error = np.abs(values[rows] - expected)
         tolerance = EXPRESSION_ATOL + EXPRESSION_ATOL * expected
         if (error > tolerance).any():

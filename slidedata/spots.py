@@ -33,13 +33,12 @@ from slidedata.errors import DataError
 from slidedata.sample import GROUP_NAMES, GROUPS, N_GENES, SAMPLE_SUFFIX
 from slidedata.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
 from slidedata.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
-from slidedata.writer import write_sample
+from slidedata.writer import anucleus_table, write_sample
 
 CELL_MODES = ("spot", "nuclei")
 # her2st: defective array positions hold 1-3 reads in total, the smallest real spots ~100 (C2) to ~150 (B4); 10
 # sits in that gap (about its geometric middle) and is far below every real spot's depth.
 DEFAULT_MIN_COUNTS = 10
-SCALE_FACTOR = 100  # X = log1p(counts / total * 100), as in the challenge's anucleus
 
 
 @dataclass
@@ -109,12 +108,6 @@ def panel_counts(section: SpotSection, panel: Sequence[str]) -> np.ndarray:
     return np.asarray(counts.toarray() if sparse.issparse(counts) else counts, dtype=np.int32)
 
 
-def log_normalise(counts: np.ndarray) -> np.ndarray:
-    """log1p(counts / total * 100), total over the given genes (as `anucleus.X` is over its 460)."""
-    total = counts.sum(axis=1, keepdims=True)
-    return np.log1p(counts / np.maximum(total, 1) * SCALE_FACTOR).astype(np.float32)
-
-
 # ------------------------------------------------------------------------------------------------------- cells
 
 def spot_disc_mask(shape: tuple[int, int], centres: np.ndarray, radius_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -141,15 +134,8 @@ def spot_disc_mask(shape: tuple[int, int], centres: np.ndarray, radius_px: float
 def expression_table(cell_ids: np.ndarray, spot_ids: Sequence[str], counts: np.ndarray, panel: Sequence[str],
                      centres_xy_um: np.ndarray):
     """AnnData laid out like `anucleus`, plus `obs['spot_id']`; `obsm['spatial']` is the spot centre (x, y) in um."""
-    import anndata as ad
-
-    obs = pd.DataFrame({"cell_id": cell_ids.astype(np.int64), "spot_id": pd.Series(spot_ids, dtype=str).to_numpy()},
-                       index=[str(c) for c in cell_ids])
-    genes = [str(g) for g in panel]
-    table = ad.AnnData(X=log_normalise(counts), obs=obs, var=pd.DataFrame({"gene_symbols": genes}, index=genes))
-    table.layers["counts"] = counts
-    table.obsm["spatial"] = centres_xy_um
-    return table
+    return anucleus_table(cell_ids, counts, [str(g) for g in panel], centres_xy_um,
+                          extra_obs={"spot_id": pd.Series(spot_ids, dtype=str).to_numpy()})
 
 
 def section_cells(section: SpotSection, image: np.ndarray, cells: str,

@@ -9,7 +9,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slidedata.sample import EXPRESSION, GROUPS, IMAGE, MASK, MICRONS
+from slidedata.sample import EXPRESSION, GROUPS, IMAGE, MASK, MICRONS, log_normalise
+
+
+def anucleus_table(cell_ids: np.ndarray, counts: np.ndarray, genes: list[str], spatial_xy_um: np.ndarray,
+                     extra_obs: dict | None = None):
+    """AnnData laid out like the challenge's `anucleus`: obs['cell_id'] (and `extra_obs` columns), var = genes,
+    X = log1p(counts / total * 100) as float32, layers['counts'], obsm['spatial'] in microns, (x, y) order."""
+    import anndata as ad
+
+    obs = pd.DataFrame({"cell_id": cell_ids.astype(np.int64), **(extra_obs or {})}, index=[str(c) for c in cell_ids])
+    table = ad.AnnData(X=log_normalise(counts).astype(np.float32), obs=obs,
+                       var=pd.DataFrame({"gene_symbols": genes}, index=genes))
+    table.layers["counts"] = counts
+    table.obsm["spatial"] = spatial_xy_um
+    return table
 
 
 def write_sample(path: str | Path, image: np.ndarray, mask: np.ndarray, groups: pd.DataFrame,

@@ -165,3 +165,16 @@ def test_killed_submit_leaves_no_file_at_the_final_path(tmp_path, sig):
 
     write_submission([SamplePredictions("A", np.array([1]), ["g1"], np.ones((1, 1)))], path)
     assert sorted(tmp_path.iterdir()) == [path]  # ...and the next run removes it
+
+
+def test_samples_embedded_with_other_settings_are_not_mixed_in_one_table(demo_dir, tmp_path):
+    from regress.dataset import load_table
+
+    store = FeatureStore(tmp_path / "features.zarr")
+    encoder = load_encoder("handcrafted")
+    demo1, demo2 = (open_sample(demo_dir / f"{name}.zarr") for name in ("demo1", "demo2"))
+    embed_sample(demo1, store, encoder, EmbedSettings(patch_sizes=(24,), chunk_nuclei=128), progress=False)
+    embed_sample(demo2, store, encoder, EmbedSettings(patch_sizes=(24,), chunk_nuclei=128, pad_mode="constant"),
+                 progress=False)
+    with pytest.raises(CacheMismatchError, match="those of demo1.*pad_mode.*embed all samples alike"):
+        load_table([demo1, demo2], store, FeatureSpec(patch_sizes=(24,)))
