@@ -31,8 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
-    parser.add_argument("--pca", type=int, default=FitSettings.ridge_components,
-                        help="ridge on this many principal components where there are more features (0: never)")
+    parser.add_argument("--pca", type=int, default=FeatureSpec.block_components,
+                        help="feature blocks (encoder x patch size) wider than this are replaced by this many "
+                             "principal components (0: never)")
+    parser.add_argument("--sample-rows", type=int, default=FitSettings.sample_rows,
+                        help="LightGBM and the spatial baseline train on at most this many rows, drawn from every "
+                             "sample, group and spatial block alike (ridge always uses every row)")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run the per-sample passes on this dask.distributed scheduler (e.g. tcp://host:8786); "
+                             "its workers must see the same --data and --cache paths")
     parser.add_argument("--standardize-per-sample", action="store_true",
                         help="z-score every feature within each sample (removes slide-wide stain/scanner shifts)")
     parser.add_argument("--tuning-groups", default="auto", choices=["auto", "samples", "blocks"],
@@ -45,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     extra = tuple((key.rsplit(":", 1)[0], key.rsplit(":", 1)[1]) for key in args.extra_features)
     settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
                                                 extra_keys=extra, morphology=not args.no_morphology,
-                                                standardize_per_sample=args.standardize_per_sample),
+                                                standardize_per_sample=args.standardize_per_sample,
+                                                block_components=args.pca or None),
                            models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
-                           ridge_components=args.pca or None, context_radius=args.context_radius,
-                           tuning_groups=args.tuning_groups)
+                           context_radius=args.context_radius, tuning_groups=args.tuning_groups,
+                           sample_rows=args.sample_rows, scheduler=args.scheduler)
     start = time.perf_counter()
 
     def stage() -> int:

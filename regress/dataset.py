@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from regress.features import FeatureSpec, sample_features
+from regress.features import FeatureReducer, FeatureSpec, sample_features
 from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
 from slidedata.sample import HELD_OUT_GROUPS, Sample
@@ -44,15 +44,20 @@ class NucleusTable:
         labels = np.empty(len(self), dtype=np.int64)
         for code in np.unique(codes):
             idx = codes == code
-            yx = self.coords[idx]
-            lo, hi = yx.min(0), yx.max(0) + 1e-6
-            cell = np.floor((yx - lo) / (hi - lo) * n_blocks).astype(np.int64)
-            labels[idx] = (code * n_blocks + cell[:, 0]) * n_blocks + cell[:, 1]
+            labels[idx] = spatial_blocks(self.coords[idx], code, n_blocks)
         return labels
 
 
+def spatial_blocks(coords: np.ndarray, code: int, n_blocks: int) -> np.ndarray:
+    """Block label of each nucleus of one sample (`code`: its index among the samples): the extent of all its nuclei
+    cut into n_blocks x n_blocks squares; labels of different samples never meet."""
+    lo, hi = coords.min(0), coords.max(0) + 1e-6
+    cell = np.floor((coords - lo) / (hi - lo) * n_blocks).astype(np.int64)
+    return (code * n_blocks + cell[:, 0]) * n_blocks + cell[:, 1]
+
+
 def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
-               genes: list[str] | None = None) -> NucleusTable:
+               genes: list[str] | None = None, reducer: FeatureReducer | None = None) -> NucleusTable:
     """Concatenate every sample's cached nuclei with their features and (where measured) expression."""
     genes = genes if genes is not None else next((s.genes for s in samples if s.has_expression), None)
     if genes is None:
@@ -74,7 +79,7 @@ def load_table(samples: list[Sample], store: FeatureStore, spec: FeatureSpec,
         parts.append(NucleusTable(
             sample=np.full(len(cell_ids), sample.name, dtype=object), cell_id=cell_ids,
             group=sample.group_of(cell_ids), coords=nuclei[["y", "x"]].to_numpy(np.float64),
-            X=sample_features(store, sample.name, spec, nuclei), Y=Y, measured=measured, genes=genes,
+            X=sample_features(store, sample.name, spec, nuclei, reducer), Y=Y, measured=measured, genes=genes,
         ))
     table = NucleusTable(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                            ("sample", "cell_id", "group", "coords", "X", "Y", "measured")), genes=genes,

@@ -14,6 +14,7 @@ from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
 
 MORPHOLOGY_COLUMNS = ("area", "major_axis", "minor_axis", "eccentricity")
 FEATURE_DTYPE = np.float16
+REDUCER_ROWS = 20000  # rows, over all samples, that fit the principal axes of each wide block
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class FeatureSpec:
     # z-score every feature within each sample: removes what differs between slides as a whole (stain, scanner,
     # section thickness) and keeps what differs between the nuclei of one slide
     standardize_per_sample: bool = False
+    # Blocks wider than this are replaced by their principal components (axes fitted once, on a bounded subsample of
+    # rows of every sample: `FeatureReducer`), as HEST-Benchmark does with 256; None keeps every feature. It bounds
+    # the fit stage's memory and time whatever the encoder: a 1,536-d encoder at 2 sizes plus context is 1,032
+    # columns instead of 6,152.
+    block_components: int | None = 256
     keys: tuple[tuple[str, str], ...] = field(init=False)
 
     def __post_init__(self):
@@ -40,6 +46,76 @@ class FeatureSpec:
     @property
     def has_context(self) -> bool:
         return bool(self.context_radius or self.context_k)
+
+
+def entry_key(encoder: str, patch_size: str) -> str:
+    return f"{encoder}:{patch_size}"
+
+
+@dataclass
+class FeatureReducer:
+    """Per cached block wider than `n_components`: its top principal axes (of the standardised features).
+
+    Fitted once per model on a bounded subsample of every sample's rows (whole row chunks spread over each slide, so
+    the subsample costs a few chunk reads), then applied on the fly a chunk of rows at a time: no stage ever holds a
+    wide block of a whole sample. Unsupervised: the held-out nuclei's features may take part, their expression never.
+    """
+
+    n_components: int
+    axes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # 'encoder:size' -> (centre, scale, basis d x k)
+
+    @staticmethod
+    def wide_keys(store: FeatureStore, sample_name: str, spec: FeatureSpec) -> list[tuple[str, str]]:
+        limit = spec.block_components
+        return [(e, s) for e, s in spec.keys
+                if limit is not None and store.open_entry(sample_name, e, s).features.shape[1] > limit]
+
+    @staticmethod
+    def subsample(store: FeatureStore, sample_name: str, keys: list[tuple[str, str]], max_rows: int
+                  ) -> dict[str, np.ndarray]:
+        """Up to `max_rows` rows of each block of one sample: whole row chunks, evenly spaced over the sample."""
+        out = {}
+        for encoder, size in keys:
+            entry = store.open_entry(sample_name, encoder, size)
+            if not entry.is_complete:
+                entry.read()  # raises the "not computed yet" error
+            wanted = max(1, -(-max_rows // entry.chunk_nuclei))
+            units = np.unique(np.linspace(0, entry.n_units - 1, min(wanted, entry.n_units)).round().astype(int))
+            out[entry_key(encoder, size)] = np.concatenate(
+                [np.asarray(entry.features[entry.unit_rows(u)], dtype=np.float32) for u in units])[:max_rows]
+        return out
+
+    @classmethod
+    def fit(cls, subsamples: list[dict[str, np.ndarray]], n_components: int, random_state: int = 0
+            ) -> "FeatureReducer":
+        """From the `subsample`s of every sample."""
+        from regress.models import principal_basis
+
+        keys = dict.fromkeys(k for part in subsamples for k in part)
+        axes = {}
+        for key in keys:
+            rows = np.concatenate([part[key] for part in subsamples if key in part])
+            axes[key] = principal_basis(rows, n_components, max_rows=len(rows), random_state=random_state)
+        return cls(n_components, axes)
+
+    def width(self, key: str, dim: int) -> int:
+        return self.axes[key][2].shape[1] if key in self.axes else dim
+
+    def transform(self, key: str, rows: np.ndarray) -> np.ndarray:
+        from regress.models import project
+
+        return project(rows, *self.axes[key]) if key in self.axes else np.asarray(rows, dtype=np.float32)
+
+
+def fit_reducer(store: FeatureStore, sample_names: list[str], spec: FeatureSpec) -> FeatureReducer | None:
+    """The reducer of `spec` for these samples, None where no block is wider than `spec.block_components`.
+    (The streamed fit stage runs the same two steps as per-sample tasks.)"""
+    keys = FeatureReducer.wide_keys(store, sample_names[0], spec)
+    if not keys:
+        return None
+    per_sample = max(1, REDUCER_ROWS // len(sample_names))
+    return FeatureReducer.fit([FeatureReducer.subsample(store, name, keys, per_sample) for name in sample_names],
+                              spec.block_components)
 
 
 def knn_weights(coords: np.ndarray, k: int, weighted: bool = False) -> sparse.csr_matrix:
@@ -99,20 +175,30 @@ def standardize_columns(block: np.ndarray, columns: int = 256) -> None:
 
 
 def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
-                    nuclei: pd.DataFrame | None = None) -> np.ndarray:
-    """(n_nuclei, n_features) in the cache's nucleus order.
+                    nuclei: pd.DataFrame | None = None, reducer: FeatureReducer | None = None) -> np.ndarray:
+    """(n_nuclei, n_features) of one sample in the cache's nucleus order, wide blocks reduced by `reducer`.
 
-    float16, like the cache itself: the matrix of a whole dataset is the fit stage's largest object, and the
-    estimators convert one block of rows at a time.
+    float16, like the cache itself: it is the fit stage's largest object, and the estimators convert one block of
+    rows at a time. Context needs every nucleus of the sample, so one sample is the unit of memory.
     """
     nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
-    entries = [store.open_entry(sample_name, encoder, size) for encoder, size in spec.keys]
-    base_width = sum(e.features.shape[1] for e in entries) + (len(MORPHOLOGY_COLUMNS) if spec.morphology else 0)
+    entries = {entry_key(e, s): store.open_entry(sample_name, e, s) for e, s in spec.keys}
+    widths = {key: reducer.width(key, entry.features.shape[1]) if reducer else entry.features.shape[1]
+              for key, entry in entries.items()}
+    base_width = sum(widths.values()) + (len(MORPHOLOGY_COLUMNS) if spec.morphology else 0)
     out = np.empty((len(nuclei), base_width * (2 if spec.has_context else 1)), dtype=FEATURE_DTYPE)
     offset = 0
-    for entry in entries:
-        out[:, offset: offset + entry.features.shape[1]] = entry.read()
-        offset += entry.features.shape[1]
+    for key, entry in entries.items():
+        columns = slice(offset, offset + widths[key])
+        if reducer is not None and key in reducer.axes:
+            if not entry.is_complete:
+                entry.read()  # raises the "not computed yet" error
+            for unit in range(entry.n_units):  # a chunk of rows at a time: the wide block is never whole
+                rows = entry.unit_rows(unit)
+                out[rows, columns] = reducer.transform(key, entry.features[rows])
+        else:
+            out[:, columns] = entry.read()
+        offset += widths[key]
     if spec.morphology:
         out[:, offset: base_width] = np.log1p(nuclei[list(MORPHOLOGY_COLUMNS)].to_numpy(np.float32))
     if spec.standardize_per_sample:

@@ -1,5 +1,9 @@
 """The fit stage: evaluate baselines and models on spatially held-out nuclei, then save the best one refitted.
 
+`fit_and_evaluate` (the CLI, `make fit`, the challenge's `train`) streams sample by sample (`regress.stream`). The
+in-memory functions here (`training_table`, `evaluate`, `select_and_fit`) are the reference it is tested against and
+the convenient API for data that fits in memory (notebooks, the real-tissue benchmark).
+
 Evaluation never splits neighbouring nuclei at random (they share signal):
 * 'validation': train on the 'train' group, score on the 'validation' group where it has measured expression;
 * 'spatial-kfold': otherwise, K folds of square spatial blocks of the train group;
@@ -17,13 +21,11 @@ import numpy as np
 import pandas as pd
 
 from regress.dataset import NucleusTable, load_table
-from regress.features import FeatureSpec
+from regress.features import FeatureSpec, fit_reducer
 from regress.metrics import cellwise_spearman, genewise_pearson, official_score, score_table
 from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
 from regress.predictor import ExpressionPredictor
-from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
-from slidedata.sample import open_samples
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,19 @@ class FitSettings:
     protocol: str = "auto"  # 'auto' | 'validation' | 'spatial-kfold' | 'loso'
     n_folds: int = 5
     n_blocks: int = 4  # spatial blocks per side and sample (spatial-kfold and ridge's alpha CV)
-    # Ridge on this many principal components where there are more features (None: always all features); what
-    # HEST-Benchmark does with 256, and it keeps a pathology encoder's thousands of features cheap.
-    ridge_components: int | None = 256
+    # In-memory `evaluate` only: ridge on this many principal components of all its features (None: none). The fit
+    # stage reduces each wide feature block instead (FeatureSpec.block_components), which streams.
+    ridge_components: int | None = None
     # Folds of the models' own tuning (ridge's alpha, LightGBM's early stopping): 'samples' tunes for unseen slides,
     # 'blocks' for unseen places of seen slides; 'auto' is 'samples' when three or more samples train the model.
     tuning_groups: str = "auto"
     lightgbm: dict = field(default_factory=dict)
+    # LightGBM and the spatial baseline train on at most this many rows, drawn in proportion from every sample, role
+    # (train / validation) and spatial block; ridge and the mean profile always see every row (their statistics).
+    sample_rows: int = 100_000
+    # None: compute in this process, one sample at a time; or the address of a dask.distributed scheduler
+    # (tcp://host:8786) whose workers read the same cache and data paths.
+    scheduler: str | None = None
 
 
 def tuning_groups(table: NucleusTable, rows: np.ndarray, settings: FitSettings) -> np.ndarray:
@@ -147,7 +155,7 @@ class Evaluation:
     scores: pd.DataFrame  # one row per model (SCORE_COLUMNS)
     gene_scores: dict[str, np.ndarray]  # model -> per-gene Pearson
     fold_scores: dict[str, np.ndarray]  # model -> official Spearman of each split (empty with a single split)
-    held: np.ndarray  # the evaluated rows
+    held: np.ndarray | None  # the evaluated rows (None from the streamed evaluation, which keeps no table)
 
 
 def split_scores(per_nucleus: np.ndarray, table: NucleusTable, splits: list, regions: np.ndarray) -> np.ndarray:
@@ -189,9 +197,13 @@ def evaluate(table: NucleusTable, settings: FitSettings, base_dim: int, progress
             gene_scores[name] = genewise_pearson(truth, predictions)
         rows.append({"model": name, **scores, "fit_seconds": fit_seconds, "n_eval": len(held)})
         if progress:
-            print(f"  {name:<18} spearman {scores['spearman_official']:.4f}  mse {scores['mse']:.4f}  "
-                  f"({fit_seconds:.1f} s)", flush=True)
+            report_model(name, scores, fit_seconds)
     return Evaluation(protocol, pd.DataFrame(rows, columns=SCORE_COLUMNS), gene_scores, fold_scores, held)
+
+
+def report_model(name: str, scores: dict, fit_seconds: float) -> None:
+    print(f"  {name:<18} spearman {scores['spearman_official']:.4f}  mse {scores['mse']:.4f}  "
+          f"({fit_seconds:.1f} s)", flush=True)
 
 
 # Simplest first: where models tie within noise, the simpler one is saved.
@@ -272,33 +284,42 @@ def training_table(samples: list, store: FeatureStore, settings: FitSettings) ->
     spec = model_feature_spec("+context", settings)
     if not spec.has_context and any(m.endswith("+context") for m in settings.models):
         raise ValueError("a +context model needs context_k > 0 or a context_radius")
-    table = load_table(samples, store, spec)
+    table = load_table(samples, store, spec, reducer=fit_reducer(store, [s.name for s in samples], spec))
     return table, (table.X.shape[1] // 2 if spec.has_context else table.X.shape[1])
 
 
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                      settings: FitSettings | None = None, progress: bool = True,
                      microns_per_pixel: float | None = None) -> tuple[pd.DataFrame, ExpressionPredictor]:
-    """Evaluate, save the score table and plot, refit the best model on every measured nucleus, save it."""
+    """Evaluate, save the score table and plot, refit the best model on every measured nucleus, save it.
+
+    Streamed (`regress.stream`): one sample in memory at a time, on this machine or a Dask cluster
+    (`settings.scheduler`); the scores equal those of the in-memory `evaluate`.
+    """
+    from regress import stream
+
     settings = settings or FitSettings()
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    # Samples without measured expression (like DC1) can neither train nor score a model.
-    samples = [s for s in open_samples(data, microns_per_pixel=microns_per_pixel) if s.has_expression]
-    if not samples:
-        raise DataError(Path(data), "anucleus", "no sample has measured expression to learn from")
-    store = FeatureStore(cache)
-    table, base_dim = training_table(samples, store, settings)
-    protocol, scores, gene_scores, best, estimator = select_and_fit(table, settings, base_dim, progress)
+    spec = model_feature_spec("+context", settings)
+    if not spec.has_context and any(m.endswith("+context") for m in settings.models):
+        raise ValueError("a +context model needs context_k > 0 or a context_radius")
+    fit, protocol = stream.gather(data, cache, spec, settings.protocol, settings.tuning_groups, settings.n_blocks,
+                                  settings.sample_rows, settings.scheduler, progress, microns_per_pixel)
+    evaluation = stream.evaluate_streamed(fit, cache, protocol, settings, settings.scheduler, progress)
+    scores, gene_scores = evaluation.scores, evaluation.gene_scores
+    best = best_model(scores, evaluation.fold_scores)
+    estimator = stream.fit_model(best, fit, stream.labelled_units(fit), settings)
     scores.to_csv(model_dir / "scores.csv", index=False)
-    pd.DataFrame(gene_scores, index=table.genes).rename_axis("gene").to_csv(model_dir / "gene_pearson.csv")
+    pd.DataFrame(gene_scores, index=fit.genes).rename_axis("gene").to_csv(model_dir / "gene_pearson.csv")
     plot_scores(scores, gene_scores, best, model_dir / "scores.png", f"held-out: {protocol}")
+    store = FeatureStore(cache)
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=model_feature_spec(best, settings),
-        estimator=estimator, genes=table.genes,
-        embed_settings=_embed_settings(store, [s.name for s in samples], settings.features),
+        estimator=estimator, genes=fit.genes,
+        embed_settings=_embed_settings(store, [s.name for s in fit.samples], settings.features),
         scores={"protocol": protocol, **scores.set_index("model").loc[best].to_dict()},
-        feature_settings=table.feature_settings,
+        feature_settings=fit.feature_settings, reducer=fit.reducer,
     )
     predictor.save(model_dir)
     return scores.assign(protocol=protocol), predictor

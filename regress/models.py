@@ -1,14 +1,16 @@
 """Multi-output regressors with the scikit-learn estimator API.
 
-`RidgeCVRegressor` never materialises more than a block of rows: it accumulates X'X, X'Y and Y'Y per fold in one
-pass, then every (fold, alpha) pair is solved and scored from those d x d and d x g statistics alone. Ridge with
-K-fold CV over 10^6 nuclei therefore costs about one X'X product, and its memory does not grow with n x g.
+`RidgeCVRegressor` never materialises more than a block of rows: it gathers the centred sufficient statistics
+(`MomentStats`) of each fold in one pass, then every (fold, alpha) pair is solved and scored from those d x d and
+d x g statistics alone. Ridge with K-fold CV over 10^6 nuclei therefore costs about one X'X product, its memory does
+not grow with n x g, and the statistics can be gathered anywhere (sample by sample, on Dask workers) and combined.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -27,36 +29,73 @@ class ClippedRegressorMixin:
         return np.clip(predictions, 0.0, self.clip_max_).astype(np.float32)
 
 
-def fold_statistics(X: np.ndarray, Y: np.ndarray, folds: np.ndarray, n_folds: int, block: int = 65536):
-    """Per fold: n, sum x, sum y, X'X, X'Y, sum y^2 (float64) of the rows shifted by (x0, y0), streaming over blocks.
+@dataclass
+class MomentStats:
+    """Sufficient statistics of ridge for one group of rows, centred at the group's own means (float64).
 
-    The shift (x0, y0) is the first block's column means and is returned last. Without it, centring later as
-    X'X/n - mean mean' cancels catastrophically for features that sit far from zero relative to their spread
-    (RGB means near 200 with a spread of a few units, log-areas, ...): float32 products of uncentred features gave
-    ridge predictions worse than the mean profile on real tissue. Products are taken in float64 for the same reason.
+    n, the means of x and y, X'X and X'Y of the centred rows and the centred sum of squares of y: any union of groups
+    (a fold, a split, all training rows) follows exactly from these by the parallel-variance formula, so one pass over
+    the data serves every fold, split and alpha, wherever the groups were computed (a process, a Dask worker).
+    Centring per group is what keeps this exact: X'X/n - mean mean' of uncentred float32 products cancelled
+    catastrophically for features far from zero relative to their spread (RGB means near 200, log-areas), and ridge
+    then predicted worse than the mean profile on real tissue.
     """
-    d, g = X.shape[1], Y.shape[1]
-    head = slice(0, min(block, X.shape[0]))
-    x0 = np.asarray(X[head], dtype=np.float64).mean(0)
-    y0 = np.asarray(Y[head], dtype=np.float64).mean(0)
-    n = np.zeros(n_folds)
-    sx, sy = np.zeros((n_folds, d)), np.zeros((n_folds, g))
-    xtx, xty = np.zeros((n_folds, d, d)), np.zeros((n_folds, d, g))
-    syy = np.zeros(n_folds)
-    for start in range(0, X.shape[0], block):
-        xb = np.asarray(X[start: start + block], dtype=np.float64) - x0
-        yb = np.asarray(Y[start: start + block], dtype=np.float64) - y0
-        fb = folds[start: start + block]
-        for k in np.unique(fb):
-            rows = fb == k
-            xk, yk = xb[rows], yb[rows]
-            n[k] += len(xk)
-            sx[k] += xk.sum(0)
-            sy[k] += yk.sum(0)
-            xtx[k] += xk.T @ xk
-            xty[k] += xk.T @ yk
-            syy[k] += float((yk * yk).sum())
-    return n, sx, sy, xtx, xty, syy, (x0, y0)
+
+    n: float
+    mean_x: np.ndarray  # (d,)
+    mean_y: np.ndarray  # (g,)
+    xx: np.ndarray  # (d, d) sum of (x - mean_x)(x - mean_x)'
+    xy: np.ndarray  # (d, g) sum of (x - mean_x)(y - mean_y)'
+    yy: float  # sum of |y - mean_y|^2
+    y_max: np.ndarray  # (g,) per-gene maximum (the clipping range)
+
+    @classmethod
+    def of(cls, X: np.ndarray, Y: np.ndarray, block: int = 65536) -> "MomentStats":
+        """Statistics of the rows of (X, Y), a block of rows at a time in float64."""
+        n = X.shape[0]
+        mean_x = np.zeros(X.shape[1])
+        mean_y = np.zeros(Y.shape[1])
+        for start in range(0, n, block):
+            mean_x += np.asarray(X[start: start + block], dtype=np.float64).sum(0)
+            mean_y += np.asarray(Y[start: start + block], dtype=np.float64).sum(0)
+        mean_x, mean_y = mean_x / max(n, 1), mean_y / max(n, 1)
+        xx, xy, yy = np.zeros((X.shape[1], X.shape[1])), np.zeros((X.shape[1], Y.shape[1])), 0.0
+        y_max = np.full(Y.shape[1], -np.inf, dtype=np.float32)
+        for start in range(0, n, block):
+            xb = np.asarray(X[start: start + block], dtype=np.float64) - mean_x
+            yb = np.asarray(Y[start: start + block], dtype=np.float64) - mean_y
+            xx += xb.T @ xb
+            xy += xb.T @ yb
+            yy += float((yb * yb).sum())
+            y_max = np.maximum(y_max, np.asarray(Y[start: start + block], dtype=np.float32).max(0))
+        return cls(float(n), mean_x, mean_y, xx, xy, yy, y_max)
+
+    @classmethod
+    def by_group(cls, X: np.ndarray, Y: np.ndarray, labels: np.ndarray) -> dict:
+        """{label: statistics of the rows with that label}."""
+        return {label: cls.of(X[labels == label], Y[labels == label]) for label in np.unique(labels)}
+
+    @classmethod
+    def combine(cls, parts: list["MomentStats"]) -> "MomentStats":
+        """The statistics of the union of the groups (Chan et al.'s parallel update, exact)."""
+        parts = [p for p in parts if p.n > 0]
+        if not parts:
+            raise ValueError("no rows to combine")
+        n = sum(p.n for p in parts)
+        mean_x = sum(p.n * p.mean_x for p in parts) / n
+        mean_y = sum(p.n * p.mean_y for p in parts) / n
+        xx, xy, yy = np.zeros_like(parts[0].xx), np.zeros_like(parts[0].xy), 0.0
+        for p in parts:
+            dx, dy = p.mean_x - mean_x, p.mean_y - mean_y
+            xx += p.xx + p.n * np.outer(dx, dx)
+            xy += p.xy + p.n * np.outer(dx, dy)
+            yy += p.yy + p.n * float(dy @ dy)
+        return cls(n, mean_x, mean_y, xx, xy, yy, np.max([p.y_max for p in parts], axis=0))
+
+    def columns(self, count: int) -> "MomentStats":
+        """The statistics of the first `count` features only (e.g. a model without the context block)."""
+        return MomentStats(self.n, self.mean_x[:count], self.mean_y, self.xx[:count, :count], self.xy[:count],
+                           self.yy, self.y_max)
 
 
 def principal_basis(X: np.ndarray, n_components: int, max_rows: int, random_state: int = 0
@@ -91,33 +130,35 @@ def project(X: np.ndarray, centre: np.ndarray, scale: np.ndarray, basis: np.ndar
     return out
 
 
-def _solve_path(n, sx, sy, xtx, xty, alphas, standardize: bool):
-    """Centred (optionally standardised) ridge solutions for every alpha from sufficient statistics.
+def ridge_path(stats: MomentStats, alphas, standardize: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Ridge solutions (coef d x g, intercept g) for every alpha from a training group's statistics.
 
-    Returns a list of (coef d x g, intercept g) in the original feature space, one per alpha.
+    Alpha penalises the sum of squares: it is the same alpha whatever the number of rows, as in scikit-learn.
     """
-    mx, my = sx / n, sy / n
-    cov = xtx / n - np.outer(mx, mx)
-    cross = xty / n - np.outer(mx, my)
-    scale = np.sqrt(np.clip(np.diag(cov), 1e-12, None)) if standardize else np.ones(len(mx))
-    cov_s = cov / np.outer(scale, scale)
-    cross_s = cross / scale[:, None]
-    evals, evecs = np.linalg.eigh(cov_s)
+    cov, cross = stats.xx / stats.n, stats.xy / stats.n
+    scale = np.sqrt(np.clip(np.diag(cov), 1e-12, None)) if standardize else np.ones(len(stats.mean_x))
+    evals, evecs = np.linalg.eigh(cov / np.outer(scale, scale))
     evals = np.clip(evals, 0, None)
-    projected = evecs.T @ cross_s
+    projected = evecs.T @ (cross / scale[:, None])
     solutions = []
     for alpha in alphas:
-        # Per-sample alpha: penalty alpha on the sum of squares equals alpha / n on the mean.
-        coef_s = evecs @ (projected / (evals + alpha / n)[:, None])
-        coef = coef_s / scale[:, None]
-        solutions.append((coef, my - mx @ coef))
+        coef = evecs @ (projected / (evals + alpha / stats.n)[:, None]) / scale[:, None]
+        solutions.append((coef, stats.mean_y - stats.mean_x @ coef))
     return solutions
 
 
-def _fold_sse(coef, intercept, n, sx, sy, xtx, xty, syy) -> float:
-    """Sum of squared errors of (coef, intercept) on a fold, from the fold's statistics."""
-    return float(syy - 2 * np.sum(coef * xty) - 2 * intercept @ sy + np.sum(coef * (xtx @ coef))
-                 + 2 * (sx @ coef) @ intercept + n * intercept @ intercept)
+def sum_squared_error(coef: np.ndarray, intercept: np.ndarray, stats: MomentStats) -> float:
+    """Sum over the group's rows of |y - intercept - x coef|^2, from its statistics alone."""
+    offset = stats.mean_y - intercept - stats.mean_x @ coef
+    return float(stats.yy - 2 * np.sum(coef * stats.xy) + np.sum(coef * (stats.xx @ coef))
+                 + stats.n * offset @ offset)
+
+
+def ridge_fold_of(groups: np.ndarray, n_folds: int, random_state: int = 0) -> dict:
+    """{group label: fold}: whole groups (samples, spatial blocks) are assigned to folds at random."""
+    unique = np.unique(groups)
+    shuffled = np.random.default_rng(random_state).permutation(len(unique))
+    return dict(zip(unique.tolist(), (shuffled % min(n_folds, len(unique))).tolist()))
 
 
 class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
@@ -134,43 +175,49 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
         start = time.perf_counter()
-        folds = self._folds(len(X), groups)
-        n_folds = int(folds.max()) + 1
         reduce = self.n_components is not None and self.n_components < X.shape[1]
         if reduce:
             centre, scale, basis = principal_basis(X, self.n_components, self.max_basis_rows, self.random_state)
             X = project(X, centre, scale, basis)
-        standardize = self.standardize and not reduce  # components keep their variances: ridge shrinks the small
-        *stats, (x0, y0) = fold_statistics(X, Y, folds, n_folds)
-        total = [s.sum(0) for s in stats]
+        folds = self._folds(len(X), groups)
+        # components keep their variances: ridge shrinks the small ones
+        self.fit_statistics(list(MomentStats.by_group(X, Y, folds).values()), standardize=self.standardize and not reduce)
+        if reduce:  # back to the features: prediction = shifted_intercept + ((X - centre) / scale) @ basis @ coef
+            self.shifted_intercept_ = (self.shifted_intercept_ - self.x_shift_ @ self.coef_).astype(np.float32)
+            self.coef_ = ((basis @ self.coef_) / scale[:, None]).astype(np.float32)
+            self.x_shift_ = centre.astype(np.float32)
+            self.intercept_ = (self.shifted_intercept_ - centre @ self.coef_).astype(np.float32)
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def fit_statistics(self, folds: list[MomentStats], standardize: bool | None = None):
+        """Fit from the statistics of each cross-validation fold (whole samples or blocks): alpha minimises the
+        summed held-out error over the folds, then ridge is solved on all of them. The streamed fit stage calls this
+        with statistics gathered sample by sample; `fit` with those of in-memory rows."""
+        standardize = self.standardize if standardize is None else standardize
+        total = MomentStats.combine(folds)
         alphas = np.asarray(self.alphas, dtype=float)
         sse = np.zeros(len(alphas))
-        if n_folds > 1:
-            for k in range(n_folds):
-                train = [t - s[k] for t, s in zip(total, stats)]
-                for i, (coef, b) in enumerate(_solve_path(*train[:5], alphas, standardize)):
-                    sse[i] += _fold_sse(coef, b, *(s[k] for s in stats))
-        self.cv_mse_ = sse / (total[0] * Y.shape[1])
-        self.alpha_ = float(alphas[int(np.argmin(sse))]) if n_folds > 1 else float(alphas[len(alphas) // 2])
-        coef, shifted_intercept = _solve_path(*total[:5], [self.alpha_], standardize)[0]
-        shifted_intercept = shifted_intercept + y0
-        if reduce:  # back to the features: Z - z0 = ((X - centre) / scale) @ basis - z0
-            shifted_intercept = shifted_intercept - x0 @ coef
-            coef, x0 = (basis @ coef) / scale[:, None], centre
+        if len(folds) > 1:
+            for k, held in enumerate(folds):
+                train = MomentStats.combine(folds[:k] + folds[k + 1:])
+                for i, (coef, intercept) in enumerate(ridge_path(train, alphas, standardize)):
+                    sse[i] += sum_squared_error(coef, intercept, held)
+        self.cv_mse_ = sse / (total.n * len(total.mean_y))
+        self.alpha_ = float(alphas[int(np.argmin(sse))]) if len(folds) > 1 else float(alphas[len(alphas) // 2])
+        coef, _ = ridge_path(total, [self.alpha_], standardize)[0]
         self.coef_ = coef.astype(np.float32)
-        self.intercept_ = (shifted_intercept - x0 @ coef).astype(np.float32)  # scikit-learn's meaning
-        # Prediction subtracts the same shift first, for the same precision reason as the fit.
-        self.x_shift_, self.shifted_intercept_ = x0.astype(np.float32), shifted_intercept.astype(np.float32)
-        self._set_clip(Y)
-        self.fit_seconds_ = time.perf_counter() - start
+        self.intercept_ = (total.mean_y - total.mean_x @ coef).astype(np.float32)  # scikit-learn's meaning
+        # Prediction subtracts the training mean first: features far from zero keep their precision in float32.
+        self.x_shift_, self.shifted_intercept_ = total.mean_x.astype(np.float32), total.mean_y.astype(np.float32)
+        self.clip_max_ = total.y_max.astype(np.float32)
         return self
 
     def _folds(self, n: int, groups: np.ndarray | None) -> np.ndarray:
         if groups is None:
             return np.random.default_rng(self.random_state).integers(0, self.n_folds, n)
-        unique, inverse = np.unique(groups, return_inverse=True)
-        shuffled = np.random.default_rng(self.random_state).permutation(len(unique))
-        return (shuffled[inverse] % min(self.n_folds, len(unique))).astype(np.int64)
+        fold_of = ridge_fold_of(groups, self.n_folds, self.random_state)
+        return np.array([fold_of[g] for g in np.asarray(groups).tolist()], dtype=np.int64)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self._clip((np.asarray(X, dtype=np.float32) - self.x_shift_) @ self.coef_ + self.shifted_intercept_)
@@ -247,6 +294,11 @@ class MeanProfile(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     def fit(self, X, Y, groups=None):
         self.mean_ = np.asarray(Y, dtype=np.float32).mean(0)
         self._set_clip(Y)
+        return self
+
+    def fit_statistics(self, stats: MomentStats):
+        """The same from the training rows' statistics (the streamed fit stage)."""
+        self.mean_, self.clip_max_ = stats.mean_y.astype(np.float32), stats.y_max.astype(np.float32)
         return self
 
     def predict(self, X):

@@ -11,7 +11,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from regress.features import FeatureSpec, sample_features
+from regress.features import FeatureReducer, FeatureSpec, sample_features
 from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
 
@@ -30,17 +30,26 @@ class ExpressionPredictor:
     # The settings of the cache entries it was trained on ('encoder:patch_size' -> settings_of(attrs)): features
     # made otherwise are refused at prediction. Empty for models saved before this was recorded.
     feature_settings: dict = field(default_factory=dict)
+    reducer: FeatureReducer | None = None  # the principal axes of the wide feature blocks, fitted with the model
 
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         return self.estimator.predict(X)
 
-    def predict_sample(self, store: FeatureStore, sample_name: str,
-                       nuclei: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(cell_ids, predictions) for every nucleus of a cached sample, in the cache's order."""
+    def predict_sample(self, store: FeatureStore, sample_name: str, nuclei: pd.DataFrame | None = None,
+                       rows: np.ndarray | None = None, block: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+        """(cell_ids, predictions) of the nuclei `rows` (default: all) of a cached sample, in the cache's order.
+
+        The features of every nucleus are built (context reads the neighbours), but only `rows` are predicted, a
+        block at a time: at submission the train nuclei cost no prediction memory.
+        """
         nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
         store.check_settings(sample_name, getattr(self, "feature_settings", {}))
-        X = sample_features(store, sample_name, self.feature_spec, nuclei)
-        return nuclei["cell_id"].to_numpy(np.int64), self.predict_features(X)
+        X = sample_features(store, sample_name, self.feature_spec, nuclei, getattr(self, "reducer", None))
+        rows = np.arange(len(nuclei)) if rows is None else np.asarray(rows)
+        out = np.empty((len(rows), len(self.genes)), dtype=np.float32)
+        for start in range(0, len(rows), block):
+            out[start: start + block] = self.predict_features(X[rows[start: start + block]])
+        return nuclei["cell_id"].to_numpy(np.int64)[rows], out
 
     def save(self, directory: str | Path) -> Path:
         """Write atomically (temporary name, then rename) with a readable JSON summary beside it."""

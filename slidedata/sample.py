@@ -224,18 +224,24 @@ def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pix
                   microns_per_pixel=microns_per_pixel, image_files=image_files, mask_files=mask_files)
 
 
-def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None
-                 ) -> list[Sample]:
-    """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name."""
+def sample_paths(path: str | Path) -> list[Path]:
+    """The sample zarr at `path`, or every `<sample>.zarr` in the folder `path`, sorted by name."""
     path = Path(path)
     if path.suffix == SAMPLE_SUFFIX or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-        return [open_sample(path, n_genes, microns_per_pixel)]
+        return [path]
     if not path.is_dir():
         raise DataError(path, "-", "neither a sample zarr nor a folder of them")
     found = sorted(p for p in path.iterdir() if p.suffix == SAMPLE_SUFFIX)
     if not found:
         raise DataError(path, "-", f"no *{SAMPLE_SUFFIX} sample in this folder")
-    samples = [open_sample(p, n_genes, microns_per_pixel) for p in found]
+    return found
+
+
+def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None
+                 ) -> list[Sample]:
+    """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name (all held open: the fit stage
+    opens one at a time instead, see `regress.stream`)."""
+    samples = [open_sample(p, n_genes, microns_per_pixel) for p in sample_paths(path)]
     check_same_genes(samples)
     return samples
 

@@ -36,9 +36,9 @@ def predict_held_out(predictor: ExpressionPredictor, store: FeatureStore, sample
                      groups: tuple[str, ...] = HELD_OUT_GROUPS) -> SamplePredictions:
     """Every nucleus of `sample` in `groups` (default: validation and test), sorted by cell_id."""
     nuclei = store.nuclei(sample, if_changed="raise")  # cached once the sample is embedded; refused if it changed
-    cell_ids, values = predictor.predict_sample(store, sample.name, nuclei)
-    keep = np.isin(sample.group_of(cell_ids), groups)
-    order = np.argsort(cell_ids[keep], kind="stable")
+    keep = np.flatnonzero(np.isin(sample.group_of(nuclei["cell_id"].to_numpy(np.int64)), groups))
+    cell_ids, values = predictor.predict_sample(store, sample.name, nuclei, rows=keep)
+    order = np.argsort(cell_ids, kind="stable")
     clip_max = getattr(predictor.estimator, "clip_max_", None)
-    return SamplePredictions(sample.name, cell_ids[keep][order], list(predictor.genes),
-                             finalise(values[keep][order], clip_max).astype(np.float32))
+    return SamplePredictions(sample.name, cell_ids[order], list(predictor.genes),
+                             finalise(values[order], clip_max).astype(np.float32))
