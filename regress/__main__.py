@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
-    parser.add_argument("--pca", type=int, default=FeatureSpec.block_components,
-                        help="feature blocks (encoder x patch size) wider than this are replaced by this many "
-                             "principal components (0: never)")
+    parser.add_argument("--pca", type=int, default=FitSettings.ridge_components,
+                        help="ridge on this many principal components where it has more features, and feature blocks "
+                             "(encoder x patch size) wider than this reduced to as many first (0: never)")
     parser.add_argument("--sample-rows", type=int, default=FitSettings.sample_rows,
                         help="LightGBM and the spatial baseline train on at most this many rows, drawn from every "
                              "sample, group and spatial block alike (ridge always uses every row)")
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 block_components=args.pca or None),
                            models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
                            context_radius=args.context_radius, tuning_groups=args.tuning_groups,
+                           ridge_components=args.pca or None,
                            sample_rows=args.sample_rows, scheduler=args.scheduler)
     start = time.perf_counter()
 

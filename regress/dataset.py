@@ -26,13 +26,21 @@ class NucleusTable:
     # How the features were embedded ('encoder:patch_size' -> settings), the same for every sample; saved with
     # the model so prediction can refuse features made otherwise.
     feature_settings: dict[str, dict] = field(default_factory=dict)
+    column_groups: np.ndarray | None = None  # per column of X, see regress.features.column_groups
+
+    def groups_of(self, inputs: np.ndarray) -> np.ndarray | None:
+        """The column groups of a model's inputs (a leading slice of X's columns); None for other inputs."""
+        if self.column_groups is None or inputs.shape[1] > len(self.column_groups):
+            return None
+        return self.column_groups[: inputs.shape[1]]
 
     def __len__(self) -> int:
         return len(self.cell_id)
 
     def rows(self, index: np.ndarray) -> "NucleusTable":
         return NucleusTable(self.sample[index], self.cell_id[index], self.group[index], self.coords[index],
-                            self.X[index], self.Y[index], self.measured[index], self.genes, self.feature_settings)
+                            self.X[index], self.Y[index], self.measured[index], self.genes, self.feature_settings,
+                            self.column_groups)
 
     @property
     def held_out(self) -> np.ndarray:

@@ -107,6 +107,26 @@ class FeatureReducer:
         return project(rows, *self.axes[key]) if key in self.axes else np.asarray(rows, dtype=np.float32)
 
 
+def column_groups(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer: FeatureReducer | None
+                  ) -> np.ndarray:
+    """A group id per column of `sample_features`: the components of a reduced block share one (ridge scales them
+    together, see `regress.models.column_scale`); every other column is a group of its own."""
+    groups, next_id = [], 0
+    for encoder, size in spec.keys:
+        key, dim = entry_key(encoder, size), store.open_entry(sample_name, encoder, size).features.shape[1]
+        if reducer is not None and key in reducer.axes:
+            groups += [next_id] * reducer.width(key, dim)
+            next_id += 1
+        else:
+            groups += list(range(next_id, next_id + dim))
+            next_id += dim
+    if spec.morphology:
+        groups += list(range(next_id, next_id + len(MORPHOLOGY_COLUMNS)))
+        next_id += len(MORPHOLOGY_COLUMNS)
+    base = np.asarray(groups, dtype=np.int64)
+    return np.r_[base, base + next_id] if spec.has_context else base  # context columns mirror their block
+
+
 def fit_reducer(store: FeatureStore, sample_names: list[str], spec: FeatureSpec) -> FeatureReducer | None:
     """The reducer of `spec` for these samples, None where no block is wider than `spec.block_components`.
     (The streamed fit stage runs the same two steps as per-sample tasks.)"""

@@ -92,6 +92,11 @@ class MomentStats:
             yy += p.yy + p.n * float(dy @ dy)
         return cls(n, mean_x, mean_y, xx, xy, yy, np.max([p.y_max for p in parts], axis=0))
 
+    def project(self, centre: np.ndarray, basis: np.ndarray) -> "MomentStats":
+        """The statistics of the rows mapped to (x - centre) @ basis (e.g. principal components)."""
+        return MomentStats(self.n, (self.mean_x - centre) @ basis, self.mean_y, basis.T @ self.xx @ basis,
+                           basis.T @ self.xy, self.yy, self.y_max)
+
     def columns(self, count: int) -> "MomentStats":
         """The statistics of the first `count` features only (e.g. a model without the context block)."""
         return MomentStats(self.n, self.mean_x[:count], self.mean_y, self.xx[:count, :count], self.xy[:count],
@@ -130,13 +135,29 @@ def project(X: np.ndarray, centre: np.ndarray, scale: np.ndarray, basis: np.ndar
     return out
 
 
-def ridge_path(stats: MomentStats, alphas, standardize: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+def column_scale(variances: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Standard deviation per column, or, for columns in one group, the root mean variance of the group.
+
+    A block reduced to principal components (`FeatureReducer`) is one group: scaling its components one by one would
+    blow its smallest directions up to the weight of its largest; a common scale keeps the geometry the block's
+    standardised features had.
+    """
+    variances = np.clip(np.asarray(variances, dtype=np.float64), 1e-12, None)
+    if groups is None:
+        return np.sqrt(variances)
+    groups = np.asarray(groups)
+    mean = np.bincount(groups, weights=variances) / np.bincount(groups)
+    return np.sqrt(mean[groups])
+
+
+def ridge_path(stats: MomentStats, alphas, standardize: bool, groups: np.ndarray | None = None
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Ridge solutions (coef d x g, intercept g) for every alpha from a training group's statistics.
 
     Alpha penalises the sum of squares: it is the same alpha whatever the number of rows, as in scikit-learn.
     """
     cov, cross = stats.xx / stats.n, stats.xy / stats.n
-    scale = np.sqrt(np.clip(np.diag(cov), 1e-12, None)) if standardize else np.ones(len(stats.mean_x))
+    scale = column_scale(np.diag(cov), groups) if standardize else np.ones(len(stats.mean_x))
     evals, evecs = np.linalg.eigh(cov / np.outer(scale, scale))
     evals = np.clip(evals, 0, None)
     projected = evecs.T @ (cross / scale[:, None])
@@ -165,51 +186,58 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     """Multi-output ridge; alpha chosen by K-fold CV over `groups` (e.g. spatial blocks) or random folds.
 
     With `n_components` below the number of features, ridge runs on that many principal components of the
-    standardised features (axes from at most `max_basis_rows` rows); coefficients are mapped back to the features.
+    standardised features (exact axes, from the statistics); coefficients are mapped back to the features.
+    `column_groups` (a group id per feature) standardises grouped columns by one common scale (`column_scale`).
     """
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_folds: int = 5, standardize: bool = True,
-                 n_components: int | None = None, max_basis_rows: int = 20000, random_state: int = 0):
+                 n_components: int | None = None, column_groups: np.ndarray | None = None, random_state: int = 0):
         self.alphas, self.n_folds, self.standardize = alphas, n_folds, standardize
-        self.n_components, self.max_basis_rows, self.random_state = n_components, max_basis_rows, random_state
+        self.n_components, self.column_groups, self.random_state = n_components, column_groups, random_state
 
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
         start = time.perf_counter()
-        reduce = self.n_components is not None and self.n_components < X.shape[1]
-        if reduce:
-            centre, scale, basis = principal_basis(X, self.n_components, self.max_basis_rows, self.random_state)
-            X = project(X, centre, scale, basis)
         folds = self._folds(len(X), groups)
-        # components keep their variances: ridge shrinks the small ones
-        self.fit_statistics(list(MomentStats.by_group(X, Y, folds).values()), standardize=self.standardize and not reduce)
-        if reduce:  # back to the features: prediction = shifted_intercept + ((X - centre) / scale) @ basis @ coef
-            self.shifted_intercept_ = (self.shifted_intercept_ - self.x_shift_ @ self.coef_).astype(np.float32)
-            self.coef_ = ((basis @ self.coef_) / scale[:, None]).astype(np.float32)
-            self.x_shift_ = centre.astype(np.float32)
-            self.intercept_ = (self.shifted_intercept_ - centre @ self.coef_).astype(np.float32)
+        self.fit_statistics(list(MomentStats.by_group(X, Y, folds).values()))
         self.fit_seconds_ = time.perf_counter() - start
         return self
 
-    def fit_statistics(self, folds: list[MomentStats], standardize: bool | None = None):
+    def fit_statistics(self, folds: list[MomentStats]):
         """Fit from the statistics of each cross-validation fold (whole samples or blocks): alpha minimises the
         summed held-out error over the folds, then ridge is solved on all of them. The streamed fit stage calls this
-        with statistics gathered sample by sample; `fit` with those of in-memory rows."""
-        standardize = self.standardize if standardize is None else standardize
+        with statistics gathered sample by sample; `fit` with those of in-memory rows.
+
+        With `n_components`, the principal axes of the standardised features come from the covariance of all the
+        folds' rows (exact, and from the statistics alone: no pass over the rows), and every fold's statistics are
+        projected onto them.
+        """
         total = MomentStats.combine(folds)
+        centre, standardize, basis, groups = total.mean_x, self.standardize, None, self.column_groups
+        if self.n_components is not None and self.n_components < len(centre):
+            scale = column_scale(np.diag(total.xx) / total.n, self.column_groups)
+            _, evecs = np.linalg.eigh(total.xx / np.outer(scale, scale))
+            basis = evecs[:, ::-1][:, : self.n_components] / scale[:, None]  # component = (x - centre) @ basis
+            folds = [f.project(centre, basis) for f in folds]
+            total = MomentStats.combine(folds)
+            standardize, groups = False, None  # components keep their variances: ridge shrinks the small ones
         alphas = np.asarray(self.alphas, dtype=float)
         sse = np.zeros(len(alphas))
         if len(folds) > 1:
             for k, held in enumerate(folds):
                 train = MomentStats.combine(folds[:k] + folds[k + 1:])
-                for i, (coef, intercept) in enumerate(ridge_path(train, alphas, standardize)):
+                for i, (coef, intercept) in enumerate(ridge_path(train, alphas, standardize, groups)):
                     sse[i] += sum_squared_error(coef, intercept, held)
         self.cv_mse_ = sse / (total.n * len(total.mean_y))
         self.alpha_ = float(alphas[int(np.argmin(sse))]) if len(folds) > 1 else float(alphas[len(alphas) // 2])
-        coef, _ = ridge_path(total, [self.alpha_], standardize)[0]
+        coef, intercept = ridge_path(total, [self.alpha_], standardize, groups)[0]
+        # prediction = shifted_intercept + (x - centre) @ coef: subtracting the training mean first keeps the
+        # precision of features far from zero in float32 (components are centred already)
+        shifted_intercept = intercept if basis is not None else intercept + centre @ coef
+        if basis is not None:  # back to the features
+            coef = basis @ coef
         self.coef_ = coef.astype(np.float32)
-        self.intercept_ = (total.mean_y - total.mean_x @ coef).astype(np.float32)  # scikit-learn's meaning
-        # Prediction subtracts the training mean first: features far from zero keep their precision in float32.
-        self.x_shift_, self.shifted_intercept_ = total.mean_x.astype(np.float32), total.mean_y.astype(np.float32)
+        self.x_shift_, self.shifted_intercept_ = centre.astype(np.float32), shifted_intercept.astype(np.float32)
+        self.intercept_ = (shifted_intercept - centre @ coef).astype(np.float32)  # scikit-learn's meaning
         self.clip_max_ = total.y_max.astype(np.float32)
         return self
 

@@ -28,7 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from regress.dataset import spatial_blocks
-from regress.features import REDUCER_ROWS, FeatureReducer, FeatureSpec, sample_features
+from regress.features import REDUCER_ROWS, FeatureReducer, FeatureSpec, column_groups, sample_features
 from regress.metrics import (cellwise_mse, cellwise_spearman, default_patch_radius, gene_moments, held_out_patches,
                              official_score, pearson_from_moments)
 from regress.models import MomentStats, ridge_fold_of
@@ -113,6 +113,7 @@ class StreamedFit:
     stats: dict = field(default_factory=dict)  # unit -> MomentStats
     rows: RowSample | None = None
     with_blocks: bool = False
+    column_groups: np.ndarray | None = None  # per feature column, see regress.features.column_groups
 
 
 # -- the driver's view of the samples ----------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def gather(data: str | Path, cache: str | Path, spec: FeatureSpec, protocol: str
                      for s in samples], scheduler, "statistics", progress)
     dim = next(iter(parts[0].stats.values())).mean_x.shape[0] if parts[0].stats else parts[0].rows.X.shape[1]
     fit = StreamedFit(samples, spec, reducer, dim // 2 if spec.has_context else dim, genes, settings,
-                      with_blocks=with_blocks)
+                      with_blocks=with_blocks, column_groups=column_groups(store, samples[0].name, spec, reducer))
     for part in parts:
         fit.stats.update(part.stats)
     fit.rows = RowSample.concat([p.rows for p in parts])
@@ -334,9 +335,9 @@ def fit_model(name: str, fit: StreamedFit, units: frozenset, settings) -> object
 
     n_samples = len({u[0] for u in units})
     by_sample = tunes_by_sample(n_samples, settings.tuning_groups)
-    estimator = make_estimator(name, settings)
-    base = name.split("+")[0]
     width = None if name.endswith("+context") else fit.base_dim
+    estimator = make_estimator(name, settings, fit.column_groups[:width])
+    base = name.split("+")[0]
     if base in ("ridge", "mean-profile"):
         labels = sorted(units)
         groups = np.array([tuning_label(u, by_sample) for u in labels])
@@ -347,8 +348,6 @@ def fit_model(name: str, fit: StreamedFit, units: frozenset, settings) -> object
         for unit, group in zip(labels, groups.tolist()):
             stats = fit.stats[unit] if width is None else fit.stats[unit].columns(width)
             folds.setdefault(fold_of[group], []).append(stats)
-        # no principal components inside ridge here: wide blocks were reduced already (FeatureSpec.block_components)
-        estimator.set_params(n_components=None)
         return estimator.fit_statistics([MomentStats.combine(folds[k]) for k in sorted(folds)])
     rows = fit.rows.take(units)
     inputs = model_rows(name, rows.X, rows.coords, rows.codes, fit.base_dim)

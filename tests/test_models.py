@@ -127,3 +127,22 @@ def test_ridge_on_principal_components_equals_scikit_learn_pca_then_ridge():
     Z = PCA(n_components=6).fit_transform(Xs)
     expected = np.clip(Ridge(alpha=5.0).fit(Z, Y.astype(np.float64)).predict(Z), 0, Y.max(0))
     np.testing.assert_allclose(ours.predict(X), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_grouped_columns_share_one_scale_and_a_rotation_inside_a_group_changes_nothing():
+    from regress.models import column_scale
+
+    np.testing.assert_allclose(column_scale([1.0, 4.0, 9.0, 16.0], np.array([0, 1, 1, 2])),
+                               [1.0, np.sqrt(6.5), np.sqrt(6.5), 4.0])
+    # a group scaled as one keeps its geometry: ridge on a rotated copy of the group predicts the same
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(400, 6)) * [1, 2, 3, 0.5, 1, 1]
+    Y = np.abs(X[:, :3] @ rng.normal(size=(3, 4)) + 5)
+    rotation = np.linalg.qr(rng.normal(size=(4, 4)))[0]
+    rotated = np.c_[X[:, :2], X[:, 2:] @ rotation]
+    groups = np.array([0, 1, 2, 2, 2, 2])
+    a = RidgeCVRegressor(alphas=[30.0], n_folds=1, column_groups=groups).fit(X, Y)
+    b = RidgeCVRegressor(alphas=[30.0], n_folds=1, column_groups=groups).fit(rotated, Y)
+    np.testing.assert_allclose(a.predict(X), b.predict(rotated), rtol=1e-4, atol=1e-4)
+    c = RidgeCVRegressor(alphas=[30.0], n_folds=1).fit(rotated, Y)  # column by column: not the same model
+    assert np.abs(c.predict(rotated) - a.predict(X)).max() > 1e-3
