@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-nuclei", type=int, default=1024, help="rows per cache chunk (unit of resumption)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers cutting patches")
+    parser.add_argument("--torch-threads", type=int,
+                        help="encoder threads on a CPU (default: 1 for handcrafted, torch's default for networks)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     parser.add_argument("--stain-normalization", choices=["macenko"], default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size,
                              input_size=args.input_size,
                              chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
+                             torch_threads=args.torch_threads,
                              stain_normalization=args.stain_normalization, compile=args.compile,
                              rank=rank, world_size=world)
     start = time.perf_counter()

@@ -46,24 +46,32 @@ class PatchEncoder(nn.Module):
         return self.spec.dim
 
     def preprocess(self, patches: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> normalised float (B, 3, size, size); `size` defaults to the encoder's input size."""
-        x = patches.float().div_(255)
+        """(B, 3, S, S) uint8 (or float on the 0-255 scale) -> normalised float (B, 3, size, size); `size` defaults
+        to the encoder's input size."""
+        x = patches.to(torch.float32) / 255  # never in place: float patches would be changed under the caller
         size = size or self.spec.input_size
         if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode=self.spec.interpolation, antialias=x.shape[-1] > size,
-                              align_corners=False)
-            if self.spec.interpolation == "bicubic":  # bicubic overshoots outside [0, 1]
+            mode = self.spec.interpolation
+            if mode == "area" and x.shape[-1] < size:  # enlarging by area only repeats pixels: bilinear instead
+                mode = "bilinear"
+            if mode == "area":
+                x = F.interpolate(x, size=(size, size), mode="area")
+            else:
+                x = F.interpolate(x, size=(size, size), mode=mode, antialias=x.shape[-1] > size, align_corners=False)
+            if mode == "bicubic":  # bicubic overshoots outside [0, 1]
                 x = x.clamp_(0, 1)
         return (x - self.mean) / self.std
 
-    def forward(self, patches: torch.Tensor, masks: torch.Tensor | None = None, size: int | None = None
-                ) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, masks: torch.Tensor | None = None, size: int | None = None,
+                crop: int | None = None) -> torch.Tensor:
+        """`crop`: the patches' edge on the slide, where they were shrunk while cut (default: their own edge)."""
         x = self.preprocess(patches, size)
         if self.spec.library == "handcrafted":
             if masks is None:
                 raise ValueError("the handcrafted encoder needs the nucleus masks of the patches")
-            small = F.interpolate(masks.float(), size=x.shape[-2:], mode="nearest")
-            return self.backbone(x, small, scale=patches.shape[-1] / x.shape[-1])
+            if masks.shape[-1] != x.shape[-1]:
+                masks = F.interpolate(masks.float(), size=x.shape[-2:], mode="nearest")
+            return self.backbone(x, masks, scale=(crop or patches.shape[-1]) / x.shape[-1])
         if self.spec.library == "transformers":
             return self.backbone(pixel_values=x).last_hidden_state[:, 0]
         if self.spec.pooling == "cls_mean":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,11 +31,10 @@ FEATURE_NAMES = (
 )
 
 
-def stain_concentrations(rgb: torch.Tensor) -> torch.Tensor:
-    """(B, 3, h, w) RGB in [0, 1] -> (B, 3, h, w) haematoxylin, eosin, residual densities (colour deconvolution)."""
-    od = -torch.log(rgb.clamp(min=1 / 255))
-    unmix = torch.linalg.inv(_STAINS.to(rgb))  # od = conc @ STAINS  ->  conc = od @ inv(STAINS)
-    return torch.einsum("bchw,cd->bdhw", od, unmix)
+_BLOCK = 64  # patches per pass over the pixels
+
+# Quantiles of the haematoxylin density, interpolated linearly between order statistics like torch.quantile.
+_QUANTILES = (0.1, 0.5, 0.9)
 
 
 class HandcraftedFeatures(nn.Module):
@@ -42,51 +42,84 @@ class HandcraftedFeatures(nn.Module):
 
     Inputs: `images` (B, 3, s, s) RGB in [0, 1]; `masks` (B, 2, s, s): channel 0 = this nucleus, 1 = any nucleus.
     Shape features are in native pixels, so `scale` (native patch size / s) converts from the resized patch.
+    Written for the CPU: blocks of patches that stay in cache, few passes over the pixels, one sort for the quantiles.
     """
 
     dim = len(FEATURE_NAMES)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        b = images.shape[0]
-        flat_rgb = images.flatten(2)
-        conc = stain_concentrations(images)
-        haem, eosin = conc[:, 0], conc[:, 1]
-        flat_h = haem.flatten(1)
-        quantiles = torch.quantile(flat_h.float(), torch.tensor([0.1, 0.5, 0.9], device=images.device), dim=1).T
+        if images.shape[0] > _BLOCK:  # blocks whose temporaries stay in the CPU's cache: ~2x faster than one pass
+            return torch.cat([self.forward(images[i: i + _BLOCK], masks[i: i + _BLOCK], scale)
+                              for i in range(0, images.shape[0], _BLOCK)])
+        b, _, side, _ = images.shape
+        n = side * side
+        flat_rgb = images.reshape(b, 3, n)
+        od = torch.log(flat_rgb.clamp(min=1 / 255)).neg_()
+        unmix = torch.linalg.inv(_STAINS.to(images))  # od = conc @ STAINS  ->  conc = od @ inv(STAINS)
+        stains = torch.matmul(unmix[:, :2].T, od)  # (B, 2, n): haematoxylin, eosin
+        flat_h = stains[:, 0]
+        rgb_mean, rgb_std = _mean_std(flat_rgb)
+        stain_mean, stain_std = _mean_std(stains)
+
+        position = torch.tensor(_QUANTILES, dtype=torch.float64) * (n - 1)
+        low = position.floor().long()
+        ordered = _sorted(flat_h)
+        weight = (position - low).to(images.dtype)
+        quantiles = torch.lerp(ordered[:, low], ordered[:, (low + 1).clamp(max=n - 1)], weight)
+
+        haem = flat_h.view(b, side, side)
         grad_y, grad_x = torch.gradient(haem, dim=(1, 2))
+        gradient = torch.hypot(grad_y, grad_x).mean((1, 2))
         laplacian = (haem[:, 2:, 1:-1] + haem[:, :-2, 1:-1] + haem[:, 1:-1, 2:] + haem[:, 1:-1, :-2]
-                     - 4 * haem[:, 1:-1, 1:-1])
+                     - 4 * haem[:, 1:-1, 1:-1]).abs().mean((1, 2))
 
-        own = masks[:, 0].flatten(1).float()
-        anyn = masks[:, 1].flatten(1).float()
-        own_n = own.sum(1).clamp(min=1)
-        bg = 1 - anyn
-        nucleus_h = (flat_h * own).sum(1) / own_n
-        nucleus_h_std = (((flat_h - nucleus_h[:, None]) ** 2 * own).sum(1) / own_n).sqrt()
-        background_h = (flat_h * bg).sum(1) / bg.sum(1).clamp(min=1)
+        own = masks[:, 0].reshape(b, n).to(images.dtype)
+        anyn = masks[:, 1].reshape(b, n).to(images.dtype)
+        own_area, any_n = own.sum(1), anyn.sum(1)
+        own_n = own_area.clamp(min=1)
+        # Sums over this nucleus of R, G, B, H, and over any nucleus of H.
         nucleus_rgb = (flat_rgb * own[:, None]).sum(2) / own_n[:, None]
+        nucleus_h = (flat_h * own).sum(1) / own_n
+        # Two passes (not E[h^2] - E[h]^2): a uniform nucleus must give 0, not float32 round-off.
+        centred = (flat_h - nucleus_h[:, None]) * own
+        nucleus_h_std = ((centred * centred).sum(1) / own_n).sqrt()
+        any_h = (flat_h * anyn).sum(1)
+        background_h = (stain_mean[:, 0] * n - any_h) / (n - any_n).clamp(min=1)
 
-        side = images.shape[-1]
-        ys, xs = torch.meshgrid(torch.arange(side, device=images.device, dtype=images.dtype),
-                                torch.arange(side, device=images.device, dtype=images.dtype), indexing="ij")
-        ys, xs = ys.flatten(), xs.flatten()
-        my, mx = (own * ys).sum(1) / own_n, (own * xs).sum(1) / own_n
-        cyy = (own * (ys - my[:, None]) ** 2).sum(1) / own_n
-        cxx = (own * (xs - mx[:, None]) ** 2).sum(1) / own_n
-        cxy = (own * (ys - my[:, None]) * (xs - mx[:, None])).sum(1) / own_n
+        # Second moments of the nucleus mask, about the patch centre (small coordinates, little round-off).
+        coords = (torch.arange(side, dtype=images.dtype, device=images.device) - (side - 1) / 2)
+        ys, xs = coords.repeat_interleave(side), coords.repeat(side)
+        moments = own @ torch.stack([ys, xs, ys * ys, xs * xs, ys * xs], 1) / own_n[:, None]
+        my, mx = moments[:, 0], moments[:, 1]
+        cyy, cxx, cxy = moments[:, 2] - my * my, moments[:, 3] - mx * mx, moments[:, 4] - my * mx
         spread = (((cyy - cxx) / 2) ** 2 + cxy**2).clamp(min=0).sqrt()
         lam1 = ((cyy + cxx) / 2 + spread).clamp(min=0)
         lam2 = ((cyy + cxx) / 2 - spread).clamp(min=0)
         eccentricity = (1 - lam2 / lam1.clamp(min=1e-6)).clamp(min=0).sqrt()
 
         features = torch.cat([
-            flat_rgb.mean(2), flat_rgb.std(2),
-            torch.stack([flat_h.mean(1), flat_h.std(1), eosin.flatten(1).mean(1), eosin.flatten(1).std(1)], 1),
-            quantiles.to(images.dtype),
-            torch.stack([(grad_y**2 + grad_x**2).sqrt().flatten(1).mean(1), laplacian.abs().flatten(1).mean(1)], 1),
-            torch.stack([own.mean(1), anyn.mean(1), nucleus_h, nucleus_h_std, background_h], 1),
+            rgb_mean, rgb_std,
+            torch.stack([stain_mean[:, 0], stain_std[:, 0], stain_mean[:, 1], stain_std[:, 1]], 1),
+            quantiles,
+            torch.stack([gradient, laplacian], 1),
+            torch.stack([own_area / n, any_n / n, nucleus_h, nucleus_h_std, background_h], 1),
             nucleus_rgb,
-            torch.stack([own.sum(1) * scale**2, 4 * lam1.sqrt() * scale, 4 * lam2.sqrt() * scale, eccentricity], 1),
+            torch.stack([own_area * scale**2, 4 * lam1.sqrt() * scale, 4 * lam2.sqrt() * scale, eccentricity], 1),
         ], dim=1)
         assert features.shape == (b, self.dim)
         return features
+
+
+def _mean_std(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased, as torch.std) standard deviation over the last axis, in two passes: the same numbers as
+    torch.std_mean, which is several times slower on a CPU."""
+    mean = values.mean(-1)
+    centred = values - mean[..., None]
+    return mean, ((centred * centred).sum(-1) / (values.shape[-1] - 1)).sqrt()
+
+
+def _sorted(values: torch.Tensor) -> torch.Tensor:
+    """Each row sorted ascending. On a CPU numpy's vectorised sort is ~5x faster than torch.sort."""
+    if values.device.type != "cpu":
+        return torch.sort(values, dim=-1).values
+    return torch.from_numpy(np.sort(values.numpy(), axis=-1))

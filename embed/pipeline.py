@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 from embed import handcrafted
 from slidedata import locks
 from embed.encoders import PatchEncoder, load_encoder
-from embed.patches import UnitClaims, UnitPatchDataset, contiguous_share
+from embed.patches import PatchCut, UnitClaims, UnitPatchDataset, contiguous_share
 from embed.registry import encoder_input_size
 from slidedata.feature_store import FeatureEntry, FeatureStore
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
 from slidedata.sample import Sample, open_samples
+from slidedata.tiles import DEFAULT_MAX_TILE
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class EmbedSettings:
     batch_size: int = 256
     chunk_nuclei: int = 1024
     num_workers: int = 0
+    torch_threads: int | None = None  # encoder threads on a CPU; None: see `cpu_threads`
     pad_mode: str = "symmetric"
     stain_normalization: str | None = None  # None | 'macenko'
     autocast: bool = True  # bf16 autocast on CUDA
@@ -50,6 +52,7 @@ class EmbedSettings:
     world_size: int = 1
     max_units: int | None = None  # stop after this many units (tests and benchmarks)
     input_size: int | None = None  # resample every crop to this edge instead of the encoder's own (CPU speed)
+    max_tile: int = DEFAULT_MAX_TILE  # cap on the edge of the tiles read at once (memory per worker)
 
     def __post_init__(self):
         self.patch_sizes = patch_keys(self.patch_sizes)
@@ -108,7 +111,8 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
                  progress: bool = True) -> EmbedReport:
     """Fill the cache entries (sample, encoder, each patch size); finished units are skipped."""
     start = time.perf_counter()
-    nuclei = store.nuclei(sample, progress=progress)  # recomputed (with the entries) if the sample's files changed
+    # Recomputed (with the entries) if the sample's files changed.
+    nuclei = store.nuclei(sample, progress=progress, max_tile=settings.max_tile)
     plans = patch_plans(sample, encoder, settings)
     entries = {key: store.create_entry(sample.name, entry_attrs(encoder, plan, sample, len(nuclei), settings,
                                                                 sample.input_digest()))
@@ -160,16 +164,21 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
         from embed.stain import MacenkoNormalizer
 
         normalizer = MacenkoNormalizer.fit_sample(sample, nuclei)
-    crops = tuple(sorted({plan.crop_pixels for plan in plans.values()}))
-    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, crops,
-                               store.tile_size(sample.name), encoder.spec.use_mask, settings.pad_mode, normalizer,
-                               claims)
+    cuts = tuple(PatchCut.for_encoder(plan.crop_pixels, plan.input_size, encoder.spec.interpolation)
+                 for plan in plans.values())
+    # A table cached before tiles were capped may name bigger ones: read by capped tiles all the same.
+    tile = min(store.tile_size(sample.name), settings.max_tile)
+    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, cuts, tile, encoder.spec.use_mask,
+                               settings.pad_mode, normalizer, claims)
     device = next(iter(encoder.buffers())).device
     loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=2 if settings.num_workers else None)
     model = torch.compile(encoder) if settings.compile else encoder
     rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
+    threads = cpu_threads(settings, encoder) if device.type == "cpu" else torch.get_num_threads()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
                disable=not progress)
     computed = 0
@@ -180,19 +189,30 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
                     continue
                 crop = plans[key].crop_pixels
                 features = encode_patches(model, item.patches[crop], item.masks.get(crop), settings, device,
-                                          plans[key].input_size)
+                                          plans[key].input_size, crop)
                 entry.write_unit(item.unit, features)
             claims.release(item.unit)
             computed += 1
             bar.update(int(next(iter(item.patches.values())).shape[0]))
     finally:
         bar.close()  # also on errors: the error message then starts on a line of its own
+        torch.set_num_threads(previous_threads)
     return computed
 
 
+def cpu_threads(settings: EmbedSettings, encoder: PatchEncoder) -> int:
+    """Encoder threads on a CPU: the setting; else one for the handcrafted encoder, torch's default for networks.
+    The handcrafted features are many small operations, and torch's threads wait for each other at every one: on a
+    2-core machine shared with other jobs, 2 threads ran the embed stage ~4x slower than 1 (44 vs 196 nuclei/s)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return 1 if encoder.spec.library == "handcrafted" else torch.get_num_threads()
+
+
 def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, settings: EmbedSettings,
-                   device: torch.device, input_size: int | None = None) -> np.ndarray:
-    """Run the frozen encoder over (n, 3, S, S) uint8 patches in batches; returns (n, dim) float32."""
+                   device: torch.device, input_size: int | None = None, crop: int | None = None) -> np.ndarray:
+    """Run the frozen encoder over (n, 3, S, S) patches in batches; returns (n, dim) float32. `crop`: their edge on
+    the slide where they were shrunk while cut (default S)."""
     outputs = []
     use_autocast = settings.autocast and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
@@ -202,7 +222,7 @@ def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, set
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             mask = None if masks is None else masks[start: start + settings.batch_size].to(device, non_blocking=True)
-            outputs.append(model(batch, mask, input_size).float().cpu())
+            outputs.append(model(batch, mask, input_size, crop).float().cpu())
     return torch.cat(outputs).numpy()
 
 

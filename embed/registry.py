@@ -37,7 +37,9 @@ class EncoderSpec:
     # handcrafted features, which have no scale). With the slide's own pixel size, crops are resampled to it.
     microns_per_pixel: float | None = None
     size_multiple: int | None = None  # takes any input that is a multiple of this (ViT patch); None: input_size only
-    interpolation: str = "bilinear"  # how crops are resampled to the encoder's input: 'bilinear' | 'bicubic'
+    # How crops are resampled to the encoder's input: 'bilinear' | 'bicubic' (antialiased when shrinking), or 'area'
+    # (shrinking averages over pixel bins, torch's mode='area'; enlarging is bilinear).
+    interpolation: str = "bilinear"
     use_mask: bool = False  # the encoder also reads the nucleus mask of each patch
     note: str = ""
 
@@ -49,7 +51,7 @@ _SWIGLU = {"mlp_layer": "timm.layers:SwiGLUPacked", "act_layer": "torch.nn:SiLU"
 ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
     EncoderSpec(
         name="handcrafted", library="handcrafted", dim=27, input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-        use_mask=True, licence="this project",
+        use_mask=True, licence="this project", interpolation="area",
         note="explicit hand-crafted nucleus features, not a neural network: RGB and haematoxylin/eosin "
              "(colour-deconvolution) statistics, texture, nucleus shape and crowding from the mask; the CPU default",
     ),

@@ -33,6 +33,7 @@ from slidedata.errors import DataError
 from slidedata.nuclei import NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
 from slidedata.sample import Sample
+from slidedata.tiles import DEFAULT_MAX_TILE, tile_edge, tile_index
 
 NUCLEI_GROUP = "nuclei"
 LOCKS = ".locks"
@@ -63,8 +64,7 @@ def settings_differences(expected: dict, found: dict) -> list[str]:
 
 def tile_order(nuclei: pd.DataFrame, tile_size: int) -> np.ndarray:
     """Row order that groups nuclei by image tile (row-major tiles), so a run of rows needs few tile reads."""
-    tile_y = (nuclei["y"].to_numpy() // tile_size).astype(np.int64)
-    tile_x = (nuclei["x"].to_numpy() // tile_size).astype(np.int64)
+    tile_y, tile_x = tile_index(nuclei["y"].to_numpy(), tile_size), tile_index(nuclei["x"].to_numpy(), tile_size)
     return np.lexsort((nuclei["x"].to_numpy(), nuclei["y"].to_numpy(), tile_x, tile_y))
 
 
@@ -134,12 +134,14 @@ class FeatureStore:
     def has_nuclei(self, sample_name: str) -> bool:
         return (self.root / sample_name / NUCLEI_GROUP / "zarr.json").exists()
 
-    def nuclei(self, sample: Sample, progress: bool = False, if_changed: str = "recompute") -> pd.DataFrame:
+    def nuclei(self, sample: Sample, progress: bool = False, if_changed: str = "recompute",
+               max_tile: int = DEFAULT_MAX_TILE) -> pd.DataFrame:
         """The sample's nuclei in tile order; computed from the mask on first use, then read from the cache.
 
         A cached table made from other image or mask files (their digest differs, or was not recorded) is stale, and
         so is every entry of the sample: `if_changed="recompute"` (the embed stage) deletes them and starts again,
-        `"raise"` (the stages that only read) stops with a DataError that says to embed again.
+        `"raise"` (the stages that only read) stops with a DataError that says to embed again. The tiles of the
+        order (recorded as `tile_size`) follow the image's storage chunks, capped at `max_tile` (see slidedata.tiles).
         """
         digest = sample.input_digest()
         with locks.hold(self.root / LOCKS / sample.name / "nuclei.lock"):  # one process invalidates and computes
@@ -154,7 +156,7 @@ class FeatureStore:
                                                       f"embedded from into {self.root} (changed data, or a cache "
                                                       "of an older version); run the embed stage again (make embed)")
                 self._discard_sample(sample.name)
-            tile_size = int(sample.image.chunks[1][0])
+            tile_size = tile_edge(int(sample.image.chunks[1][0]), max_tile)
             table = sample.nuclei(progress=progress)
             table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
             attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),

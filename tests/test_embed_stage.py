@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from embed.encoders import load_encoder
-from embed.patches import TileReader, cut_patches, unit_patches
+from embed.patches import PatchCut, TileReader, cut_patches, unit_patches
 from embed.pipeline import EmbedSettings, embed_sample
 from slidedata import open_sample, open_samples
 from slidedata.feature_store import CacheMismatchError, FeatureEntry, FeatureStore
@@ -30,7 +30,7 @@ def test_unit_patches_match_crops_of_the_padded_slide(demo_dir, tmp_path):
     size = 48
     reader = TileReader(sample, tile_size=256, margin=size // 2 + 1, with_mask=True)
     rows = nuclei.iloc[:40]
-    cut = unit_patches(reader, rows, (size,), unit=0)
+    cut = unit_patches(reader, rows, (PatchCut(size, size),), unit=0)
     pad = size
     image = np.pad(np.asarray(sample.image), ((0, 0), (pad, pad), (pad, pad)), mode="symmetric")
     mask = np.pad(np.asarray(sample.mask), pad)
