@@ -14,57 +14,29 @@ so that the task is learnable in the same ways as on real colon tissue:
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import threading
 from pathlib import Path
 
+import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 from scipy.spatial import cKDTree
+from tqdm.auto import tqdm
 
 from slidedata.sample import N_GENES
-from slidedata.writer import anucleus_table, write_sample
+from slidedata.tissue import CELL_TYPES, LYMPHOCYTE, Scene, demo_shape, make_scene, render_image, render_mask
+from slidedata.writer import anucleus_table, write_sample, write_sample_tables_after  # noqa: F401 (write_sample: re-exported)
 
-# Ruifrok & Johnston optical-density vectors of haematoxylin and eosin (RGB).
-HEMATOXYLIN = np.array([0.65, 0.70, 0.29])
-EOSIN = np.array([0.07, 0.99, 0.11])
 MICRONS_PER_PIXEL = 0.2125  # Xenium's pixel size, stored with each sample
-
-
-@dataclass(frozen=True)
-class CellType:
-    name: str
-    radius: float  # px, mean of the two semi-axes
-    elongation: float  # major / minor semi-axis
-    darkness: float  # haematoxylin density
-    granularity: float  # 0 = smooth chromatin, 1 = coarse clumps
-    vesicular: float  # pale centre (open chromatin)
-
-
-CELL_TYPES = (
-    CellType("epithelial", 8.0, 1.7, 0.55, 0.3, 0.5),
-    CellType("fibroblast", 6.0, 3.0, 0.80, 0.2, 0.0),
-    CellType("lymphocyte", 4.5, 1.05, 1.10, 0.1, 0.0),
-    CellType("plasma", 5.5, 1.25, 0.85, 0.9, 0.2),
-    CellType("macrophage", 9.0, 1.3, 0.40, 0.5, 0.3),
-)
-# Probability of each cell type in each zone: epithelium, lamina propria, lymphoid aggregate.
-ZONE_TYPE_P = np.array([
-    [0.85, 0.03, 0.08, 0.02, 0.02],
-    [0.05, 0.35, 0.25, 0.20, 0.15],
-    [0.02, 0.05, 0.85, 0.05, 0.03],
-])
-ZONE_DENSITY = np.array([0.75, 0.45, 0.95])  # acceptance of a jittered-grid site
-GRID_SPACING = 17.0  # px between candidate nucleus sites
-
-
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
-    """Zero-mean unit-variance Gaussian random field, generated at low resolution for speed."""
-    step = max(int(sigma // 4), 1)
-    small = rng.standard_normal((shape[0] // step + 2, shape[1] // step + 2)).astype(np.float32)
-    small = ndimage.gaussian_filter(small, sigma / step)
-    field = ndimage.zoom(small, step, order=1)[: shape[0], : shape[1]]
-    return (field - field.mean()) / (field.std() + 1e-8)
+# The challenge's slides: ~20,000 x 22,000 px, ~200,000 nuclei each (1.67 million over 8 samples).
+REAL_SHAPE = (20_000, 22_000)
+REAL_NUCLEI = 200_000
+# The Crunch 1 zarrs' chunking is not documented anywhere we could read; 4096 px is what spatialdata-io gives Xenium
+# images (chunks (1, 4096, 4096)), so it is our assumption. `--chunk-size` changes it.
+REAL_CHUNK = 4096
+RENDER_TILE = 1024  # px: a chunk is rendered in tiles of at most this edge (bounded float temporaries)
+EXPRESSION_BLOCK = 4096  # nuclei per seeded block of expression noise: any subset of rows gets the same values
 
 
 def _gene_programmes(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -80,75 +52,137 @@ def _gene_programmes(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray
     return baseline, markers, inflammation
 
 
-def simulate_tissue(n_nuclei: int, seed: int, n_genes: int = N_GENES) -> dict:
-    """Image, mask, per-nucleus types and counts of one synthetic sample (all in memory; ~10^5 nuclei max)."""
-    rng = np.random.default_rng(seed)
-    mean_accept = 0.6 * 0.85  # mean site acceptance times tissue fraction, measured on generated samples
-    side = int(np.sqrt(n_nuclei / mean_accept) * GRID_SPACING) + 64
-    shape = (side, int(side * 1.1))
+def lymphocyte_fraction(scene: Scene, rows: np.ndarray) -> np.ndarray:
+    """Fraction of lymphocytes among the 15 nearest other nuclei of each of `rows` (scene indices)."""
+    k = min(16, len(scene))
+    if k < 2:
+        return np.zeros(len(rows))
+    sites = np.c_[scene.y, scene.x]
+    neighbours = cKDTree(sites).query(sites[rows], k=k)[1]
+    return (scene.types[neighbours[:, 1:]] == LYMPHOCYTE).mean(axis=1)
 
-    tissue = _smooth_field(rng, shape, side / 6) > -1.1  # a few lumina / gaps
-    epithelium = _smooth_field(rng, shape, side / 10) > 0.5
-    aggregate = _smooth_field(rng, shape, side / 12) > 1.0
-    zone = np.where(aggregate, 2, np.where(epithelium, 0, 1))
 
-    # Candidate sites on a jittered grid; accepted by zone density, so aggregates are crowded.
-    gy, gx = np.mgrid[GRID_SPACING / 2 : shape[0] - 8 : GRID_SPACING, GRID_SPACING / 2 : shape[1] - 8 : GRID_SPACING]
-    ys = (gy.ravel() + rng.uniform(-0.3, 0.3, gy.size) * GRID_SPACING).clip(8, shape[0] - 9)
-    xs = (gx.ravel() + rng.uniform(-0.3, 0.3, gx.size) * GRID_SPACING).clip(8, shape[1] - 9)
-    iy, ix = ys.astype(int), xs.astype(int)
-    keep = tissue[iy, ix] & (rng.random(len(ys)) < ZONE_DENSITY[zone[iy, ix]])
-    ys, xs, site_zone = ys[keep], xs[keep], zone[iy[keep], ix[keep]]
-    types = np.array([rng.choice(len(CELL_TYPES), p=ZONE_TYPE_P[z]) for z in site_zone])
-
-    # Non-contiguous ids far above the count, as in the challenge masks.
-    cell_ids = np.sort(rng.choice(np.arange(1, 20 * len(ys) + 2), size=len(ys), replace=False)).astype(np.uint32)
-    mask = np.zeros(shape, dtype=np.uint32)
-    haem = np.zeros(shape, dtype=np.float32)
-    fine, coarse = _smooth_field(rng, shape, 0.8), _smooth_field(rng, shape, 2.0)
-    for cid, y, x, t in zip(cell_ids, ys, xs, types):
-        ct = CELL_TYPES[t]
-        r = ct.radius * rng.uniform(0.8, 1.2)
-        a, b = r * np.sqrt(ct.elongation), r / np.sqrt(ct.elongation)
-        theta = rng.uniform(0, np.pi)
-        ext = int(np.ceil(a)) + 1
-        y0, y1, x0, x1 = int(y) - ext, int(y) + ext + 1, int(x) - ext, int(x) + ext + 1
-        if y0 < 0 or x0 < 0 or y1 > shape[0] or x1 > shape[1]:
-            continue
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        dy, dx = yy - y, xx - x
-        u = (dx * np.cos(theta) + dy * np.sin(theta)) / a
-        v = (-dx * np.sin(theta) + dy * np.cos(theta)) / b
-        rho = u * u + v * v
-        inside = (rho <= 1) & (mask[y0:y1, x0:x1] == 0)
-        mask[y0:y1, x0:x1][inside] = cid
-        texture = 1 + 0.35 * ((1 - ct.granularity) * fine[y0:y1, x0:x1] + ct.granularity * coarse[y0:y1, x0:x1])
-        density = ct.darkness * rng.uniform(0.85, 1.15) * texture * (1 - ct.vesicular * np.exp(-2.5 * rho))
-        haem[y0:y1, x0:x1][inside] = density[inside]
-
-    present = np.isin(cell_ids, np.unique(mask))
-    cell_ids, ys, xs, types, site_zone = (v[present] for v in (cell_ids, ys, xs, types, site_zone))
-
-    fibres = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=(1.0, 6.0))
-    eosin = np.where(tissue, 0.35 + 0.25 * np.tanh(2 * fibres) + 0.1 * (zone == 0), 0.03).astype(np.float32)
-    eosin = np.where(mask > 0, 0.15, eosin)
-    haem = np.where(tissue & (mask == 0), 0.05, haem)
-    od = haem[..., None] * HEMATOXYLIN + eosin[..., None] * EOSIN
-    od = ndimage.gaussian_filter(od, sigma=(0.7, 0.7, 0))
-    rgb = 255 * np.exp(-od) + rng.normal(0, 3, od.shape)
-    image = np.clip(rgb, 0, 255).astype(np.uint8).transpose(2, 0, 1)
-
-    # Expression: type markers + an inflammation programme driven by the lymphocyte fraction around each cell.
+def simulate_counts(scene: Scene, rows: np.ndarray, n_genes: int = N_GENES) -> np.ndarray:
+    """Sparse counts (len(rows), n_genes) int32: type markers + an inflammation programme driven by the lymphocyte
+    fraction around each cell. Drawn in fixed seeded blocks of nuclei, so memory is bounded and a nucleus's counts
+    do not depend on which other rows are asked for."""
     baseline, markers, inflammation = _gene_programmes(np.random.default_rng(12345), n_genes)
-    neighbours = cKDTree(np.c_[ys, xs]).query(np.c_[ys, xs], k=min(16, len(ys)))[1]
-    lymph_fraction = (types[neighbours[:, 1:]] == 2).mean(axis=1)
-    log_rate = (baseline + markers[types] + np.outer(5.0 * lymph_fraction, inflammation)
-                + rng.normal(0, 0.3, (len(ys), n_genes)))
-    rates = np.exp(log_rate)
-    library = rng.lognormal(np.log(120), 0.45, len(ys))
-    counts = rng.poisson(rates / rates.sum(axis=1, keepdims=True) * library[:, None]).astype(np.int32)
-    return dict(image=image, mask=mask, cell_ids=cell_ids.astype(np.int64), y=ys, x=xs, types=types,
-                zone=site_zone, counts=counts, lymph_fraction=lymph_fraction)
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.zeros((len(rows), n_genes), dtype=np.int32)
+    blocks = rows // EXPRESSION_BLOCK
+    wanted_blocks = np.unique(blocks)
+    ranges = [np.arange(b * EXPRESSION_BLOCK, min((b + 1) * EXPRESSION_BLOCK, len(scene))) for b in wanted_blocks]
+    fraction = np.zeros(len(scene))
+    if ranges:  # one neighbour query for all blocks
+        everyone = np.concatenate(ranges)
+        fraction[everyone] = lymphocyte_fraction(scene, everyone)
+    for block, members in zip(wanted_blocks, ranges):
+        rng = np.random.default_rng([scene.seed, 5, int(block)])
+        log_rate = (baseline + markers[scene.types[members]]
+                    + np.outer(5.0 * fraction[members], inflammation)
+                    + rng.normal(0, 0.3, (len(members), n_genes)))
+        rates = np.exp(log_rate)
+        library = rng.lognormal(np.log(120), 0.45, len(members))
+        counts = rng.poisson(rates / rates.sum(axis=1, keepdims=True) * library[:, None])
+        wanted = blocks == block
+        out[wanted] = counts[rows[wanted] - members[0]]
+    return out
+
+
+def simulate_tissue(n_nuclei: int, seed: int, n_genes: int = N_GENES) -> dict:
+    """Image, mask, per-nucleus types and counts of one small synthetic sample, rendered in one piece in memory."""
+    scene = make_scene(demo_shape(n_nuclei), n_nuclei, seed)
+    height, width = scene.shape
+    mask = render_mask(scene, 0, height, 0, width)
+    image = render_image(scene, 0, height, 0, width)
+    rows = np.flatnonzero(np.isin(scene.cell_ids, mask))  # a nucleus fully covered by earlier ones is absent
+    return dict(image=image, mask=mask, cell_ids=scene.cell_ids[rows].astype(np.int64), y=scene.y[rows],
+                x=scene.x[rows], types=scene.types[rows], zone=scene.zone[rows],
+                counts=simulate_counts(scene, rows, n_genes), lymph_fraction=lymphocyte_fraction(scene, rows))
+
+
+def _tiled_array(scene: Scene, channels: int, dtype, chunk_size: int, render, on_block) -> da.Array:
+    """(channels, H, W) dask array whose chunks are rendered on demand, each in tiles of at most RENDER_TILE px."""
+    height, width = scene.shape
+
+    def block(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        out = np.empty((channels, y1 - y0, x1 - x0), dtype=dtype)
+        for ty in range(y0, y1, RENDER_TILE):
+            for tx in range(x0, x1, RENDER_TILE):
+                ty1, tx1 = min(ty + RENDER_TILE, y1), min(tx + RENDER_TILE, x1)
+                out[:, ty - y0: ty1 - y0, tx - x0: tx1 - x0] = render(scene, ty, ty1, tx, tx1)
+        on_block((y0, x0), out)
+        return out
+
+    rows = []
+    for y0 in range(0, height, chunk_size):
+        y1 = min(y0 + chunk_size, height)
+        rows.append([da.from_delayed(dask.delayed(block)(y0, y1, x0, min(x0 + chunk_size, width)),
+                                     shape=(channels, y1 - y0, min(x0 + chunk_size, width) - x0), dtype=dtype)
+                     for x0 in range(0, width, chunk_size)])
+    return da.block([rows])
+
+
+def real_density_nuclei(height: int, width: int) -> int:
+    """About how many nuclei a slide of this size holds at the challenge's density."""
+    return int(round(REAL_NUCLEI * height * width / (REAL_SHAPE[0] * REAL_SHAPE[1])))
+
+
+def make_sample(path: str | Path, seed: int, height: int = REAL_SHAPE[0], width: int = REAL_SHAPE[1],
+                n_nuclei: int | None = None, with_expression: bool = True, n_genes: int = N_GENES,
+                unmeasured_train_fraction: float = 0.02, chunk_size: int = REAL_CHUNK,
+                progress: bool = False) -> Path:
+    """Simulate and write one sample of any size, chunk by chunk (peak memory independent of the slide's size but
+    for the tables). `n_nuclei` defaults to the challenge's density (200,000 nuclei on 20,000 x 22,000 px).
+    Validation nuclei keep their measured expression (a local scoring set); test nuclei and a few train nuclei have
+    none."""
+    if n_nuclei is None:
+        n_nuclei = real_density_nuclei(height, width)
+    scene = make_scene((height, width), n_nuclei, seed)
+    n_blocks = -(-height // chunk_size) * -(-width // chunk_size)
+    present: dict[tuple[int, int], np.ndarray] = {}
+    lock = threading.Lock()
+    bar = tqdm(total=2 * n_blocks, desc=f"{Path(path).stem}: render", unit="chunk", disable=not progress)
+
+    def mask_done(corner: tuple[int, int], block: np.ndarray) -> None:
+        ids = np.unique(block)
+        with lock:  # ids of the nuclei present in the mask: only those go into the tables
+            present[corner] = ids[ids > 0]
+            bar.update()
+
+    def image_done(corner: tuple[int, int], block: np.ndarray) -> None:
+        with lock:
+            bar.update()
+
+    image = _tiled_array(scene, 3, np.uint8, chunk_size, render_image, image_done)
+    mask = _tiled_array(scene, 1, np.uint32, chunk_size, lambda s, *w: render_mask(s, *w)[None], mask_done)[0]
+
+    def tables():
+        bar.close()
+        if len(present) != n_blocks:
+            raise RuntimeError(f"{path}: {len(present)} of {n_blocks} mask chunks were rendered")
+        rows = np.flatnonzero(np.isin(scene.cell_ids, np.concatenate(list(present.values()))))
+        return sample_tables(scene, rows, seed, with_expression, n_genes, unmeasured_train_fraction)
+
+    return write_sample_tables_after(path, image, mask, tables, chunk_size, microns_per_pixel=MICRONS_PER_PIXEL)
+
+
+def sample_tables(scene: Scene, rows: np.ndarray, seed: int, with_expression: bool, n_genes: int,
+                  unmeasured_train_fraction: float):
+    """(cell_id-group frame, anucleus AnnData or None) for the nuclei `rows` of the scene present in the mask."""
+    cell_ids = scene.cell_ids[rows].astype(np.int64)
+    y, x = scene.y[rows], scene.x[rows]
+    groups = spatial_groups(y, x, scene.shape, seed)
+    group_table = pd.DataFrame({"cell_id": cell_ids, "group": groups})
+    if not with_expression:
+        return group_table, None
+    rng = np.random.default_rng(seed + 1)
+    measured = (groups == "validation") | ((groups == "train") & (rng.random(len(groups)) >= unmeasured_train_fraction))
+    counts = simulate_counts(scene, rows[measured], n_genes)
+    # Cells without any count cannot be normalised; Xenium pipelines drop them too.
+    counted = counts.sum(axis=1) > 0
+    chosen = np.flatnonzero(measured)[counted]
+    return group_table, expression_table(cell_ids[chosen], counts[counted], y[chosen], x[chosen])
 
 
 def spatial_groups(y: np.ndarray, x: np.ndarray, shape: tuple[int, int], seed: int,
@@ -175,22 +209,10 @@ def expression_table(cell_ids: np.ndarray, counts: np.ndarray, y: np.ndarray, x:
 def make_demo_sample(path: str | Path, seed: int, n_nuclei: int = 3000, with_expression: bool = True,
                      n_genes: int = N_GENES, unmeasured_train_fraction: float = 0.02,
                      chunk_size: int = 512) -> Path:
-    """Simulate and write one sample. Validation nuclei keep their measured expression (a local scoring set);
-    test nuclei and a few train nuclei have none."""
-    tissue = simulate_tissue(n_nuclei, seed, n_genes)
-    shape = tissue["mask"].shape
-    groups = spatial_groups(tissue["y"], tissue["x"], shape, seed)
-    group_table = pd.DataFrame({"cell_id": tissue["cell_ids"], "group": groups})
-    expression = None
-    if with_expression:
-        rng = np.random.default_rng(seed + 1)
-        measured = (groups == "validation") | ((groups == "train") & (rng.random(len(groups)) >= unmeasured_train_fraction))
-        # Cells without any count cannot be normalised; Xenium pipelines drop them too.
-        measured &= tissue["counts"].sum(axis=1) > 0
-        expression = expression_table(tissue["cell_ids"][measured], tissue["counts"][measured],
-                                      tissue["y"][measured], tissue["x"][measured])
-    return write_sample(path, tissue["image"], tissue["mask"], group_table, expression, chunk_size,
-                        microns_per_pixel=MICRONS_PER_PIXEL)
+    """One demo sample: the demo's tissue geometry (17 px between nucleus sites) for about `n_nuclei` nuclei."""
+    height, width = demo_shape(n_nuclei)
+    return make_sample(path, seed, height, width, n_nuclei, with_expression, n_genes, unmeasured_train_fraction,
+                       chunk_size)
 
 
 DEMO_SAMPLES = (("demo1", 1, True), ("demo2", 2, True), ("demo0", 3, False))
@@ -199,8 +221,6 @@ DEMO_SAMPLES = (("demo1", 1, True), ("demo2", 2, True), ("demo0", 3, False))
 def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, chunk_size: int = 512,
                       progress: bool = False) -> list[Path]:
     """Two samples with expression and one without (like DC1), deterministic from `seed`."""
-    from tqdm.auto import tqdm
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return [make_demo_sample(folder / f"{name}.zarr", seed * 1000 + offset, n_nuclei, with_expr, chunk_size=chunk_size)
@@ -210,11 +230,27 @@ def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, c
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/demo", help="folder for the <sample>.zarr files")
-    parser.add_argument("--n-nuclei", type=int, default=3000, help="approximate nuclei per sample (up to ~10^5)")
+    parser.add_argument("--size", choices=("demo", "real"), default="demo",
+                        help="demo: three small samples (two with expression, one without); real: one sample of the "
+                             f"challenge's size ({REAL_SHAPE[0]:,} x {REAL_SHAPE[1]:,} px, ~{REAL_NUCLEI:,} nuclei, "
+                             f"{REAL_CHUNK} px chunks), written chunk by chunk")
+    parser.add_argument("--n-nuclei", type=int, default=None,
+                        help="approximate nuclei per sample (demo: 3000; real: the challenge's density)")
+    parser.add_argument("--height", type=int, default=REAL_SHAPE[0], help="--size real: slide height, px")
+    parser.add_argument("--width", type=int, default=REAL_SHAPE[1], help="--size real: slide width, px")
+    parser.add_argument("--name", default="UC1_I", help="--size real: the sample's name")
+    parser.add_argument("--no-expression", action="store_true", help="--size real: no anucleus table (like DC1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk-size", type=int, default=512, help="zarr chunk edge of image and mask, px")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help=f"zarr chunk edge of image and mask, px (demo: 512; real: {REAL_CHUNK})")
     args = parser.parse_args(argv)
-    for path in make_demo_dataset(args.out, args.n_nuclei, args.seed, args.chunk_size, progress=True):
+    if args.size == "real":
+        path = make_sample(Path(args.out) / f"{args.name}.zarr", args.seed, args.height, args.width, args.n_nuclei,
+                           with_expression=not args.no_expression, chunk_size=args.chunk_size or REAL_CHUNK,
+                           progress=True)
+        print(path)
+        return
+    for path in make_demo_dataset(args.out, args.n_nuclei or 3000, args.seed, args.chunk_size or 512, progress=True):
         print(path)
 
 

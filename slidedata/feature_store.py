@@ -156,14 +156,21 @@ class FeatureStore:
                                                       f"embedded from into {self.root} (changed data, or a cache "
                                                       "of an older version); run the embed stage again (make embed)")
                 self._discard_sample(sample.name)
-            tile_size = tile_edge(int(sample.image.chunks[1][0]), max_tile)
-            table = sample.nuclei(progress=progress)
-            table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
-            attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),
-                     "n_nuclei": len(table), "input_digest": digest}
-            self._write_nuclei(sample.name, table, attrs)
-            sample.set_nuclei(table)
-            return table
+            return self.write_nuclei(sample, sample.nuclei(progress=progress),
+                                     tile_edge(int(sample.image.chunks[1][0]), max_tile))
+
+    def write_nuclei(self, sample: Sample, table: pd.DataFrame, tile_size: int | None = None) -> pd.DataFrame:
+        """Cache `table` (NUCLEI_COLUMNS, one row per nucleus of the sample's mask) as the sample's nuclei, in tile
+        order (tiles of `tile_size`, default the image's chunk edge capped as `nuclei` caps it), stamped with the
+        sample's input digest. `nuclei` calls it with the table read from the mask; a synthetic benchmark cache calls
+        it with its own."""
+        tile_size = int(tile_size or tile_edge(int(sample.image.chunks[1][0])))
+        table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
+        attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),
+                 "n_nuclei": len(table), "input_digest": sample.input_digest()}
+        self._write_nuclei(sample.name, table, attrs)
+        sample.set_nuclei(table)
+        return table
 
     def _discard_sample(self, sample_name: str) -> None:
         """Remove a sample's nuclei table and entries: move them aside in one rename (readers never see half a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -26,14 +27,22 @@ def anucleus_table(cell_ids: np.ndarray, counts: np.ndarray, genes: list[str], s
     return table
 
 
-def write_sample(path: str | Path, image: np.ndarray, mask: np.ndarray, groups: pd.DataFrame,
-                 expression=None, chunk_size: int = 512, microns_per_pixel: float | None = None) -> Path:
+def write_sample(path: str | Path, image, mask, groups: pd.DataFrame, expression=None, chunk_size: int = 512,
+                 microns_per_pixel: float | None = None) -> Path:
     """Write a sample zarr atomically (temporary name, then rename).
 
-    `image` (3, H, W) uint8, `mask` (H, W) integer cell ids, `groups` a frame with `cell_id` and `group`,
-    `expression` an AnnData laid out like `anucleus` (or None). The pixel size, when known, is stored the SpatialData
-    way: a scale transformation of both image elements to a coordinate system named 'microns'.
+    `image` (3, H, W) uint8, `mask` (H, W) integer cell ids (numpy, or dask arrays computed chunk by chunk while
+    writing), `groups` a frame with `cell_id` and `group`, `expression` an AnnData laid out like `anucleus` (or None).
+    The pixel size, when known, is stored the SpatialData way: a scale transformation of both image elements to a
+    coordinate system named 'microns'.
     """
+    return write_sample_tables_after(path, image, mask, lambda: (groups, expression), chunk_size, microns_per_pixel)
+
+
+def write_sample_tables_after(path: str | Path, image, mask, tables: Callable[[], tuple[pd.DataFrame, object]],
+                              chunk_size: int = 512, microns_per_pixel: float | None = None) -> Path:
+    """`write_sample` whose tables are made by `tables()` -> (groups, expression or None) once the images are
+    written: a writer rendering the mask tile by tile learns only then which nuclei it holds."""
     import anndata as ad
     import spatialdata as sd
     from spatialdata.models import Image2DModel, TableModel
@@ -53,13 +62,17 @@ def write_sample(path: str | Path, image: np.ndarray, mask: np.ndarray, groups: 
         MASK: Image2DModel.parse(mask[None], dims=("c", "y", "x"), chunks=(1, chunk_size, chunk_size),
                                  transformations=dict(transformations)),
     }
-    group_table = ad.AnnData(obs=groups.set_index(groups["cell_id"].astype(str).to_numpy()))
-    tables = {GROUPS: TableModel.parse(group_table)}
-    if expression is not None:
-        tables[EXPRESSION] = TableModel.parse(expression)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sd.SpatialData(images=images, tables=tables).write(tmp, overwrite=True)
+        sdata = sd.SpatialData(images=images)
+        sdata.write(tmp, overwrite=True)
+        groups, expression = tables()
+        group_table = ad.AnnData(obs=groups.set_index(groups["cell_id"].astype(str).to_numpy()))
+        sdata.tables[GROUPS] = TableModel.parse(group_table)
+        sdata.write_element(GROUPS)
+        if expression is not None:
+            sdata.tables[EXPRESSION] = TableModel.parse(expression)
+            sdata.write_element(EXPRESSION)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
