@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     merged = table
     if path.exists():
         earlier = pd.read_csv(path)
+        earlier["target"] = earlier["target"].fillna("")  # an empty cell reads back as NaN
         merged = pd.concat([earlier[~earlier["stage"].isin(table["stage"])], table], ignore_index=True)
         merged = merged.sort_values("stage", kind="stable").reset_index(drop=True)
     with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 60):
