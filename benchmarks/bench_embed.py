@@ -136,7 +136,7 @@ def main() -> None:
 
     print(f"\nsample {sample.name}: {len(nuclei)} nuclei, patch sizes {args.patch_sizes}, "
           f"{os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()} (embed_sample: default settings, "
-          f"{EmbedSettings().num_workers} cutting worker(s))")
+          "default DataLoader workers)")
     with pd.option_context("display.float_format", "{:.1f}".format, "display.width", 140):
         print(pd.DataFrame(rows).to_string(index=False))
 

@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="resample every crop to this edge instead of the encoder's own (faster on a CPU)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-nuclei", type=int, default=1024, help="rows per cache chunk (unit of resumption)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers cutting patches")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (default: on a CPU one per core, at most 2, each cutting and encoding "
+                             "its own chunks; on a GPU none: they only cut, raise it if the GPU waits)")
     parser.add_argument("--torch-threads", type=int,
                         help="encoder threads on a CPU (default: 1 for handcrafted, torch's default for networks)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")

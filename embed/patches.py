@@ -24,6 +24,7 @@ from numpy.lib.stride_tricks import as_strided, sliding_window_view
 from torch.utils.data import IterableDataset, get_worker_info
 
 from slidedata import locks
+from slidedata.errors import DataError
 from slidedata.sample import Sample
 from slidedata.tiles import tile_index
 
@@ -117,6 +118,19 @@ class UnitPatches:
     unit: int
     patches: dict[int, torch.Tensor]
     masks: dict[int, torch.Tensor]
+
+    @property
+    def n_nuclei(self) -> int:
+        return int(next(iter(self.patches.values())).shape[0])
+
+
+@dataclass
+class UnitFeatures:
+    """One unit already encoded where it was cut (a CPU worker): features (n, dim) per cache entry key."""
+
+    unit: int
+    n_nuclei: int
+    features: dict[str, np.ndarray]
 
 
 class TileReader:
@@ -212,8 +226,10 @@ class UnitPatchDataset(IterableDataset):
 
     def __init__(self, sample: Sample, nuclei: pd.DataFrame, units: list[int], chunk_nuclei: int,
                  cuts: tuple[PatchCut, ...], tile_size: int, with_mask: bool, pad_mode: str = "symmetric",
-                 stain_normalizer=None, claims: "UnitClaims | None" = None):
+                 stain_normalizer=None, claims: "UnitClaims | None" = None, encode=None):
         self.sample, self.nuclei, self.units = sample, nuclei, list(units)
+        # UnitPatches -> {entry key: features}: given, each worker encodes what it cut (CPU: one core each)
+        self.encode = encode
         self.chunk_nuclei, self.cuts = chunk_nuclei, tuple(sorted(set(cuts), key=lambda c: c.crop))
         self.tile_size, self.with_mask, self.pad_mode = tile_size, with_mask, pad_mode
         self.stain_normalizer, self.claims = stain_normalizer, claims
@@ -227,7 +243,16 @@ class UnitPatchDataset(IterableDataset):
             if self.claims is not None and not self.claims.claim(unit):
                 continue  # another process computes (or has computed) it
             rows = self.nuclei.iloc[unit * self.chunk_nuclei: (unit + 1) * self.chunk_nuclei]
-            yield unit_patches(reader, rows, self.cuts, unit)
+            try:
+                patches = unit_patches(reader, rows, self.cuts, unit)
+                yield UnitFeatures(unit, patches.n_nuclei, self.encode(patches)) if self.encode else patches
+            except DataError as error:
+                if info is None:
+                    raise
+                # A worker's exception reaches the main process re-typed as a RuntimeError holding a traceback;
+                # handed over as an item, the user gets the same one-line error as without workers.
+                yield error
+                return
 
 
 @dataclass

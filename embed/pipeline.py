@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from embed import handcrafted
 from slidedata import locks
+from slidedata.errors import DataError
 from embed.encoders import PatchEncoder, load_encoder
-from embed.patches import PatchCut, UnitClaims, UnitPatchDataset, contiguous_share
+from embed.patches import PatchCut, UnitClaims, UnitFeatures, UnitPatchDataset, UnitPatches, contiguous_share
 from embed.registry import encoder_input_size
 from slidedata.feature_store import FeatureEntry, FeatureStore
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
@@ -42,7 +43,7 @@ class EmbedSettings:
     patch_sizes: tuple[str, ...] = DEFAULT_PATCH_SIZES  # '64' (slide pixels) or '32um' (microns), see PatchSize
     batch_size: int = 256
     chunk_nuclei: int = 1024
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None: see `loader_workers`
     torch_threads: int | None = None  # encoder threads on a CPU; None: see `cpu_threads`
     pad_mode: str = "symmetric"
     stain_normalization: str | None = None  # None | 'macenko'
@@ -168,13 +169,22 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
                  for plan in plans.values())
     # A table cached before tiles were capped may name bigger ones: read by capped tiles all the same.
     tile = min(store.tile_size(sample.name), settings.max_tile)
-    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, cuts, tile, encoder.spec.use_mask,
-                               settings.pad_mode, normalizer, claims)
     device = next(iter(encoder.buffers())).device
-    loader = DataLoader(dataset, batch_size=None, num_workers=settings.num_workers,
-                        pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=2 if settings.num_workers else None)
+    workers = loader_workers(settings, device)
     model = torch.compile(encoder) if settings.compile else encoder
+
+    def encode_unit(item: UnitPatches) -> dict[str, np.ndarray]:
+        return {key: encode_patches(model, item.patches[plans[key].crop_pixels], item.masks.get(plans[key].crop_pixels),
+                                    settings, device, plans[key].input_size, plans[key].crop_pixels)
+                for key, entry in entries.items() if not entry.done[item.unit]}  # e.g. a patch size added later
+
+    # On a CPU every worker encodes what it cuts: the cores work side by side, each on its own units. On a GPU the
+    # workers only cut, and the main process feeds the device.
+    dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, cuts, tile, encoder.spec.use_mask,
+                               settings.pad_mode, normalizer, claims,
+                               encode=encode_unit if workers and device.type == "cpu" else None)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=2 if workers else None)
     rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
     threads = cpu_threads(settings, encoder) if device.type == "cpu" else torch.get_num_threads()
     previous_threads = torch.get_num_threads()
@@ -184,20 +194,27 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     computed = 0
     try:
         for item in loader:
+            if isinstance(item, DataError):  # raised in a DataLoader worker (see UnitPatchDataset)
+                raise item
+            encoded = item.features if isinstance(item, UnitFeatures) else encode_unit(item)
             for key, entry in entries.items():
-                if entry.done[item.unit]:
-                    continue
-                crop = plans[key].crop_pixels
-                features = encode_patches(model, item.patches[crop], item.masks.get(crop), settings, device,
-                                          plans[key].input_size, crop)
-                entry.write_unit(item.unit, features)
+                if not entry.done[item.unit]:
+                    entry.write_unit(item.unit, encoded[key])
             claims.release(item.unit)
             computed += 1
-            bar.update(int(next(iter(item.patches.values())).shape[0]))
+            bar.update(item.n_nuclei)
     finally:
         bar.close()  # also on errors: the error message then starts on a line of its own
         torch.set_num_threads(previous_threads)
     return computed
+
+
+def loader_workers(settings: EmbedSettings, device: torch.device) -> int:
+    """DataLoader workers: the setting; by default one per core (at most 2) on a CPU, where each worker cuts and
+    encodes its own units, and none on a GPU (raise it with --workers when cutting cannot keep the GPU busy)."""
+    if settings.num_workers is not None:
+        return settings.num_workers
+    return min(2, os.cpu_count() or 1) if device.type == "cpu" else 0
 
 
 def cpu_threads(settings: EmbedSettings, encoder: PatchEncoder) -> int:

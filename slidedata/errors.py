@@ -12,3 +12,6 @@ class DataError(ValueError):
         self.path, self.element, self.problem = Path(path), element, problem
         where = f"{path}" if element in ("", "-") else f"{path} [{element}]"
         super().__init__(f"{where}: {problem}")
+
+    def __reduce__(self):  # picklable with its fields: it crosses process boundaries (DataLoader and Dask workers)
+        return type(self), (self.path, self.element, self.problem)
