@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CODE_VERSION = "embed-2"
 WAIT_POLL_S = 1.0  # how often a process re-checks units that another process is computing
+MAX_CPU_WORKERS = 4  # each holds a tile and a unit's patches (about 1-1.5 GB on a real slide)
 
 
 @dataclass
@@ -170,19 +171,14 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     # A table cached before tiles were capped may name bigger ones: read by capped tiles all the same.
     tile = min(store.tile_size(sample.name), settings.max_tile)
     device = next(iter(encoder.buffers())).device
-    workers = loader_workers(settings, device)
+    workers = loader_workers(settings, device, encoder)
     model = torch.compile(encoder) if settings.compile else encoder
-
-    def encode_unit(item: UnitPatches) -> dict[str, np.ndarray]:
-        return {key: encode_patches(model, item.patches[plans[key].crop_pixels], item.masks.get(plans[key].crop_pixels),
-                                    settings, device, plans[key].input_size, plans[key].crop_pixels)
-                for key, entry in entries.items() if not entry.done[item.unit]}  # e.g. a patch size added later
-
-    # On a CPU every worker encodes what it cuts: the cores work side by side, each on its own units. On a GPU the
-    # workers only cut, and the main process feeds the device.
+    encode_unit = UnitEncoder(model, plans, settings, device, {key: e.path / "done" for key, e in entries.items()})
+    # Single-threaded encoders (the handcrafted one on a CPU) run in the workers, each on the units it cuts: the cores
+    # work side by side. Otherwise the workers only cut and the main process encodes (with its threads, or the GPU).
+    encode_in_workers = workers > 0 and device.type == "cpu" and cpu_threads(settings, encoder) == 1
     dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, cuts, tile, encoder.spec.use_mask,
-                               settings.pad_mode, normalizer, claims,
-                               encode=encode_unit if workers and device.type == "cpu" else None)
+                               settings.pad_mode, normalizer, claims, encode=encode_unit if encode_in_workers else None)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False, prefetch_factor=2 if workers else None)
     rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
@@ -209,12 +205,38 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     return computed
 
 
-def loader_workers(settings: EmbedSettings, device: torch.device) -> int:
-    """DataLoader workers: the setting; by default one per core (at most 2) on a CPU, where each worker cuts and
-    encodes its own units, and none on a GPU (raise it with --workers when cutting cannot keep the GPU busy)."""
+def loader_workers(settings: EmbedSettings, device: torch.device, encoder: PatchEncoder) -> int:
+    """DataLoader workers: the setting; by default, for an encoder that runs on one thread on a CPU (the handcrafted
+    one), one per core up to MAX_CPU_WORKERS, each cutting and encoding its own units; otherwise none (a network on a
+    CPU uses torch's threads in the main process; on a GPU raise --workers when cutting cannot keep it busy)."""
     if settings.num_workers is not None:
         return settings.num_workers
-    return min(2, os.cpu_count() or 1) if device.type == "cpu" else 0
+    if device.type == "cpu" and cpu_threads(settings, encoder) == 1:
+        return min(MAX_CPU_WORKERS, os.cpu_count() or 1)
+    return 0
+
+
+@dataclass
+class UnitEncoder:
+    """UnitPatches -> {entry key: (n, dim) features} for the entries whose unit is not done yet (e.g. a patch size
+    added to an existing cache). A module-level class, so DataLoader workers can receive it under any start method."""
+
+    model: torch.nn.Module
+    plans: dict[str, PatchPlan]
+    settings: EmbedSettings
+    device: torch.device
+    done_arrays: dict[str, Path]
+
+    def __call__(self, item: UnitPatches) -> dict[str, np.ndarray]:
+        import zarr
+
+        out = {}
+        for key, plan in self.plans.items():
+            if zarr.open_array(self.done_arrays[key], mode="r")[item.unit]:
+                continue
+            out[key] = encode_patches(self.model, item.patches[plan.crop_pixels], item.masks.get(plan.crop_pixels),
+                                      self.settings, self.device, plan.input_size, plan.crop_pixels)
+        return out
 
 
 def cpu_threads(settings: EmbedSettings, encoder: PatchEncoder) -> int:

@@ -9,7 +9,7 @@ import pytest
 from embed.encoders import load_encoder
 from embed.patches import PatchCut, TileReader, cut_patches, unit_patches
 from embed.pipeline import EmbedSettings, embed_sample
-from slidedata import open_sample, open_samples
+from slidedata import open_sample
 from slidedata.feature_store import CacheMismatchError, FeatureEntry, FeatureStore
 from tests.conftest import FIXTURE_PATCH_SIZES
 

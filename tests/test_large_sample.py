@@ -10,7 +10,7 @@ import pytest
 
 from slidedata import demo
 from slidedata.sample import open_sample
-from slidedata.tissue import make_scene, render_image, render_mask
+from slidedata.tissue import render_image, render_mask
 
 SHAPE = (1500, 1700)
 SEED = 11

@@ -47,15 +47,25 @@ def test_streamed_evaluation_equals_the_in_memory_one(demo_dir, embedded_cache, 
             np.testing.assert_allclose(streamed.fold_scores[name], reference.fold_scores[name], atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ridge", "ridge+context"])
-def test_streamed_ridge_has_the_in_memory_coefficients(demo_dir, embedded_cache, name):
-    settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES))
+@pytest.mark.parametrize("name, block_components, ridge_components", [
+    ("ridge", None, None), ("ridge+context", None, None),
+    ("ridge+context", 8, 20),  # reduced blocks (scaled as groups) and ridge on 20 components of the 2 x 20 columns
+])
+def test_streamed_ridge_has_the_in_memory_coefficients(demo_dir, embedded_cache, name, block_components,
+                                                       ridge_components):
+    settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, block_components=block_components),
+                           ridge_components=ridge_components)
     table, base_dim, fit, _ = _both(demo_dir, embedded_cache, settings)
     streamed = stream.fit_model(name, fit, stream.labelled_units(fit), settings)
     labelled = np.flatnonzero(table.measured & np.isin(table.group, ("train", "validation")))
     X = table.X[labelled] if name.endswith("+context") else table.X[labelled, :base_dim]
-    reference = RidgeCVRegressor(n_folds=settings.n_folds).fit(X, table.Y[labelled],
-                                                               groups=tuning_groups(table, labelled, settings))
+    groups = None if block_components is None else np.r_[[0] * 8, [1] * 8, 2, 3, 4, 5]  # two blocks + morphology
+    if name.endswith("+context") and groups is not None:
+        groups = np.r_[groups, groups + 6]
+    np.testing.assert_array_equal(fit.column_groups[: X.shape[1]] if groups is not None else 0, groups
+                                  if groups is not None else 0)
+    reference = RidgeCVRegressor(n_folds=settings.n_folds, n_components=ridge_components, column_groups=groups).fit(
+        X, table.Y[labelled], groups=tuning_groups(table, labelled, settings))
     assert streamed.alpha_ == reference.alpha_
     scale = np.abs(reference.coef_).max()
     np.testing.assert_allclose(streamed.coef_, reference.coef_, rtol=1e-6, atol=1e-6 * scale)
