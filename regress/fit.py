@@ -81,7 +81,7 @@ def make_estimator(name: str, settings: FitSettings, column_groups: np.ndarray |
         return RidgeCVRegressor(n_folds=settings.n_folds, n_components=settings.ridge_components,
                                 column_groups=column_groups)
     if base == "lightgbm":
-        return LightGBMRegressor(**settings.lightgbm)
+        return LightGBMRegressor(**{"column_groups": column_groups, **settings.lightgbm})
     raise KeyError(f"unknown model '{name}'; choose from {', '.join(BASELINES + MODELS)}")
 
 

@@ -262,8 +262,9 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     def __init__(self, n_target_components: int = 16, n_feature_components: int | None = 64,
                  n_estimators: int = 400, learning_rate: float = 0.05, num_leaves: int = 31,
                  min_child_samples: int = 20, early_stopping_rounds: int = 30, n_jobs: int = 2,
-                 random_state: int = 0):
+                 column_groups: np.ndarray | None = None, random_state: int = 0):
         self.n_target_components, self.n_feature_components = n_target_components, n_feature_components
+        self.column_groups = column_groups  # as RidgeCVRegressor's: a reduced block is scaled as one group
         self.n_estimators, self.learning_rate, self.num_leaves = n_estimators, learning_rate, num_leaves
         self.min_child_samples, self.early_stopping_rounds = min_child_samples, early_stopping_rounds
         self.n_jobs, self.random_state = n_jobs, random_state
@@ -273,7 +274,8 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
 
         start = time.perf_counter()
         X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
-        self.x_mean_, self.x_scale_ = X.mean(0), X.std(0) + 1e-6
+        self.x_mean_ = X.mean(0)
+        self.x_scale_ = (column_scale(X.var(0), self.column_groups) + 1e-6).astype(np.float32)
         Xs = (X - self.x_mean_) / self.x_scale_
         self.x_components_ = _top_components(Xs, self.n_feature_components)
         Z = Xs @ self.x_components_ if self.x_components_ is not None else Xs
