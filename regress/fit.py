@@ -25,6 +25,7 @@ from regress.features import FeatureSpec, column_groups, fit_reducer
 from regress.metrics import cellwise_spearman, genewise_pearson, official_score, score_table
 from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
 from regress.predictor import ExpressionPredictor
+from regress.stream import choose_protocol, model_rows, tunes_by_sample
 from slidedata.feature_store import FeatureStore
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,8 @@ class FitSettings:
 
 def tuning_groups(table: NucleusTable, rows: np.ndarray, settings: FitSettings) -> np.ndarray:
     """Group label per training row for the estimators' internal cross-validation."""
-    by_sample = settings.tuning_groups == "samples" or (
-        settings.tuning_groups == "auto" and len(np.unique(table.sample[rows])) >= 3)
-    if by_sample:
+    if tunes_by_sample(len(np.unique(table.sample[rows])), settings.tuning_groups):
         return pd.factorize(table.sample[rows])[0]
-    if settings.tuning_groups not in ("auto", "blocks"):
-        raise ValueError(f"unknown tuning_groups '{settings.tuning_groups}'; use auto, samples or blocks")
     return table.spatial_blocks(settings.n_blocks)[rows]
 
 
@@ -87,23 +84,14 @@ def make_estimator(name: str, settings: FitSettings, column_groups: np.ndarray |
 
 def model_inputs(name: str, table: NucleusTable, base_dim: int) -> np.ndarray:
     """What each model sees: coordinates for the spatial baseline, base or base+context features otherwise."""
-    if name == "spatial-knn":
-        codes = pd.factorize(table.sample)[0]
-        return np.c_[table.coords, codes]
-    if name.endswith("+context"):
-        return table.X
-    return table.X[:, :base_dim]
+    return model_rows(name, table.X, table.coords, pd.factorize(table.sample)[0], base_dim)
 
 
 def evaluation_splits(table: NucleusTable, protocol: str, n_folds: int, n_blocks: int
                       ) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
     train = (table.group == "train") & table.measured
     validation = (table.group == "validation") & table.measured
-    if protocol == "auto":  # across samples when it can: the model must generalise to unseen tissue
-        if validation.any():
-            protocol = "validation"
-        else:
-            protocol = "loso" if len(np.unique(table.sample[train])) >= 2 else "spatial-kfold"
+    protocol = choose_protocol(protocol, bool(validation.any()), len(np.unique(table.sample[train])))
     if protocol == "validation":
         if not validation.any():
             raise ValueError("no validation nucleus has measured expression; use --protocol spatial-kfold or loso")

@@ -152,16 +152,17 @@ def plan_samples(data: str | Path, store: FeatureStore, spec: FeatureSpec, micro
     return infos, genes, settings
 
 
-def choose_protocol(samples: list[SampleInfo], protocol: str) -> str:
-    """'auto' -> across samples when it can: the model must generalise to unseen tissue."""
+def choose_protocol(protocol: str, has_validation: bool, n_training_samples: int) -> str:
+    """'auto' -> across samples when it can: the model must generalise to unseen tissue. (Both fits decide here.)"""
     if protocol != "auto":
         return protocol
-    if any(s.n_measured[1] for s in samples):
+    if has_validation:
         return "validation"
-    return "loso" if sum(bool(s.n_measured[0]) for s in samples) >= 2 else "spatial-kfold"
+    return "loso" if n_training_samples >= 2 else "spatial-kfold"
 
 
 def tunes_by_sample(n_samples: int, tuning_groups: str) -> bool:
+    """Whether the estimators' own tuning folds are whole samples (else spatial blocks); both fits decide here."""
     if tuning_groups not in ("auto", "samples", "blocks"):
         raise ValueError(f"unknown tuning_groups '{tuning_groups}'; use auto, samples or blocks")
     return tuning_groups == "samples" or (tuning_groups == "auto" and n_samples >= 3)
@@ -197,14 +198,12 @@ def gather_sample(cache: str, info: SampleInfo, spec: FeatureSpec, reducer: Feat
                   with_blocks: bool, max_rows: int, random_state: int = 0) -> Gathered:
     """Ridge statistics per unit and a subsample of `max_rows` rows at most, stratified by role and block."""
     X, Y, units, coords, blocks = _sample_matrix(cache, info, spec, reducer, n_blocks, with_blocks)
-    labels = pd.Series([u if u is not None else (-1, -1, -1) for u in units])
-    codes, uniques = pd.factorize(labels)
-    stats = {}
-    for index, unit in enumerate(uniques):
-        if unit[0] < 0:
-            continue
-        stats[unit] = MomentStats.of(X[codes == index], Y[codes == index])
-    measured = np.flatnonzero(labels.map(lambda u: u[0] >= 0).to_numpy())
+    rows_of: dict = {}
+    for row, unit in enumerate(units):
+        if unit is not None:
+            rows_of.setdefault(unit, []).append(row)
+    stats = {unit: MomentStats.of(X[rows], Y[rows]) for unit, rows in rows_of.items()}
+    measured = np.flatnonzero([unit is not None for unit in units])
     if len(measured) > max_rows:  # the same share of every role and spatial block
         rng = np.random.default_rng(random_state + info.code)
         strata = pd.Series(list(zip([units[i][1] for i in measured], blocks[measured].tolist())))
@@ -274,7 +273,8 @@ def gather(data: str | Path, cache: str | Path, spec: FeatureSpec, protocol: str
     """Passes 1 and 2 over every sample with expression; returns what was learnt and the resolved protocol."""
     store = FeatureStore(cache)
     samples, genes, settings = plan_samples(data, store, spec, microns_per_pixel)
-    protocol = choose_protocol(samples, protocol)
+    protocol = choose_protocol(protocol, any(s.n_measured[1] for s in samples),
+                               sum(bool(s.n_measured[0]) for s in samples))
     cache = str(cache)
     reducer = None
     if FeatureReducer.wide_keys(store, samples[0].name, spec):
