@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 
 from embed.pipeline import EmbedSettings, embed_dataset
-from regress.dataset import NucleusTable
+from regress.catalogue import model_inputs
+from regress.engine import HeldOutPredictions, evaluate, select_and_fit
 from regress.features import FeatureSpec
-from regress.fit import (FitSettings, cross_validated_predictions, evaluation_splits, model_inputs, select_and_fit,
-                         training_table)
 from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson
-from slidedata.feature_store import FeatureStore
+from regress.settings import FitSettings
+from regress.source import CacheSource
 from slidedata.sample import open_samples
 
 DEFAULT_HER2ST = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
@@ -114,35 +114,29 @@ def fit_settings(mode: str, features: FeatureSet, samples: list, models: tuple[s
     if config.context_radius_um:  # the cache's coordinates are pixels
         radius = config.context_radius_um / float(np.median([s.microns_per_pixel for s in samples]))
     spec = FeatureSpec(encoder=first, patch_sizes=config.patch_sizes[first], extra_keys=extra,
-                       morphology=mode == "nuclei", standardize_per_sample=features.standardize_per_sample)
-    return FitSettings(features=spec, models=models, protocol="loso", context_k=config.context_k or 15,
-                       context_radius=radius)
+                       morphology=mode == "nuclei", standardize_per_sample=features.standardize_per_sample,
+                       context_k=config.context_k or 15, context_radius=radius)
+    return FitSettings(features=spec, models=models, protocol="loso")
 
 
-def section_scores(table: NucleusTable, rows: np.ndarray, predictions: np.ndarray, top_genes: np.ndarray,
-                   spot_of: np.ndarray | None) -> dict[str, float]:
+def section_scores(truth: np.ndarray, predictions: np.ndarray, top_genes: np.ndarray,
+                   spots: np.ndarray | None) -> dict[str, float]:
     """Scores of one held-out section (the whole section is one region, so official = mean over its cells)."""
-    truth = table.Y[rows]
     per_gene = genewise_pearson(truth, predictions)
     scores = {"spearman": float(cellwise_spearman(truth, predictions).mean()),
               "mse": float(cellwise_mse(truth, predictions).mean()),
               "gene_pearson": float(per_gene.mean()), "gene_pearson_top50": float(per_gene[top_genes].mean())}
-    if spot_of is not None:  # nuclei inherit their spot's expression: compare spot means too
-        spots = spot_of[rows]
+    if spots is not None:  # nuclei inherit their spot's expression: compare spot means too
         pred = pd.DataFrame(predictions).groupby(spots, sort=True).mean()
         true = pd.DataFrame(truth).groupby(spots, sort=True).mean()
         scores["spot_spearman"] = float(cellwise_spearman(true.to_numpy(), pred.to_numpy()).mean())
     return scores
 
 
-def spot_labels(table: NucleusTable, samples: list) -> np.ndarray:
-    """'<sample>/<spot_id>' of every row (cell ids restart in each sample)."""
-    labels = np.empty(len(table), dtype=object)
-    for sample in samples:
-        rows = np.flatnonzero(table.sample == sample.name)
-        spot_of = sample.expression.obs.set_index("cell_id")["spot_id"].astype(str)
-        labels[rows] = sample.name + "/" + spot_of.reindex(table.cell_id[rows]).fillna("none").to_numpy(dtype=str)
-    return labels
+def spot_labels(sample, cell_ids: np.ndarray) -> np.ndarray:
+    """The spot of each nucleus (cell ids restart in each sample, spots are per sample too)."""
+    spot_of = sample.expression.obs.set_index("cell_id")["spot_id"].astype(str)
+    return spot_of.reindex(cell_ids).fillna("none").to_numpy(dtype=str)
 
 
 def most_variable_genes(Y: np.ndarray, n: int = 50) -> np.ndarray:
@@ -152,34 +146,41 @@ def most_variable_genes(Y: np.ndarray, n: int = 50) -> np.ndarray:
 def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple[str, ...],
              selection_set: str) -> tuple[pd.DataFrame, dict]:
     """Leave-one-section-out for every (feature set, model), plus the nested `selected` model of one feature set."""
-    store = FeatureStore(data.cache)
+    samples = {s.name: s for s in data.samples}
     rows, maps = [], {}
     for features in feature_sets:
+        start = time.perf_counter()
         settings = fit_settings(data.mode, features, data.samples, models)
-        table, base_dim = training_table(data.samples, store, settings)
-        spot_of = spot_labels(table, data.samples) if data.mode == "nuclei" else None
-        _, splits = evaluation_splits(table, "loso", settings.n_folds, settings.n_blocks)
-        sections = [str(table.sample[test[0]]) for _, test in splits]
-        top = {s: most_variable_genes(table.Y[train]) for s, (train, _) in zip(sections, splits)}
+        source = CacheSource.open(data.folder, data.cache, settings.gathered_features, progress=False)
+        held: list[HeldOutPredictions] = []
+        evaluation = evaluate(source, settings, progress=False, sink=held.append)
+        sections = [names[0] for names in evaluation.test_samples]
+        truth = {h.sample: h.truth for h in held if h.model == models[0]}  # each section is held out once
+        top = {s: most_variable_genes(np.concatenate([truth[o] for o in sections if o != s])) for s in sections}
+
+        def spots(section: str, cell_ids: np.ndarray) -> np.ndarray | None:
+            return spot_labels(samples[section], cell_ids) if data.mode == "nuclei" else None
+
         for model in models:
-            start = time.perf_counter()
-            predictions, _ = cross_validated_predictions(model, table, splits, settings, base_dim)
-            offset = 0
-            for section, (_, test) in zip(sections, splits):
-                part = predictions[offset: offset + len(test)]
-                offset += len(test)
-                rows.append({"mode": data.mode, "features": features.name, "model": model, "section": section,
-                             **section_scores(table, test, part, top[section], spot_of)})
-            print(f"[{data.mode}] {features.name:<28} {model:<18} {time.perf_counter() - start:6.1f} s", flush=True)
+            for h in sorted((h for h in held if h.model == model), key=lambda h: h.split):
+                rows.append({"mode": data.mode, "features": features.name, "model": model, "section": h.sample,
+                             **section_scores(h.truth, h.predictions, top[h.sample], spots(h.sample, h.cell_id))})
+        print(f"[{data.mode}] {features.name:<28} {'all models':<18} {time.perf_counter() - start:6.1f} s",
+              flush=True)
         if features.name != selection_set:
             continue
         start = time.perf_counter()
-        for section, (train, test) in zip(sections, splits):
-            _, _, _, best, estimator = select_and_fit(table.rows(train), settings, base_dim, progress=False)
-            predictions = estimator.predict(model_inputs(best, table, base_dim)[test])
-            rows.append({"mode": data.mode, "features": features.name, "model": "selected", "chosen": best,
-                         "section": section, **section_scores(table, test, predictions, top[section], spot_of)})
-            maps[section] = (table.coords[test], table.Y[test], predictions, table.genes)
+        for info in source.samples:  # nested: the choice is made without the section it is scored on
+            section = info.name
+            chosen = select_and_fit(source.subset([s for s in sections if s != section]), settings, progress=False)
+            matrix = source.matrix(info)
+            test = np.flatnonzero(matrix.measured & (matrix.group == "train"))
+            predictions = chosen.estimator.predict(model_inputs(chosen.best, matrix.X[test], matrix.coords[test],
+                                                                info.code, source.base_dim))
+            rows.append({"mode": data.mode, "features": features.name, "model": "selected", "chosen": chosen.best,
+                         "section": section, **section_scores(matrix.Y[test], predictions, top[section],
+                                                              spots(section, matrix.cell_id[test]))})
+            maps[section] = (matrix.coords[test], matrix.Y[test], predictions, source.genes)
         print(f"[{data.mode}] {features.name:<28} {'selected (nested)':<18} {time.perf_counter() - start:6.1f} s",
               flush=True)
     return pd.DataFrame(rows), maps

@@ -13,37 +13,41 @@ import time
 
 import pandas as pd
 
-from slidedata.patch_size import DEFAULT_PATCH_SIZES, patch_size_arg
+from embed.pipeline import MAX_CPU_WORKERS, EmbedSettings
+from slidedata.cli import add_debug_flag, non_negative_int, positive_float, positive_int, run_reporting_input_errors
+from slidedata.patch_size import patch_size_arg
 
 
 def main(argv: list[str] | None = None) -> int:
     from embed.registry import encoder_table
+
+    defaults = EmbedSettings()
 
     parser = argparse.ArgumentParser(prog="python -m embed", description="Embed every nucleus into the cache.")
     parser.add_argument("--data", help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the zarr feature cache")
     parser.add_argument("--encoder", default="handcrafted", help="registry name (see --list-encoders)")
     parser.add_argument("--weights", help="local weights file or hub-layout folder (else the hub, HF_TOKEN)")
-    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(DEFAULT_PATCH_SIZES),
+    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(defaults.patch_sizes),
                         help="context sizes: slide pixels (64) or microns of tissue (32um)")
-    parser.add_argument("--microns-per-pixel", type=float,
+    parser.add_argument("--microns-per-pixel", type=positive_float,
                         help="the slides' pixel size, for samples that do not store it (Xenium H&E: 0.2125)")
-    parser.add_argument("--input-size", type=int,
+    parser.add_argument("--input-size", type=positive_int,
                         help="resample every crop to this edge instead of the encoder's own (faster on a CPU)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--chunk-nuclei", type=int, default=1024, help="rows per cache chunk (unit of resumption)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers (default: on a CPU one per core, at most 2, each cutting and encoding "
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--chunk-nuclei", type=positive_int, default=defaults.chunk_nuclei,
+                        help="rows per cache chunk (unit of resumption)")
+    parser.add_argument("--workers", type=non_negative_int, default=defaults.num_workers,
+                        help="DataLoader workers (default: on a CPU one per core, at most "
+                             f"{MAX_CPU_WORKERS}, each cutting and encoding "
                              "its own chunks; on a GPU none: they only cut, raise it if the GPU waits)")
-    parser.add_argument("--torch-threads", type=int,
+    parser.add_argument("--torch-threads", type=positive_int,
                         help="encoder threads on a CPU (default: 1 for handcrafted, torch's default for networks)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
     parser.add_argument("--stain-normalization", choices=["macenko"], default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument("--list-encoders", action="store_true")
     parser.add_argument("--list", action="store_true", help="list the cache's entries")
-    from slidedata.cli import add_debug_flag, run_reporting_input_errors
-
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data:
         parser.error("--data is required")
 
-    from embed.pipeline import EmbedSettings, embed_dataset
+    from embed.pipeline import embed_dataset
     from embed.encoders import EncoderLoadError
 
     from embed.registry import get_spec

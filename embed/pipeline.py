@@ -28,7 +28,7 @@ from embed.encoders import PatchEncoder, load_encoder
 from embed.patches import PatchCut, UnitClaims, UnitFeatures, UnitPatchDataset, UnitPatches, contiguous_share
 from embed.registry import encoder_input_size
 from slidedata.feature_store import FeatureEntry, FeatureStore
-from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 from slidedata.sample import Sample, open_samples
 from slidedata.tiles import DEFAULT_MAX_TILE
 
@@ -41,7 +41,7 @@ MAX_CPU_WORKERS = 4  # each holds a tile and a unit's patches (about 1-1.5 GB on
 
 @dataclass
 class EmbedSettings:
-    patch_sizes: tuple[str, ...] = DEFAULT_PATCH_SIZES  # '64' (slide pixels) or '32um' (microns), see PatchSize
+    patch_sizes: tuple[PatchSize, ...] = DEFAULT_PATCH_SIZES  # given as 64 / '64' (slide pixels) or '32um' (microns)
     batch_size: int = 256
     chunk_nuclei: int = 1024
     num_workers: int | None = None  # DataLoader workers; None: see `loader_workers`
@@ -57,7 +57,7 @@ class EmbedSettings:
     max_tile: int = DEFAULT_MAX_TILE  # cap on the edge of the tiles read at once (memory per worker)
 
     def __post_init__(self):
-        self.patch_sizes = patch_keys(self.patch_sizes)
+        self.patch_sizes = patch_sizes(self.patch_sizes)
 
 
 @dataclass
@@ -81,10 +81,10 @@ class PatchPlan:
 
 def patch_plans(sample: Sample, encoder: PatchEncoder, settings: EmbedSettings) -> dict[str, PatchPlan]:
     plans = {}
-    for key in settings.patch_sizes:
-        crop = PatchSize.parse(key).pixels(sample.microns_per_pixel, sample=str(sample.path))
+    for patch_size in settings.patch_sizes:
+        crop = patch_size.pixels(sample.microns_per_pixel, sample=str(sample.path))
         size = settings.input_size or encoder_input_size(encoder.spec, crop, sample.microns_per_pixel)
-        plans[key] = PatchPlan(key, crop, size)
+        plans[patch_size.key] = PatchPlan(patch_size.key, crop, size)
     return plans
 
 

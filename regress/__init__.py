@@ -1,13 +1,17 @@
 """Regress stage: cached features -> multi-output regressors, honest spatial evaluation, saved predictor."""
 
+from regress.engine import Evaluation, HeldOutPredictions, Selection, evaluate, select_and_fit
 from regress.features import FeatureSpec, neighbourhood_mean, sample_features
-from regress.fit import FitSettings, fit_and_evaluate
+from regress.fit import fit_and_evaluate
 from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson, official_score
 from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
 from regress.predictor import ExpressionPredictor
+from regress.settings import FitSettings
+from regress.source import ArraySource, CacheSource, SampleMatrix
 
 __all__ = [
-    "ExpressionPredictor", "FeatureSpec", "FitSettings", "LightGBMRegressor", "MeanProfile", "RidgeCVRegressor",
-    "SpatialKNNProfile", "cellwise_mse", "cellwise_spearman", "fit_and_evaluate", "genewise_pearson",
-    "neighbourhood_mean", "official_score", "sample_features",
+    "ArraySource", "CacheSource", "Evaluation", "ExpressionPredictor", "FeatureSpec", "FitSettings",
+    "HeldOutPredictions", "LightGBMRegressor", "MeanProfile", "RidgeCVRegressor", "SampleMatrix", "Selection",
+    "SpatialKNNProfile", "cellwise_mse", "cellwise_spearman", "evaluate", "fit_and_evaluate", "genewise_pearson",
+    "neighbourhood_mean", "official_score", "sample_features", "select_and_fit",
 ]

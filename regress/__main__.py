@@ -8,33 +8,37 @@ import time
 
 import pandas as pd
 
-from slidedata.patch_size import DEFAULT_PATCH_SIZES, patch_size_arg
+from slidedata.cli import add_debug_flag, non_negative_int, positive_float, positive_int, run_reporting_input_errors
+from slidedata.patch_size import patch_size_arg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from regress.fit import BASELINES, MODELS, FitSettings, fit_and_evaluate
     from regress.features import FeatureSpec
+    from regress.fit import fit_and_evaluate
+    from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
 
-    parser = argparse.ArgumentParser(prog="python -m regress", description="Fit and evaluate expression regressors.")
+    defaults, feature_defaults = FitSettings(), default_features()
+    parser = argparse.ArgumentParser(prog="python -m regress", description="Fit and evaluate expression regressors.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
-    parser.add_argument("--cache", default="outputs/features.zarr")
-    parser.add_argument("--model-dir", default="outputs/model")
-    parser.add_argument("--encoder", default="handcrafted")
-    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(DEFAULT_PATCH_SIZES),
+    parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
+    parser.add_argument("--model-dir", default="outputs/model", help="where the chosen model and its scores go")
+    parser.add_argument("--encoder", default=feature_defaults.encoder, help="the encoder whose features to read")
+    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(feature_defaults.patch_sizes),
                         help="slide pixels (64) or microns (32um), as embedded")
-    parser.add_argument("--models", nargs="+", default=list(BASELINES) + ["ridge", "ridge+context"],
-                        choices=list(BASELINES) + list(MODELS))
-    parser.add_argument("--context-k", type=int, default=15, help="neighbours averaged by the +context models")
-    parser.add_argument("--context-radius", type=float,
+    parser.add_argument("--models", nargs="+", default=list(defaults.models), choices=list(BASELINES) + list(MODELS))
+    parser.add_argument("--context-k", type=positive_int, default=feature_defaults.context_k,
+                        help="neighbours averaged by the +context models")
+    parser.add_argument("--context-radius", type=positive_float,
                         help="px: +context models average all nuclei within this radius instead of the k nearest")
-    parser.add_argument("--protocol", default="auto", choices=["auto", "validation", "spatial-kfold", "loso"])
+    parser.add_argument("--protocol", default=defaults.protocol, choices=list(PROTOCOLS))
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
-    parser.add_argument("--pca", type=int, default=FitSettings.ridge_components,
+    parser.add_argument("--pca", type=non_negative_int, default=defaults.ridge_components,
                         help="ridge on this many principal components where it has more features, and feature blocks "
                              "(encoder x patch size) wider than this reduced to as many first (0: never)")
-    parser.add_argument("--sample-rows", type=int, default=FitSettings.sample_rows,
+    parser.add_argument("--sample-rows", type=positive_int, default=defaults.sample_rows,
                         help="LightGBM and the spatial baseline train on at most this many rows, drawn from every "
                              "sample, group and spatial block alike (ridge always uses every row)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
@@ -42,30 +46,38 @@ def main(argv: list[str] | None = None) -> int:
                              "its workers must see the same --data and --cache paths")
     parser.add_argument("--standardize-per-sample", action="store_true",
                         help="z-score every feature within each sample (removes slide-wide stain/scanner shifts)")
-    parser.add_argument("--tuning-groups", default="auto", choices=["auto", "samples", "blocks"],
-                        help="folds of ridge's alpha CV and LightGBM's early stopping (auto: samples when >= 3)")
-    from slidedata.cli import add_debug_flag, run_reporting_input_errors
-
+    parser.add_argument("--tuning-folds", default=defaults.tuning_folds, choices=list(TUNING_FOLDS),
+                        help="what the folds of ridge's alpha CV and LightGBM's early stopping are made of "
+                             "(auto: whole samples when three or more train the model, else spatial blocks)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
-    extra = tuple((key.rsplit(":", 1)[0], key.rsplit(":", 1)[1]) for key in args.extra_features)
-    settings = FitSettings(features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
-                                                extra_keys=extra, morphology=not args.no_morphology,
-                                                standardize_per_sample=args.standardize_per_sample,
-                                                block_components=args.pca or None),
-                           models=tuple(args.models), context_k=args.context_k, protocol=args.protocol,
-                           context_radius=args.context_radius, tuning_groups=args.tuning_groups,
-                           ridge_components=args.pca or None,
-                           sample_rows=args.sample_rows, scheduler=args.scheduler)
+    def extra_key(key: str) -> tuple[str, str]:
+        encoder, _, size = key.rpartition(":")
+        if not encoder:
+            parser.error(f"argument --extra-features: expected ENCODER:PATCH_SIZE, got '{key}'")
+        return encoder, patch_size_arg(size)
+
+    try:
+        settings = FitSettings(
+            features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
+                                 extra_keys=tuple(extra_key(k) for k in args.extra_features),
+                                 morphology=not args.no_morphology, context_k=args.context_k,
+                                 context_radius=args.context_radius, standardize_per_sample=args.standardize_per_sample,
+                                 block_components=args.pca or None),
+            models=tuple(args.models), protocol=args.protocol, tuning_folds=args.tuning_folds,
+            ridge_components=args.pca or None, sample_rows=args.sample_rows, scheduler=args.scheduler)
+    except ValueError as exc:
+        parser.error(str(exc))
     start = time.perf_counter()
 
     def stage() -> int:
         scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)
         with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
             print(scores.to_string(index=False))
-        print(f"best: {predictor.model_name} -> {args.model_dir}/predictor.joblib "
-              f"(scores.csv, scores.png beside it); fit stage {time.perf_counter() - start:.1f} s")
+        print(f"saved: {predictor.model_name}, because {predictor.scores['verdict']}")
+        print(f"  -> {args.model_dir}/predictor.joblib (scores.csv, scores.png beside it); "
+              f"fit stage {time.perf_counter() - start:.1f} s")
         return 0
 
     return run_reporting_input_errors(stage, args.debug)

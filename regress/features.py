@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -10,7 +10,7 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from slidedata.feature_store import FeatureStore
-from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_keys
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 
 MORPHOLOGY_COLUMNS = ("area", "major_axis", "minor_axis", "eccentricity")
 FEATURE_DTYPE = np.float16
@@ -22,8 +22,8 @@ class FeatureSpec:
     """Which cached features a model reads; saved with the model so prediction rebuilds exactly the same matrix."""
 
     encoder: str = "handcrafted"
-    patch_sizes: tuple[str, ...] = DEFAULT_PATCH_SIZES  # '64' (slide pixels) or '32um' (microns)
-    extra_keys: tuple[tuple[str, str], ...] = ()  # more (encoder, patch size) blocks, e.g. from a second encoder
+    patch_sizes: tuple[PatchSize, ...] = DEFAULT_PATCH_SIZES  # given as 64 / '64' (slide pixels) or '32um' (microns)
+    extra_keys: tuple[tuple[str, PatchSize], ...] = ()  # more (encoder, patch size) blocks, e.g. a second encoder's
     morphology: bool = True  # nucleus area and ellipse axes from the mask
     context_k: int = 0  # append the mean features of the k nearest nuclei (0 = none)
     context_weighted: bool = False  # weight neighbours by a Gaussian of their distance instead of equally
@@ -36,20 +36,29 @@ class FeatureSpec:
     # the fit stage's memory and time whatever the encoder: a 1,536-d encoder at 2 sizes plus context is 1,032
     # columns instead of 6,152.
     block_components: int | None = 256
-    keys: tuple[tuple[str, str], ...] = field(init=False)
+    keys: tuple[tuple[str, PatchSize], ...] = field(init=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "patch_sizes", patch_keys(self.patch_sizes))
-        object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s).key) for e, s in self.extra_keys))
+        if int(self.context_k) < 0:
+            raise ValueError(f"context_k must be 0 (no context) or a positive number of neighbours, got {self.context_k}")
+        if self.context_radius is not None and not self.context_radius > 0:
+            raise ValueError(f"context_radius must be a positive number of pixels, got {self.context_radius}")
+        if self.block_components is not None and self.block_components < 1:
+            raise ValueError(f"block_components must be positive or None, got {self.block_components}")
+        object.__setattr__(self, "patch_sizes", patch_sizes(self.patch_sizes))
+        object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s)) for e, s in self.extra_keys))
         object.__setattr__(self, "keys", tuple((self.encoder, s) for s in self.patch_sizes) + self.extra_keys)
 
     @property
     def has_context(self) -> bool:
         return bool(self.context_radius or self.context_k)
 
+    def without_context(self) -> "FeatureSpec":
+        return replace(self, context_k=0, context_radius=None)
 
-def entry_key(encoder: str, patch_size: str) -> str:
-    return f"{encoder}:{patch_size}"
+
+def entry_key(encoder: str, patch_size: PatchSize) -> str:
+    return f"{encoder}:{patch_size.key}"
 
 
 @dataclass
@@ -65,13 +74,13 @@ class FeatureReducer:
     axes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # 'encoder:size' -> (centre, scale, basis d x k)
 
     @staticmethod
-    def wide_keys(store: FeatureStore, sample_name: str, spec: FeatureSpec) -> list[tuple[str, str]]:
+    def wide_keys(store: FeatureStore, sample_name: str, spec: FeatureSpec) -> list[tuple[str, PatchSize]]:
         limit = spec.block_components
         return [(e, s) for e, s in spec.keys
                 if limit is not None and store.open_entry(sample_name, e, s).features.shape[1] > limit]
 
     @staticmethod
-    def subsample(store: FeatureStore, sample_name: str, keys: list[tuple[str, str]], max_rows: int
+    def subsample(store: FeatureStore, sample_name: str, keys: list[tuple[str, PatchSize]], max_rows: int
                   ) -> dict[str, np.ndarray]:
         """Up to `max_rows` rows of each block of one sample: whole row chunks, evenly spaced over the sample."""
         out = {}
@@ -95,7 +104,7 @@ class FeatureReducer:
         axes = {}
         for key in keys:
             rows = np.concatenate([part[key] for part in subsamples if key in part])
-            axes[key] = principal_basis(rows, n_components, max_rows=len(rows), random_state=random_state)
+            axes[key] = principal_basis(rows, n_components, random_state=random_state)
         return cls(n_components, axes)
 
     def width(self, key: str, dim: int) -> int:
@@ -107,35 +116,24 @@ class FeatureReducer:
         return project(rows, *self.axes[key]) if key in self.axes else np.asarray(rows, dtype=np.float32)
 
 
-def column_groups(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer: FeatureReducer | None
-                  ) -> np.ndarray:
-    """A group id per column of `sample_features`: the components of a reduced block share one (ridge scales them
-    together, see `regress.models.column_scale`); every other column is a group of its own."""
-    groups, next_id = [], 0
+def scale_sets(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer: FeatureReducer | None
+               ) -> np.ndarray:
+    """Per column of `sample_features`, the id of the set of columns standardised together: the components of a
+    reduced block share one (see `regress.models.column_scale`); every other column is a set of its own."""
+    sets, next_id = [], 0
     for encoder, size in spec.keys:
         key, dim = entry_key(encoder, size), store.open_entry(sample_name, encoder, size).features.shape[1]
         if reducer is not None and key in reducer.axes:
-            groups += [next_id] * reducer.width(key, dim)
+            sets += [next_id] * reducer.width(key, dim)
             next_id += 1
         else:
-            groups += list(range(next_id, next_id + dim))
+            sets += list(range(next_id, next_id + dim))
             next_id += dim
     if spec.morphology:
-        groups += list(range(next_id, next_id + len(MORPHOLOGY_COLUMNS)))
+        sets += list(range(next_id, next_id + len(MORPHOLOGY_COLUMNS)))
         next_id += len(MORPHOLOGY_COLUMNS)
-    base = np.asarray(groups, dtype=np.int64)
+    base = np.asarray(sets, dtype=np.int64)
     return np.r_[base, base + next_id] if spec.has_context else base  # context columns mirror their block
-
-
-def fit_reducer(store: FeatureStore, sample_names: list[str], spec: FeatureSpec) -> FeatureReducer | None:
-    """The reducer of `spec` for these samples, None where no block is wider than `spec.block_components`.
-    (The streamed fit stage runs the same two steps as per-sample tasks.)"""
-    keys = FeatureReducer.wide_keys(store, sample_names[0], spec)
-    if not keys:
-        return None
-    per_sample = max(1, REDUCER_ROWS // len(sample_names))
-    return FeatureReducer.fit([FeatureReducer.subsample(store, name, keys, per_sample) for name in sample_names],
-                              spec.block_components)
 
 
 def knn_weights(coords: np.ndarray, k: int, weighted: bool = False) -> sparse.csr_matrix:

@@ -63,8 +63,9 @@ def pearson_from_moments(moments: np.ndarray) -> np.ndarray:
     return out
 
 
-def held_out_patches(coords: np.ndarray, samples: np.ndarray, radius: float) -> np.ndarray:
-    """Label connected held-out regions: nuclei closer than `radius` (px) in the same sample share a patch."""
+def held_out_regions(coords: np.ndarray, samples: np.ndarray, radius: float) -> np.ndarray:
+    """Label connected held-out regions: nuclei closer than `radius` (px) in the same sample share a region (the
+    challenge's held-out tissue patches)."""
     labels = np.empty(len(coords), dtype=np.int64)
     offset = 0
     for sample in pd.unique(samples):
@@ -76,14 +77,14 @@ def held_out_patches(coords: np.ndarray, samples: np.ndarray, radius: float) -> 
     return labels
 
 
-def official_score(per_nucleus: np.ndarray, samples: np.ndarray, patches: np.ndarray) -> float:
-    """Mean over nuclei within each patch, then over patches within each sample, then over samples."""
-    frame = pd.DataFrame({"score": per_nucleus, "sample": samples, "patch": patches})
-    by_patch = frame.groupby(["sample", "patch"], sort=False)["score"].mean()
-    return float(by_patch.groupby(level="sample", sort=False).mean().mean())
+def official_score(per_nucleus: np.ndarray, samples: np.ndarray, regions: np.ndarray) -> float:
+    """Mean over nuclei within each held-out region, then over regions within each sample, then over samples."""
+    frame = pd.DataFrame({"score": per_nucleus, "sample": samples, "region": regions})
+    by_region = frame.groupby(["sample", "region"], sort=False)["score"].mean()
+    return float(by_region.groupby(level="sample", sort=False).mean().mean())
 
 
-def default_patch_radius(coords: np.ndarray) -> float:
+def default_region_radius(coords: np.ndarray) -> float:
     """Three times the median nearest-neighbour distance: neighbours in tissue link, separate regions do not."""
     if len(coords) < 2:
         return 1.0
@@ -92,20 +93,18 @@ def default_patch_radius(coords: np.ndarray) -> float:
 
 
 def score_table(y_true: np.ndarray, y_pred: np.ndarray, samples: np.ndarray, coords: np.ndarray,
-                patch_radius: float | None = None, patches: np.ndarray | None = None,
-                spearman: np.ndarray | None = None) -> dict[str, float]:
+                region_radius: float | None = None, regions: np.ndarray | None = None) -> dict[str, float]:
     """All headline numbers for one model on one held-out set.
 
-    `patches` labels the held-out regions (e.g. the held-out blocks of a cross-validation); without it they are the
-    connected regions of the held-out nuclei, linked within `patch_radius` px. `spearman`: the per-nucleus
-    cell-wise Spearman where the caller has it already.
+    `regions` labels the held-out regions (e.g. the held-out blocks of a cross-validation); without it they are the
+    connected regions of the held-out nuclei, linked within `region_radius` px.
     """
-    spearman = cellwise_spearman(y_true, y_pred) if spearman is None else spearman
-    if patches is None:
-        radius = patch_radius if patch_radius is not None else default_patch_radius(coords)
-        patches = held_out_patches(coords, samples, radius)
+    spearman = cellwise_spearman(y_true, y_pred)
+    if regions is None:
+        radius = region_radius if region_radius is not None else default_region_radius(coords)
+        regions = held_out_regions(coords, samples, radius)
     return {
-        "spearman_official": official_score(spearman, samples, patches),
+        "spearman_official": official_score(spearman, samples, regions),
         "spearman_mean": float(spearman.mean()),
         "mse": float(cellwise_mse(y_true, y_pred).mean()),
         "gene_pearson": float(genewise_pearson(y_true, y_pred).mean()),

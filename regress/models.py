@@ -103,16 +103,14 @@ class MomentStats:
                            self.yy, self.y_max)
 
 
-def principal_basis(X: np.ndarray, n_components: int, max_rows: int, random_state: int = 0
+def principal_basis(X: np.ndarray, n_components: int, random_state: int = 0
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(centre, scale, basis d x k): the top principal axes of the standardised features, from a bounded subsample.
+    """(centre, scale, basis d x k): the top principal axes of the standardised rows of X (a bounded subsample).
 
     A d x d eigendecomposition per CV fold costs seconds at d = 2,560 and minutes at d = 10^4; the axes of a
     subsample of rows (randomised SVD) are as good for a regression target and cost one pass.
     """
-    rng = np.random.default_rng(random_state)
-    rows = np.sort(rng.choice(len(X), max_rows, replace=False)) if len(X) > max_rows else slice(None)
-    sample = np.asarray(X[rows], dtype=np.float64)
+    sample = np.asarray(X, dtype=np.float64)
     centre, scale = sample.mean(0), sample.std(0)
     scale[scale < 1e-12] = 1.0
     standardized = (sample - centre) / scale
@@ -135,7 +133,7 @@ def project(X: np.ndarray, centre: np.ndarray, scale: np.ndarray, basis: np.ndar
     return out
 
 
-def column_scale(variances: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+def column_scale(variances: np.ndarray, sets: np.ndarray | None = None) -> np.ndarray:
     """Standard deviation per column, or, for columns in one group, the root mean variance of the group.
 
     A block reduced to principal components (`FeatureReducer`) is one group: scaling its components one by one would
@@ -143,21 +141,21 @@ def column_scale(variances: np.ndarray, groups: np.ndarray | None = None) -> np.
     standardised features had.
     """
     variances = np.clip(np.asarray(variances, dtype=np.float64), 1e-12, None)
-    if groups is None:
+    if sets is None:
         return np.sqrt(variances)
-    groups = np.asarray(groups)
-    mean = np.bincount(groups, weights=variances) / np.bincount(groups)
-    return np.sqrt(mean[groups])
+    sets = np.asarray(sets)
+    mean = np.bincount(sets, weights=variances) / np.bincount(sets)
+    return np.sqrt(mean[sets])
 
 
-def ridge_path(stats: MomentStats, alphas, standardize: bool, groups: np.ndarray | None = None
+def ridge_path(stats: MomentStats, alphas, standardize: bool, scale_sets: np.ndarray | None = None
                ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Ridge solutions (coef d x g, intercept g) for every alpha from a training group's statistics.
 
     Alpha penalises the sum of squares: it is the same alpha whatever the number of rows, as in scikit-learn.
     """
     cov, cross = stats.xx / stats.n, stats.xy / stats.n
-    scale = column_scale(np.diag(cov), groups) if standardize else np.ones(len(stats.mean_x))
+    scale = column_scale(np.diag(cov), scale_sets) if standardize else np.ones(len(stats.mean_x))
     evals, evecs = np.linalg.eigh(cov / np.outer(scale, scale))
     evals = np.clip(evals, 0, None)
     projected = evecs.T @ (cross / scale[:, None])
@@ -187,13 +185,13 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
 
     With `n_components` below the number of features, ridge runs on that many principal components of the
     standardised features (exact axes, from the statistics); coefficients are mapped back to the features.
-    `column_groups` (a group id per feature) standardises grouped columns by one common scale (`column_scale`).
+    `scale_sets` (a set id per feature) standardises the columns of one set by one common scale (`column_scale`).
     """
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_folds: int = 5, standardize: bool = True,
-                 n_components: int | None = None, column_groups: np.ndarray | None = None, random_state: int = 0):
+                 n_components: int | None = None, scale_sets: np.ndarray | None = None, random_state: int = 0):
         self.alphas, self.n_folds, self.standardize = alphas, n_folds, standardize
-        self.n_components, self.column_groups, self.random_state = n_components, column_groups, random_state
+        self.n_components, self.scale_sets, self.random_state = n_components, scale_sets, random_state
 
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
         start = time.perf_counter()
@@ -212,24 +210,24 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         projected onto them.
         """
         total = MomentStats.combine(folds)
-        centre, standardize, basis, groups = total.mean_x, self.standardize, None, self.column_groups
+        centre, standardize, basis, sets = total.mean_x, self.standardize, None, self.scale_sets
         if self.n_components is not None and self.n_components < len(centre):
-            scale = column_scale(np.diag(total.xx) / total.n, self.column_groups)
+            scale = column_scale(np.diag(total.xx) / total.n, self.scale_sets)
             _, evecs = np.linalg.eigh(total.xx / np.outer(scale, scale))
             basis = evecs[:, ::-1][:, : self.n_components] / scale[:, None]  # component = (x - centre) @ basis
             folds = [f.project(centre, basis) for f in folds]
             total = MomentStats.combine(folds)
-            standardize, groups = False, None  # components keep their variances: ridge shrinks the small ones
+            standardize, sets = False, None  # components keep their variances: ridge shrinks the small ones
         alphas = np.asarray(self.alphas, dtype=float)
         sse = np.zeros(len(alphas))
         if len(folds) > 1:
             for k, held in enumerate(folds):
                 train = MomentStats.combine(folds[:k] + folds[k + 1:])
-                for i, (coef, intercept) in enumerate(ridge_path(train, alphas, standardize, groups)):
+                for i, (coef, intercept) in enumerate(ridge_path(train, alphas, standardize, sets)):
                     sse[i] += sum_squared_error(coef, intercept, held)
         self.cv_mse_ = sse / (total.n * len(total.mean_y))
         self.alpha_ = float(alphas[int(np.argmin(sse))]) if len(folds) > 1 else float(alphas[len(alphas) // 2])
-        coef, intercept = ridge_path(total, [self.alpha_], standardize, groups)[0]
+        coef, intercept = ridge_path(total, [self.alpha_], standardize, sets)[0]
         # prediction = shifted_intercept + (x - centre) @ coef: subtracting the training mean first keeps the
         # precision of features far from zero in float32 (components are centred already)
         shifted_intercept = intercept if basis is not None else intercept + centre @ coef
@@ -262,9 +260,9 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     def __init__(self, n_target_components: int = 16, n_feature_components: int | None = 64,
                  n_estimators: int = 400, learning_rate: float = 0.05, num_leaves: int = 31,
                  min_child_samples: int = 20, early_stopping_rounds: int = 30, n_jobs: int = 2,
-                 column_groups: np.ndarray | None = None, random_state: int = 0):
+                 scale_sets: np.ndarray | None = None, random_state: int = 0):
         self.n_target_components, self.n_feature_components = n_target_components, n_feature_components
-        self.column_groups = column_groups  # as RidgeCVRegressor's: a reduced block is scaled as one group
+        self.scale_sets = scale_sets  # as RidgeCVRegressor's: a reduced block is scaled as one group
         self.n_estimators, self.learning_rate, self.num_leaves = n_estimators, learning_rate, num_leaves
         self.min_child_samples, self.early_stopping_rounds = min_child_samples, early_stopping_rounds
         self.n_jobs, self.random_state = n_jobs, random_state
@@ -275,7 +273,7 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         start = time.perf_counter()
         X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
         self.x_mean_ = X.mean(0)
-        self.x_scale_ = (column_scale(X.var(0), self.column_groups) + 1e-6).astype(np.float32)
+        self.x_scale_ = (column_scale(X.var(0), self.scale_sets) + 1e-6).astype(np.float32)
         Xs = (X - self.x_mean_) / self.x_scale_
         self.x_components_ = _top_components(Xs, self.n_feature_components)
         Z = Xs @ self.x_components_ if self.x_components_ is not None else Xs

@@ -26,3 +26,28 @@ def run_reporting_input_errors(stage: Callable[[], int], debug: bool = False,
             raise
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR_STATUS
+
+
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be at least 1."""
+    return _checked(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse `type=` for counts where 0 means none."""
+    return _checked(text, int, lambda v: v >= 0, "0 or a positive integer")
+
+
+def positive_float(text: str) -> float:
+    """argparse `type=` for sizes that must be above 0."""
+    return _checked(text, float, lambda v: v > 0, "a positive number")
+
+
+def _checked(text: str, kind: type, ok: Callable[[float], bool], what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value

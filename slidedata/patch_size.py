@@ -1,7 +1,9 @@
 """Patch (context) sizes, in slide pixels or in microns, and the one set of defaults every stage uses.
 
 A size is written `64` (pixels of the slide) or `32um` (microns of tissue, the same on any scanner). The written
-form is also the key of the size in the feature cache, so `64` and `64um` never share an entry.
+form is also the key of the size in the feature cache, so `64` and `64um` never share an entry. Text is parsed once,
+where it enters (the CLI's `patch_size_arg`, or `patch_sizes` in a settings object's constructor); inside, a size is
+a `PatchSize`.
 """
 
 from __future__ import annotations
@@ -52,20 +54,20 @@ class PatchSize:
         return self.key
 
 
-def patch_keys(sizes) -> tuple[str, ...]:
-    """Canonical keys of several sizes (ints, strings or PatchSize), order kept."""
-    return tuple(PatchSize.parse(s).key for s in sizes)
+def patch_sizes(sizes) -> tuple[PatchSize, ...]:
+    """Several sizes (ints, strings or PatchSize) as PatchSize, order kept."""
+    return tuple(PatchSize.parse(s) for s in sizes)
 
 
 # Pixels of a Xenium slide (0.2125 um/px): a nucleus, its neighbours, and two wider contexts.
-DEFAULT_PATCH_SIZES: tuple[str, ...] = ("32", "64", "128", "224")
+DEFAULT_PATCH_SIZES: tuple[PatchSize, ...] = patch_sizes(("32", "64", "128", "224"))
 
 
-def patch_size_arg(text: str) -> str:
-    """argparse `type=` for patch sizes: the canonical key, or a usage error naming the bad value."""
+def patch_size_arg(text: str) -> PatchSize:
+    """argparse `type=` for patch sizes: the parsed size, or a usage error naming the bad value."""
     import argparse
 
     try:
-        return PatchSize.parse(text).key
+        return PatchSize.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

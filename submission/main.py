@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +17,11 @@ import pandas as pd
 from embed.encoders import load_encoder, resolve_weights_file
 from embed.pipeline import EmbedSettings, embed_sample
 from embed.registry import get_spec
-from regress.features import FeatureSpec
-from regress.fit import FitSettings, fit_and_evaluate
+from regress.fit import fit_and_evaluate
 from regress.predictor import ExpressionPredictor
+from regress.settings import FitSettings, default_features
 from slidedata.feature_store import FeatureStore
-from slidedata.patch_size import DEFAULT_PATCH_SIZES
+from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize
 from slidedata.sample import open_sample, open_samples
 from submission.predict import predict_held_out
 from submission.writer import long_blocks
@@ -47,10 +48,9 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
         settings = EmbedSettings(patch_sizes=DEFAULT_PATCH_SIZES)
         for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel):
             embed_sample(sample, store, module, settings, progress=True)
-        fit_settings = FitSettings(features=FeatureSpec(encoder=encoder, patch_sizes=DEFAULT_PATCH_SIZES))
-        if models:
-            fit_settings.models = tuple(models)
-        fit_and_evaluate(data_directory_path, cache, model_dir, fit_settings, microns_per_pixel=microns_per_pixel)
+        fit_settings = FitSettings(features=replace(default_features(), encoder=encoder),
+                                   **({"models": tuple(models)} if models else {}))
+        fit_and_evaluate(data_directory_path, cache, model_dir, fit_settings)
 
 
 def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None) -> pd.DataFrame:
@@ -76,14 +76,14 @@ def infer(data_file_path: str, model_directory_path: str, cache_directory_path: 
 def _embedding_plan(predictor: ExpressionPredictor) -> dict[str, EmbedSettings]:
     """Per encoder the model reads (its main one and any extra feature blocks), the settings it was embedded with."""
     recorded = predictor.embed_settings
-    sizes: dict[str, list[str]] = {}
-    for encoder, key in predictor.feature_spec.keys:
-        sizes.setdefault(encoder, []).append(key)
+    sizes: dict[str, list[PatchSize]] = {}
+    for encoder, size in predictor.feature_spec.keys:
+        sizes.setdefault(encoder, []).append(size)
     plan = {}
     for encoder, keys in sizes.items():
         # One recorded input size for all of an encoder's blocks (its own, or --input-size) is reused as it was;
         # several (a scale-aware encoder at several sizes in microns) follow from the sizes again.
-        inputs = {predictor.feature_settings.get(f"{encoder}:{k}", {}).get("input_size") for k in keys}
+        inputs = {predictor.feature_settings.get(f"{encoder}:{k.key}", {}).get("input_size") for k in keys}
         fixed = inputs.pop() if len(inputs) == 1 else None
         plan[encoder] = EmbedSettings(
             patch_sizes=tuple(keys), pad_mode=recorded.get("pad_mode") or "symmetric",

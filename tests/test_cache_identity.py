@@ -167,8 +167,8 @@ def test_killed_submit_leaves_no_file_at_the_final_path(tmp_path, sig):
     assert sorted(tmp_path.iterdir()) == [path]  # ...and the next run removes it
 
 
-def test_samples_embedded_with_other_settings_are_not_mixed_in_one_table(demo_dir, tmp_path):
-    from regress.dataset import load_table
+def test_samples_embedded_with_other_settings_are_not_mixed_in_one_fit(demo_dir, tmp_path):
+    from regress.source import CacheSource
 
     store = FeatureStore(tmp_path / "features.zarr")
     encoder = load_encoder("handcrafted")
@@ -177,4 +177,4 @@ def test_samples_embedded_with_other_settings_are_not_mixed_in_one_table(demo_di
     embed_sample(demo2, store, encoder, EmbedSettings(patch_sizes=(24,), chunk_nuclei=128, pad_mode="constant"),
                  progress=False)
     with pytest.raises(CacheMismatchError, match="those of demo1.*pad_mode.*embed all samples alike"):
-        load_table([demo1, demo2], store, FeatureSpec(patch_sizes=(24,)))
+        CacheSource.open(demo_dir, store.root, FeatureSpec(patch_sizes=(24,)), progress=False)

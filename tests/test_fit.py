@@ -1,10 +1,10 @@
 import numpy as np
+import pandas as pd
 import pytest
 
-from regress.dataset import load_table
 from regress.features import FeatureSpec, sample_features
-from regress.fit import evaluation_splits, held_out_regions
-from slidedata import open_samples
+from regress.splits import (choose_protocol, evaluation_splits, needs_blocks, spatial_blocks, strata_table,
+                            tunes_by_sample)
 from slidedata.feature_store import FeatureStore
 from tests.conftest import FIXTURE_PATCH_SIZES
 
@@ -19,57 +19,65 @@ def test_blocks_from_several_keys_concatenate(embedded_cache):
     assert with_context.shape[1] == 2 * (together.shape[1] + 4)  # + morphology, then the neighbours' mean
 
 
-def test_evaluation_never_mixes_train_and_held_out_space(demo_dir, embedded_cache):
-    table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
-    protocol, splits = evaluation_splits(table, "auto", 5, 4)
-    assert protocol == "validation"
-    train, test = splits[0]
-    assert set(table.group[train]) == {"train"} and set(table.group[test]) == {"validation"}
-    assert table.measured[train].all() and table.measured[test].all()
+def test_the_cache_source_reads_what_the_sample_and_the_cache_hold(demo_dir, embedded_cache):
+    from regress.source import CacheSource
+    from slidedata import open_sample
 
-    _, folds = evaluation_splits(table, "spatial-kfold", 5, 4)
-    blocks = table.spatial_blocks(4)
-    assert len(folds) == 5
-    for train, test in folds:
-        assert not set(blocks[train]) & set(blocks[test])  # whole blocks are held out
-        assert set(table.group[test]) == {"train"}
-    assert sorted(np.concatenate([t for _, t in folds])) == sorted(np.flatnonzero(
-        (table.group == "train") & table.measured))
-
-    _, loso = evaluation_splits(table, "loso", 5, 4)
-    assert [set(table.sample[t]) for _, t in loso] == [{"demo1"}, {"demo2"}]
-    assert all(not set(table.sample[tr]) & set(table.sample[te]) for tr, te in loso)
-    assert "demo0" not in set(table.sample[np.concatenate([t for _, t in loso])])  # no expression: never scored
+    spec = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES)
+    source = CacheSource.open(demo_dir, embedded_cache, spec, progress=False)
+    assert [s.name for s in source.samples] == ["demo1", "demo2"]  # demo0 has no expression, like DC1
+    info = source.samples[1]
+    matrix = source.matrix(info)
+    sample = open_sample(demo_dir / "demo2.zarr")
+    nuclei = FeatureStore(embedded_cache).read_nuclei("demo2")
+    np.testing.assert_array_equal(matrix.cell_id, nuclei["cell_id"])
+    table = sample.expression.to_df().set_index(sample.expression.obs["cell_id"].to_numpy())
+    measured = np.isin(matrix.cell_id, table.index)
+    np.testing.assert_array_equal(matrix.measured, measured)
+    np.testing.assert_allclose(matrix.Y[measured], table.loc[matrix.cell_id[measured]].to_numpy(), rtol=1e-6)
+    assert info.n_train == int((measured & (matrix.group == "train")).sum()) > 0
+    assert info.n_validation == int((measured & (matrix.group == "validation")).sum()) > 0
+    assert source.base_dim == matrix.X.shape[1] == 2 * 27 + 4  # two handcrafted blocks and morphology
 
 
-def test_cross_validation_scores_the_held_out_blocks_and_samples_as_regions(demo_dir, embedded_cache):
-    table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
-    np.testing.assert_array_equal(held_out_regions(table, "spatial-kfold", 4), table.spatial_blocks(4))
-    # and evaluate scores with them: the official score is the mean over held-out blocks, not connected patches
-    from regress.fit import FitSettings, cross_validated_predictions, evaluate
-    from regress.metrics import cellwise_spearman, official_score, score_table
+def test_splits_are_unions_of_strata_and_never_mix_space():
+    # strata (sample, role, block) of two samples: role 0 train, 1 validation; 4 blocks each
+    keys = [(s, r, s * 16 + b) for s in (0, 1) for r in (0, 1) for b in range(4)]
+    strata = strata_table(keys)
+    (train, test), = evaluation_splits(strata, "validation", 5, ["a", "b"])
+    assert set(strata["role"][train]) == {0} and set(strata["role"][test]) == {1}
+    loso = evaluation_splits(strata, "loso", 5, ["b_second", "a_first"])  # split order follows the names
+    assert [set(strata["sample"][t]) for _, t in loso] == [{1}, {0}]
+    assert all(set(strata["role"][t]) == {0} and not set(strata["sample"][tr]) & set(strata["sample"][t])
+               for tr, t in loso)
+    folds = evaluation_splits(strata, "spatial-kfold", 3, ["a", "b"])
+    assert len(folds) == 3
+    held = np.concatenate([t for _, t in folds])
+    assert sorted(held) == sorted(np.flatnonzero(strata["role"] == 0))  # every train block once
+    for tr, t in folds:
+        assert not set(strata["block"][tr]) & set(strata["block"][t]) and set(strata["role"][tr]) == {0}
+    with pytest.raises(ValueError, match="leave-one-sample-out needs two"):
+        evaluation_splits(strata_table([(0, 0, -1)]), "loso", 5, ["a"])
+    with pytest.raises(ValueError, match="no validation nucleus"):
+        evaluation_splits(strata_table([(0, 0, -1), (1, 0, -1)]), "validation", 5, ["a", "b"])
 
-    settings = FitSettings(features=FeatureSpec(patch_sizes=(24,)), models=("ridge",), protocol="spatial-kfold")
-    evaluation = evaluate(table, settings, table.X.shape[1], progress=False)
-    _, splits = evaluation_splits(table, "spatial-kfold", 5, 4)
-    predictions, _ = cross_validated_predictions("ridge", table, splits, settings, table.X.shape[1])
-    held = evaluation.held
-    per_nucleus = cellwise_spearman(table.Y[held], predictions)
-    by_blocks = official_score(per_nucleus, table.sample[held], table.spatial_blocks(4)[held])
-    connected = score_table(table.Y[held], predictions, table.sample[held], table.coords[held])["spearman_official"]
-    assert evaluation.scores["spearman_official"].iloc[0] == pytest.approx(by_blocks)
-    assert abs(by_blocks - connected) > 1e-6  # the two aggregations differ here, so the assertion above means it
-    loso = held_out_regions(table, "loso", 4)
-    for name in ("demo1", "demo2"):  # one region per held-out sample, never a one-nucleus region
-        assert len(set(loso[table.sample == name])) == 1
-    assert held_out_regions(table, "validation", 4) is None  # the challenge's own connected patches
+
+def test_spatial_blocks_cut_each_sample_into_squares_of_its_own():
+    coords = np.array([[0, 0], [0, 99], [99, 0], [99, 99], [50, 50]], dtype=float)
+    np.testing.assert_array_equal(spatial_blocks(coords, 0, 2), [0, 1, 2, 3, 3])
+    np.testing.assert_array_equal(spatial_blocks(coords, 1, 2), [4, 5, 6, 7, 7])  # never meets sample 0's
 
 
-def test_auto_protocol_is_leave_one_sample_out_without_a_validation_group(demo_dir, embedded_cache):
-    table = load_table(open_samples(demo_dir), FeatureStore(embedded_cache), FeatureSpec(patch_sizes=(24,)))
-    table.group[table.group == "validation"] = "train"
-    protocol, splits = evaluation_splits(table, "auto", 5, 4)
-    assert protocol == "loso" and len(splits) == 2
+def test_protocol_and_tuning_folds_follow_the_number_of_samples():
+    assert choose_protocol("auto", True, 3) == "validation"
+    assert choose_protocol("auto", False, 2) == "loso"
+    assert choose_protocol("auto", False, 1) == "spatial-kfold"
+    assert choose_protocol("loso", True, 3) == "loso"
+    assert tunes_by_sample(3, "auto") and not tunes_by_sample(2, "auto")
+    assert tunes_by_sample(1, "samples") and not tunes_by_sample(5, "blocks")
+    # leave one of three samples out: two train each split's model, so tuning folds are blocks
+    assert needs_blocks("loso", 3, "auto") and not needs_blocks("loso", 4, "auto")
+    assert needs_blocks("spatial-kfold", 5, "samples") and not needs_blocks("validation", 3, "auto")
 
 
 def test_per_sample_standardisation_is_a_z_score_within_each_sample(embedded_cache):
@@ -81,69 +89,41 @@ def test_per_sample_standardisation_is_a_z_score_within_each_sample(embedded_cac
     np.testing.assert_allclose(z.astype(np.float64), expected, rtol=1e-3, atol=2e-3)  # float16 output: ~5e-4 relative
 
 
-def test_models_tune_across_samples_when_three_or_more_train_them():
-    from regress.dataset import NucleusTable
-    from regress.fit import FitSettings, tuning_groups
-
-    n = 12
-    table = NucleusTable(sample=np.repeat(np.array(["a", "b", "c"], dtype=object), 4), cell_id=np.arange(n),
-                         group=np.full(n, "train", dtype=object), coords=np.random.default_rng(0).random((n, 2)),
-                         X=np.zeros((n, 1)), Y=np.zeros((n, 1)), measured=np.ones(n, bool), genes=["g"])
-    everything, two = np.arange(n), np.arange(8)
-    np.testing.assert_array_equal(tuning_groups(table, everything, FitSettings()), np.repeat([0, 1, 2], 4))
-    np.testing.assert_array_equal(tuning_groups(table, two, FitSettings()), table.spatial_blocks(4)[two])
-    np.testing.assert_array_equal(tuning_groups(table, two, FitSettings(tuning_groups="samples")),
-                                  np.repeat([0, 1], 4))
-
-
 def test_the_mean_profile_is_saved_when_no_model_beats_it():
-    import pandas as pd
-
-    from regress.fit import best_model
+    from regress.selection import best_model
 
     scores = pd.DataFrame({"model": ["mean-profile", "spatial-knn", "ridge", "lightgbm"],
                            "spearman_official": [0.60, 0.70, 0.55, 0.58]})
-    assert best_model(scores) == "mean-profile"  # spatial-knn cannot serve new tissue
+    assert best_model(scores)[0] == "mean-profile"  # spatial-knn cannot serve new tissue
     scores.loc[2, "spearman_official"] = 0.65
-    assert best_model(scores) == "ridge"
+    assert best_model(scores)[0] == "ridge"
 
 
 def test_the_simplest_model_within_one_standard_error_of_the_best_is_saved():
-    import pandas as pd
-
-    from regress.fit import best_model
+    from regress.selection import best_model
 
     scores = pd.DataFrame({"model": ["mean-profile", "ridge", "lightgbm"], "spearman_official": [0.50, 0.56, 0.57]})
     folds = {"mean-profile": np.array([0.20, 0.54, 0.52, 0.55]),  # behind the best on every fold: out
              "ridge": np.array([0.24, 0.59, 0.63, 0.64]),  # behind on average, ahead on two folds: within noise
              "lightgbm": np.array([0.25, 0.62, 0.58, 0.60])}
-    assert best_model(scores, folds) == "ridge"
+    best, verdict = best_model(scores, folds)
+    assert best == "ridge" and "within one standard error of the best, lightgbm" in verdict
     folds["ridge"] = np.array([0.21, 0.56, 0.54, 0.57])  # behind on every fold, by more than the noise
-    assert best_model(scores, folds) == "lightgbm"
-    assert best_model(scores) == "lightgbm"  # one split: the best score
+    assert best_model(scores, folds)[0] == "lightgbm"
+    assert best_model(scores)[0] == "lightgbm"  # one split: the best score
 
 
-def test_gene_pearson_under_cross_validation_is_taken_within_each_split():
-    from regress.fit import split_gene_pearson
-
-    rng = np.random.default_rng(0)
-    truth = rng.random((40, 3))
-    predictions = truth.copy()
-    predictions[20:] += 5.0  # the second split is offset as a whole: no effect within it
-    splits = [(None, np.arange(20)), (None, np.arange(20, 40))]
-    np.testing.assert_allclose(split_gene_pearson(truth, predictions, splits), 1.0)
-
-
-def test_a_pixel_size_is_recorded_for_new_samples_only_where_the_training_samples_agree(embedded_cache):
-    from regress.fit import _embed_settings
+def test_a_pixel_size_is_recorded_for_new_samples_only_where_the_training_samples_agree(demo_dir, embedded_cache):
+    from regress.fit import embed_settings
+    from regress.source import CacheSource
 
     store = FeatureStore(embedded_cache)
-    spec = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES)
-    assert _embed_settings(store, ["demo1", "demo2"], spec)["microns_per_pixel"] == 0.2125
+    source = CacheSource.open(demo_dir, embedded_cache, FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES), progress=False)
+    assert embed_settings(store, source)["microns_per_pixel"] == 0.2125
     entry = store.open_entry("demo2", "handcrafted", FIXTURE_PATCH_SIZES[0])
     stored = entry.group.attrs["sample_microns_per_pixel"]
     entry.group.attrs["sample_microns_per_pixel"] = 0.5
     try:
-        assert _embed_settings(store, ["demo1", "demo2"], spec)["microns_per_pixel"] is None
+        assert embed_settings(store, source)["microns_per_pixel"] is None
     finally:
         entry.group.attrs["sample_microns_per_pixel"] = stored

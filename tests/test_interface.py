@@ -48,7 +48,8 @@ def test_infer_embeds_every_feature_block_the_model_reads(demo_dir, tmp_path):
     exactly as from the training cache: infer embeds the extra encoder too, with the recorded input size."""
     from embed.pipeline import EmbedSettings, embed_dataset
     from regress.features import FeatureSpec
-    from regress.fit import FitSettings, fit_and_evaluate
+    from regress.fit import fit_and_evaluate
+    from regress.settings import FitSettings
     from slidedata.feature_store import FeatureStore
     from submission.main import infer
     from submission.predict import predict_held_out

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from regress.metrics import (
-    cellwise_mse, cellwise_spearman, genewise_pearson, held_out_patches, official_score, score_table,
+    cellwise_mse, cellwise_spearman, genewise_pearson, held_out_regions, official_score, score_table,
 )
 
 
@@ -48,10 +48,10 @@ def test_official_aggregation_is_unweighted_at_each_level():
     assert official_score(scores, samples, patches) == pytest.approx((7 / 12 + 0.7) / 2)
 
 
-def test_held_out_patches_are_connected_regions_per_sample():
+def test_held_out_regions_are_connected_regions_per_sample():
     coords = np.array([[0, 0], [0, 5], [0, 10], [100, 100], [100, 104], [0, 0]], dtype=float)
     samples = np.array(["A", "A", "A", "A", "A", "B"])
-    labels = held_out_patches(coords, samples, radius=6)
+    labels = held_out_regions(coords, samples, radius=6)
     assert labels[0] == labels[1] == labels[2]
     assert labels[3] == labels[4] != labels[0]
     assert labels[5] not in labels[:5]  # same position, other sample: another patch
@@ -77,6 +77,6 @@ def test_official_score_uses_the_given_held_out_regions():
     samples = np.array(["A"] * 4)
     connected = score_table(truth, pred, samples, coords)
     assert connected["spearman_official"] == pytest.approx(0.5)
-    given = score_table(truth, pred, samples, coords, patches=np.array([7, 9, 9, 9]))
+    given = score_table(truth, pred, samples, coords, regions=np.array([7, 9, 9, 9]))
     assert given["spearman_official"] == pytest.approx(0.0)
     assert given["spearman_mean"] == pytest.approx(0.5)

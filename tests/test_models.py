@@ -129,7 +129,7 @@ def test_ridge_on_principal_components_equals_scikit_learn_pca_then_ridge():
     np.testing.assert_allclose(ours.predict(X), expected, rtol=1e-3, atol=1e-3)
 
 
-def test_grouped_columns_share_one_scale_and_a_rotation_inside_a_group_changes_nothing():
+def test_a_scale_set_shares_one_scale_and_a_rotation_inside_it_changes_nothing():
     from regress.models import column_scale
 
     np.testing.assert_allclose(column_scale([1.0, 4.0, 9.0, 16.0], np.array([0, 1, 1, 2])),
@@ -141,8 +141,8 @@ def test_grouped_columns_share_one_scale_and_a_rotation_inside_a_group_changes_n
     rotation = np.linalg.qr(rng.normal(size=(4, 4)))[0]
     rotated = np.c_[X[:, :2], X[:, 2:] @ rotation]
     groups = np.array([0, 1, 2, 2, 2, 2])
-    a = RidgeCVRegressor(alphas=[30.0], n_folds=1, column_groups=groups).fit(X, Y)
-    b = RidgeCVRegressor(alphas=[30.0], n_folds=1, column_groups=groups).fit(rotated, Y)
+    a = RidgeCVRegressor(alphas=[30.0], n_folds=1, scale_sets=groups).fit(X, Y)
+    b = RidgeCVRegressor(alphas=[30.0], n_folds=1, scale_sets=groups).fit(rotated, Y)
     np.testing.assert_allclose(a.predict(X), b.predict(rotated), rtol=1e-4, atol=1e-4)
     c = RidgeCVRegressor(alphas=[30.0], n_folds=1).fit(rotated, Y)  # column by column: not the same model
     assert np.abs(c.predict(rotated) - a.predict(X)).max() > 1e-3

@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 
 from regress.features import FeatureSpec
-from regress.fit import FitSettings, fit_and_evaluate
+from regress.fit import fit_and_evaluate
+from regress.settings import FitSettings
 from regress.predictor import ExpressionPredictor
 from slidedata import open_samples
 from submission.pipeline import make_submission
@@ -16,7 +17,7 @@ from tests.conftest import FIXTURE_PATCH_SIZES
 @pytest.fixture(scope="session")
 def fitted(demo_dir, embedded_cache, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("model")
-    settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES),
+    settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, context_k=15),
                            models=("mean-profile", "spatial-knn", "ridge", "ridge+context"))
     scores, predictor = fit_and_evaluate(demo_dir, embedded_cache, model_dir, settings, progress=False)
     return model_dir, scores, predictor

@@ -1,0 +1,49 @@
+"""The model families by name: a fresh estimator for each name, what each reads, which is simpler.
+
+`ridge+context` is ridge on the features plus their neighbourhood block; `spatial-knn` reads positions only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
+from regress.settings import BASELINES, MODELS, FitSettings
+
+# Simplest first: where models tie within noise, the simpler one is saved (regress.selection).
+COMPLEXITY_ORDER = ("mean-profile", "ridge", "ridge+context", "lightgbm", "lightgbm+context")
+# Trained on their statistics (every row, streamed) rather than on a bounded subsample of rows.
+FROM_STATISTICS = ("mean-profile", "ridge")
+
+
+def family(name: str) -> str:
+    return name.split("+")[0]
+
+
+def make_estimator(name: str, settings: FitSettings, scale_sets: np.ndarray | None = None):
+    """A fresh estimator for `name`; `scale_sets` (per input column, see `features.scale_sets`) for ridge and
+    LightGBM."""
+    base = family(name)
+    if base == "mean-profile":
+        return MeanProfile()
+    if base == "spatial-knn":
+        return SpatialKNNProfile(k=20)
+    if base == "ridge":
+        return RidgeCVRegressor(alphas=settings.ridge_alphas, n_folds=settings.n_folds,
+                                n_components=settings.ridge_components, scale_sets=scale_sets)
+    if base == "lightgbm":
+        return LightGBMRegressor(**{"scale_sets": scale_sets, **settings.lightgbm})
+    raise KeyError(f"unknown model '{name}'; choose from {', '.join(BASELINES + MODELS)}")
+
+
+def model_inputs(name: str, X: np.ndarray, coords: np.ndarray, code, base_dim: int) -> np.ndarray:
+    """What model `name` reads: positions (and the sample's code) for the spatial baseline, the features with their
+    context block for +context models, without it otherwise."""
+    if name == "spatial-knn":
+        return np.c_[coords, np.broadcast_to(code, len(coords))]
+    return X if name.endswith("+context") else X[:, :base_dim]
+
+
+def input_width(name: str, base_dim: int) -> int | None:
+    """How many leading feature columns model `name` reads (None: all of them)."""
+    return None if name.endswith("+context") else base_dim
