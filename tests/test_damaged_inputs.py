@@ -13,8 +13,9 @@ import pytest
 from embed.encoders import load_encoder
 from embed.pipeline import EmbedSettings, embed_sample
 from slidedata import DataError, open_sample, open_samples
-from slidedata.demo import expression_table, simulate_tissue, write_sample
 from slidedata.feature_store import FeatureStore
+from slidedata.writer import write_sample
+from synthetic.demo import expression_table, simulate_tissue
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(patch_sizes=(24,), chunk_nuclei=128)

@@ -4,8 +4,8 @@ import pytest
 import dask.array as da
 
 from slidedata import DataError, nuclei_from_mask, open_sample, open_samples
-from slidedata.demo import expression_table, simulate_tissue
 from slidedata.writer import write_sample
+from synthetic.demo import expression_table, simulate_tissue
 
 
 def test_open_folder_of_demo_samples(demo_dir):
