@@ -166,8 +166,7 @@ class FeatureStore:
         it with its own."""
         tile_size = int(tile_size or tile_edge(int(sample.image.chunks[1][0])))
         table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
-        attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),
-                 "n_nuclei": len(table), "input_digest": sample.input_digest()}
+        attrs = {"tile_size": tile_size, "n_nuclei": len(table), "input_digest": sample.input_digest()}
         self._write_nuclei(sample.name, table, attrs)
         sample.set_nuclei(table)
         return table
