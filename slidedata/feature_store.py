@@ -32,7 +32,7 @@ import zarr
 
 from slidedata import locks
 from slidedata.errors import DataError
-from slidedata.nuclei import NUCLEI_COLUMNS
+from slidedata.nuclei import GEOMETRY_VERSION, NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
 from slidedata.sample import Sample
 from slidedata.tiles import DEFAULT_MAX_TILE, tile_edge, tile_index
@@ -162,23 +162,30 @@ class FeatureStore:
                max_tile: int = DEFAULT_MAX_TILE) -> pd.DataFrame:
         """The sample's nuclei in tile order; computed from the mask on first use, then read from the cache.
 
-        A cached table made from other image or mask files (their digest differs, or was not recorded) is stale, and
-        so is every entry of the sample: `if_changed="recompute"` (the embed stage) deletes them and starts again,
+        A cached table made from other image or mask files (their digest differs, or was not recorded), or by other
+        geometry code (`GEOMETRY_VERSION`), is stale, and so is every entry of the sample (their rows and the nucleus
+        shape features are the table's): `if_changed="recompute"` (the embed stage) deletes them and starts again,
         `"raise"` (the stages that only read) stops with a DataError that says to embed again. The tiles of the
         order (recorded as `tile_size`) follow the image's storage chunks, capped at `max_tile` (see slidedata.tiles).
         """
         digest = sample.input_digest()
         with locks.hold(self.root / LOCKS / sample.name / "nuclei.lock"):  # one process invalidates and computes
             if self.has_nuclei(sample.name):
-                stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs.get("input_digest")
-                if stored == digest:
+                stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs
+                same_data, same_geometry = (stored.get("input_digest") == digest,
+                                            stored.get("geometry_version") == GEOMETRY_VERSION)
+                if same_data and same_geometry:
                     table = self.read_nuclei(sample.name)
                     sample.set_nuclei(table)
                     return table
                 if if_changed != "recompute":
-                    raise DataError(sample.path, "-", "the image or mask files differ from those this sample was "
-                                                      f"embedded from into {self.root} (changed data, or a cache "
-                                                      "of an older version); run the embed stage again (make embed)")
+                    if not same_data:
+                        stale = ("the image or mask files differ from those this sample was embedded from into "
+                                 f"{self.root} (changed data, or a cache of an older version)")
+                    else:
+                        stale = (f"its nuclei table in {self.root} was computed by another version (geometry "
+                                 f"{stored.get('geometry_version')!r}, this version {GEOMETRY_VERSION!r})")
+                    raise DataError(sample.path, "-", f"{stale}; run the embed stage again (make embed)")
                 self._discard_sample(sample.name)
             return self.write_nuclei(sample, sample.nuclei(progress=progress),
                                      tile_edge(int(sample.image.chunks[1][0]), max_tile))
@@ -190,7 +197,8 @@ class FeatureStore:
         it with its own."""
         tile_size = int(tile_size or tile_edge(int(sample.image.chunks[1][0])))
         table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
-        attrs = {"tile_size": tile_size, "n_nuclei": len(table), "input_digest": sample.input_digest()}
+        attrs = {"tile_size": tile_size, "n_nuclei": len(table), "input_digest": sample.input_digest(),
+                 "geometry_version": GEOMETRY_VERSION}
         self._write_nuclei(sample.name, table, attrs)
         sample.set_nuclei(table)
         return table

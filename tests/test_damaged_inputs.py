@@ -122,6 +122,26 @@ def test_data_changed_after_embed_is_recomputed_and_refused_by_readers(demo_dir,
     assert not np.array_equal(after, before)
 
 
+def test_a_nuclei_table_of_other_geometry_code_is_recomputed_and_refused_by_readers(demo_dir, tmp_path):
+    """Tables cached before the ellipse axes followed regionprops record no geometry version: other shape numbers."""
+    import zarr
+
+    path = demo_dir / "demo1.zarr"
+    store, encoder = FeatureStore(tmp_path / "features.zarr"), load_encoder("handcrafted")
+    embed_sample(open_sample(path), store, encoder, EmbedSettings(**SETTINGS, max_units=1), progress=False)
+    table = zarr.open_group(tmp_path / "features.zarr" / "demo1" / "nuclei", mode="r+")
+    del table.attrs["geometry_version"]
+    table["major_axis"][:] = 0.0
+    with pytest.raises(DataError, match="computed by another version.*run the embed stage again"):
+        store.nuclei(open_sample(path), if_changed="raise")  # what fit and submit do
+
+    again = embed_sample(open_sample(path), store, encoder, EmbedSettings(**SETTINGS), progress=False)
+    assert again.units_computed == again.units_total  # its entries were discarded with it
+    recomputed = store.read_nuclei("demo1")
+    assert (recomputed["major_axis"] > 0).all()
+    pd.testing.assert_frame_equal(recomputed, FeatureStore(tmp_path / "fresh.zarr").nuclei(open_sample(path)))
+
+
 # -- expression --------------------------------------------------------------------------------------------------
 
 def _sample_with(tmp_path, name="s", expression=None, groups=("train", "train", "test")):
