@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEMO_DATA)/demo1.zarr: | $(STAMP)
-	$(PY) -m slidedata.demo --out $(DEMO_DATA) --n-nuclei $(DEMO_NUCLEI)
+	$(PY) -m synthetic.demo --out $(DEMO_DATA) --n-nuclei $(DEMO_NUCLEI)
 
 # Each stage prints its own time; a second run reuses the cache (embed), so it is much faster.
 demo: $(STAMP) $(DEMO_DATA)/demo1.zarr

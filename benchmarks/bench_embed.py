@@ -38,7 +38,7 @@ def benchmark_encoder(name: str, device: str) -> PatchEncoder:
 
 def end_to_end(nuclei: int, folder: Path, device: str) -> dict:
     """embed_sample with default settings on a fresh cache; the sample is generated once and reused."""
-    from slidedata.demo import make_demo_sample
+    from synthetic.demo import make_demo_sample
 
     path = folder / f"demo-{nuclei}.zarr"
     if not path.exists():

@@ -89,7 +89,7 @@ class ModeData:
 
 def prepare(mode: str, her2st: Path, out: Path, encoders: set[str]) -> ModeData:
     """Import (once) and embed (resumable) every section in this cell mode."""
-    from slidedata.spots import her2st_sections, import_sections
+    from importers.spots import her2st_sections, import_sections
 
     folder, cache = out / "data" / mode, out / f"features-{mode}.zarr"
     if not folder.is_dir() or not any(folder.glob("*.zarr")):

@@ -50,14 +50,14 @@ class Stage:
 
 
 def stages(work: Path, scale: float, python: str = sys.executable) -> list[Stage]:
-    from slidedata.demo import REAL_SHAPE
+    from synthetic.demo import REAL_SHAPE
 
     real = work / "real" / "UC1_I.zarr"
     cache, model = work / "real-features.zarr", work / "real-model"
     full = work / "full"
     height, width = (str(int(round(side * scale ** 0.5))) for side in REAL_SHAPE)
     return [
-        Stage("a", "generate real-size sample", [python, "-m", "slidedata.demo", "--size", "real", "--out",
+        Stage("a", "generate real-size sample", [python, "-m", "synthetic.demo", "--size", "real", "--out",
                                                  str(real.parent), "--name", "UC1_I", "--height", height,
                                                  "--width", width], real, skip_if_present=True),
         Stage("b", "embed (handcrafted, 4 patch sizes)",

@@ -5,7 +5,7 @@ encoder at two patch sizes in the real cache format, and sample zarrs whose tabl
 size while their image and mask are a tiny placeholder: the fit stage reads only the cache and the tables, and the
 cache's nuclei table carries the placeholder's input digest, so the readers accept it as embedded from it.
 
-Nuclei, types and expression come from the demo's tissue model (slidedata.tissue / slidedata.demo) at the real slide
+Nuclei, types and expression come from the demo's tissue model (synthetic.tissue / synthetic.demo) at the real slide
 size; the features carry a low-rank projection of each nucleus's expression plus noise (float16), different at each
 patch size, so the fit has something to learn. One sample in memory at a time, one unit of rows written at a time.
 
@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from embed.encoders import PatchEncoder
 from embed.pipeline import EmbedSettings, entry_attrs, patch_plans
 from embed.registry import get_spec
-from slidedata.demo import MICRONS_PER_PIXEL, REAL_SHAPE, sample_tables, simulate_counts
 from slidedata.feature_store import FeatureStore
 from slidedata.nuclei import NUCLEI_COLUMNS
 from slidedata.sample import log_normalise, open_sample
-from slidedata.tissue import make_scene
 from slidedata.writer import write_sample
+from synthetic.demo import MICRONS_PER_PIXEL, REAL_SHAPE, sample_tables, simulate_counts
+from synthetic.tissue import make_scene
 
 # Nuclei per sample: invented, summing to the challenge's 1.67 million; DC1 has no expression, as in Crunch 1.
 CHALLENGE_SAMPLES = (("DC1", 200_000, False), ("DC5", 220_000, True), ("UC1_I", 230_000, True),

@@ -12,9 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-# The features are this module's code (there are no weights to pin them), so the code is their version: any edit
-# here gives cache entries another identity and they are recomputed instead of silently reused.
-CODE_VERSION = "handcrafted-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+from slidedata import nuclei as geometry
+from slidedata.nuclei import ellipse_from_moments
+
+# The features are this module's code and the nucleus geometry it shares with the nuclei table (there are no weights
+# to pin them), so that code is their version: any edit of either file gives cache entries another identity and
+# they are recomputed instead of silently reused.
+CODE_VERSION = "handcrafted-" + hashlib.sha256(
+    Path(__file__).read_bytes() + Path(geometry.__file__).read_bytes()).hexdigest()[:16]
 
 # Ruifrok & Johnston stain vectors (optical density of R, G, B), completed by their cross product.
 _H = torch.tensor([0.65, 0.70, 0.29])
@@ -91,11 +96,8 @@ class HandcraftedFeatures(nn.Module):
         ys, xs = coords.repeat_interleave(side), coords.repeat(side)
         moments = own @ torch.stack([ys, xs, ys * ys, xs * xs, ys * xs], 1) / own_n[:, None]
         my, mx = moments[:, 0], moments[:, 1]
-        cyy, cxx, cxy = moments[:, 2] - my * my, moments[:, 3] - mx * mx, moments[:, 4] - my * mx
-        spread = (((cyy - cxx) / 2) ** 2 + cxy**2).clamp(min=0).sqrt()
-        lam1 = ((cyy + cxx) / 2 + spread).clamp(min=0)
-        lam2 = ((cyy + cxx) / 2 - spread).clamp(min=0)
-        eccentricity = (1 - lam2 / lam1.clamp(min=1e-6)).clamp(min=0).sqrt()
+        major, minor, eccentricity = ellipse_from_moments(moments[:, 2] - my * my, moments[:, 3] - mx * mx,
+                                                          moments[:, 4] - my * mx)
 
         features = torch.cat([
             rgb_mean, rgb_std,
@@ -104,7 +106,7 @@ class HandcraftedFeatures(nn.Module):
             torch.stack([gradient, laplacian], 1),
             torch.stack([own_area / n, any_n / n, nucleus_h, nucleus_h_std, background_h], 1),
             nucleus_rgb,
-            torch.stack([own_area * scale**2, 4 * lam1.sqrt() * scale, 4 * lam2.sqrt() * scale, eccentricity], 1),
+            torch.stack([own_area * scale**2, major * scale, minor * scale, eccentricity], 1),
         ], dim=1)
         assert features.shape == (b, self.dim)
         return features

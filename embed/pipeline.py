@@ -27,7 +27,7 @@ from slidedata.errors import DataError
 from embed.encoders import PatchEncoder, load_encoder
 from embed.patches import PatchCut, UnitClaims, UnitFeatures, UnitPatchDataset, UnitPatches, contiguous_share
 from embed.registry import encoder_input_size
-from slidedata.feature_store import FeatureEntry, FeatureStore
+from slidedata.feature_store import FeatureEntry, FeatureStore, identity_attrs
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 from slidedata.sample import Sample, open_samples
 from slidedata.tiles import DEFAULT_MAX_TILE
@@ -90,18 +90,27 @@ def patch_plans(sample: Sample, encoder: PatchEncoder, settings: EmbedSettings) 
 
 def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei: int, settings: EmbedSettings,
                 input_digest: str = "") -> dict:
-    """What an entry's numbers depend on; `slidedata.feature_store.IDENTITY_ATTRS` names which keys are compared."""
+    """What an entry's numbers depend on (its identity), the one place that decides it: the entry records these
+    values and their names, and the cache compares what it records (see slidedata.feature_store.identity_attrs).
+
+    Adding a setting = adding it here. The per-sample values differ between the samples of one model; a model
+    records the settings only, and refuses features made with other settings.
+    """
     spec = encoder.spec
-    return {
+    embedding = {
         "encoder": spec.name, "weights_sha256": encoder.weights_sha256, "patch_size": plan.key,
-        "crop_pixels": plan.crop_pixels, "input_size": plan.input_size, "interpolation": spec.interpolation,
-        "sample_microns_per_pixel": sample.microns_per_pixel, "encoder_microns_per_pixel": spec.microns_per_pixel,
+        "input_size": plan.input_size, "interpolation": spec.interpolation,
+        "encoder_microns_per_pixel": spec.microns_per_pixel,
         "mean": list(spec.mean), "std": list(spec.std), "pooling": spec.pooling,
         "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
-        "pad_mode": settings.pad_mode, "dim": spec.dim, "n_nuclei": int(n_nuclei),
-        "chunk_nuclei": int(settings.chunk_nuclei), "code_version": CODE_VERSION,
-        "encoder_code_version": encoder_code_version(encoder), "input_digest": input_digest,
+        "pad_mode": settings.pad_mode, "dim": spec.dim, "chunk_nuclei": int(settings.chunk_nuclei),
+        "code_version": CODE_VERSION, "encoder_code_version": encoder_code_version(encoder),
     }
+    per_sample = {
+        "crop_pixels": plan.crop_pixels, "sample_microns_per_pixel": sample.microns_per_pixel,
+        "n_nuclei": int(n_nuclei), "input_digest": input_digest,
+    }
+    return identity_attrs(embedding, per_sample)
 
 
 def encoder_code_version(encoder: PatchEncoder) -> str:

@@ -8,7 +8,6 @@ not grow with n x g, and the statistics can be gathered anywhere (sample by samp
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -194,10 +193,8 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.n_components, self.scale_sets, self.random_state = n_components, scale_sets, random_state
 
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
-        start = time.perf_counter()
         folds = self._folds(len(X), groups)
         self.fit_statistics(list(MomentStats.by_group(X, Y, folds).values()))
-        self.fit_seconds_ = time.perf_counter() - start
         return self
 
     def fit_statistics(self, folds: list[MomentStats]):
@@ -270,7 +267,6 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
         import lightgbm as lgb
 
-        start = time.perf_counter()
         X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
         self.x_mean_ = X.mean(0)
         self.x_scale_ = (column_scale(X.var(0), self.scale_sets) + 1e-6).astype(np.float32)
@@ -298,7 +294,6 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
                           callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
             self.boosters_.append(model)
         self._set_clip(Y)
-        self.fit_seconds_ = time.perf_counter() - start
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Shared data layer: Crunch-format samples, nucleus geometry, the feature cache and the demo dataset."""
+"""Shared data layer: Crunch-format samples, their validation and writer, nucleus geometry, the feature cache."""
 
 from slidedata.errors import DataError
 from slidedata.nuclei import nuclei_from_mask

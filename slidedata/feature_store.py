@@ -9,9 +9,11 @@ Layout (one zarr v3 group, e.g. ``outputs/features.zarr``)::
 
 A unit is one chunk of rows, so workers (DataLoader workers, torchrun ranks, Dask workers) that own disjoint units
 write disjoint zarr chunks and never race. `done` is set only after a unit's features are written, so an interrupted
-run resumes from the first unfinished unit. Attributes record what produced an entry; opening it with other settings
-raises instead of mixing two encoders' features; a sample whose image or mask files changed (`input_digest`) has its
-nuclei table and entries recomputed by the embed stage, and is refused by the stages that only read.
+run resumes from the first unfinished unit. Attributes record what produced an entry (its identity) and the names of
+the keys that form it (`identity_keys`, and of those the per-sample ones, `sample_keys`), as decided by whoever
+creates the entry (`embed.pipeline.entry_attrs`); opening it with other settings raises instead of mixing two
+encoders' features; a sample whose image or mask files changed (`input_digest`) has its nuclei table and entries
+recomputed by the embed stage, and is refused by the stages that only read.
 
 Hidden beside the samples, `.locks/<sample>/...` holds the lock files that let several embed processes share units.
 """
@@ -30,30 +32,47 @@ import zarr
 
 from slidedata import locks
 from slidedata.errors import DataError
-from slidedata.nuclei import NUCLEI_COLUMNS
+from slidedata.nuclei import GEOMETRY_VERSION, NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
 from slidedata.sample import Sample
 from slidedata.tiles import DEFAULT_MAX_TILE, tile_edge, tile_index
 
 NUCLEI_GROUP = "nuclei"
 LOCKS = ".locks"
-# THE list of what an entry's numbers depend on (its identity): a mismatch on any of them means other features.
-# Adding a setting = recording it in `embed.pipeline.entry_attrs` and naming it here; nothing else changes.
-IDENTITY_ATTRS = ("encoder", "weights_sha256", "encoder_code_version", "code_version", "patch_size", "crop_pixels",
-                  "input_size", "interpolation", "sample_microns_per_pixel", "encoder_microns_per_pixel", "mean",
-                  "std", "pooling", "stain_normalization", "use_mask", "pad_mode", "dim", "n_nuclei", "chunk_nuclei",
-                  "input_digest")
-# Of those, the ones that describe the sample, not the settings: they differ between the samples of one model.
-SAMPLE_ATTRS = ("n_nuclei", "input_digest", "crop_pixels", "sample_microns_per_pixel")
+# Each entry records which of its attributes form its identity (what its numbers depend on: a difference in any of
+# them means other features) and which of those describe the sample rather than the settings (they differ between
+# the samples of one model). The creator decides both; every check below reads them from the entry, so there is no
+# second list here to keep in step with it.
+IDENTITY_KEYS = "identity_keys"
+SAMPLE_KEYS = "sample_keys"
+_OLDER_VERSION = ("made by an older version that did not record its identity keys, so it cannot be checked; embed "
+                  "again with this version (another --cache folder, or delete this entry)")
 
 
 class CacheMismatchError(DataError):
     """An existing cache entry was made with other settings than the ones asked for."""
 
 
-def settings_of(attrs: dict) -> dict:
-    """The embedding settings of an entry's attributes: its identity without the per-sample keys."""
-    return {key: _normalise(attrs.get(key)) for key in IDENTITY_ATTRS if key not in SAMPLE_ATTRS}
+def identity_attrs(settings: dict, sample: dict) -> dict:
+    """The attributes of a new entry: its identity, split into the embedding `settings` and the values that describe
+    the `sample`, with the names of both recorded (`identity_keys`, `sample_keys`)."""
+    if set(settings) & set(sample):
+        raise ValueError(f"keys both settings and per-sample: {sorted(set(settings) & set(sample))}")
+    return {**settings, **sample, IDENTITY_KEYS: sorted({**settings, **sample}), SAMPLE_KEYS: sorted(sample)}
+
+
+def recorded_keys(attrs: dict, where: str | Path = "-") -> tuple[list[str], list[str]]:
+    """(identity keys, per-sample keys) as an entry's attributes record them; an entry recording none is refused:
+    a key it cannot name is a difference too, never assumed to match."""
+    if IDENTITY_KEYS not in attrs or SAMPLE_KEYS not in attrs:
+        raise CacheMismatchError(where, IDENTITY_KEYS, _OLDER_VERSION)
+    return list(attrs[IDENTITY_KEYS]), list(attrs[SAMPLE_KEYS])
+
+
+def settings_of(attrs: dict, where: str | Path = "-") -> dict:
+    """The embedding settings of an entry's attributes: its recorded identity without its per-sample keys."""
+    identity, per_sample = recorded_keys(attrs, where)
+    return {key: _normalise(attrs.get(key)) for key in identity if key not in per_sample}
 
 
 def settings_differences(expected: dict, found: dict) -> list[str]:
@@ -86,6 +105,11 @@ class FeatureEntry:
     @property
     def attrs(self) -> dict:
         return dict(self.group.attrs)
+
+    @property
+    def settings(self) -> dict:
+        """Its embedding settings (`settings_of`); refused if it records no identity keys."""
+        return settings_of(self.attrs, self.path)
 
     @property
     def chunk_nuclei(self) -> int:
@@ -138,23 +162,30 @@ class FeatureStore:
                max_tile: int = DEFAULT_MAX_TILE) -> pd.DataFrame:
         """The sample's nuclei in tile order; computed from the mask on first use, then read from the cache.
 
-        A cached table made from other image or mask files (their digest differs, or was not recorded) is stale, and
-        so is every entry of the sample: `if_changed="recompute"` (the embed stage) deletes them and starts again,
+        A cached table made from other image or mask files (their digest differs, or was not recorded), or by other
+        geometry code (`GEOMETRY_VERSION`), is stale, and so is every entry of the sample (their rows and the nucleus
+        shape features are the table's): `if_changed="recompute"` (the embed stage) deletes them and starts again,
         `"raise"` (the stages that only read) stops with a DataError that says to embed again. The tiles of the
         order (recorded as `tile_size`) follow the image's storage chunks, capped at `max_tile` (see slidedata.tiles).
         """
         digest = sample.input_digest()
         with locks.hold(self.root / LOCKS / sample.name / "nuclei.lock"):  # one process invalidates and computes
             if self.has_nuclei(sample.name):
-                stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs.get("input_digest")
-                if stored == digest:
+                stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs
+                same_data, same_geometry = (stored.get("input_digest") == digest,
+                                            stored.get("geometry_version") == GEOMETRY_VERSION)
+                if same_data and same_geometry:
                     table = self.read_nuclei(sample.name)
                     sample.set_nuclei(table)
                     return table
                 if if_changed != "recompute":
-                    raise DataError(sample.path, "-", "the image or mask files differ from those this sample was "
-                                                      f"embedded from into {self.root} (changed data, or a cache "
-                                                      "of an older version); run the embed stage again (make embed)")
+                    if not same_data:
+                        stale = ("the image or mask files differ from those this sample was embedded from into "
+                                 f"{self.root} (changed data, or a cache of an older version)")
+                    else:
+                        stale = (f"its nuclei table in {self.root} was computed by another version (geometry "
+                                 f"{stored.get('geometry_version')!r}, this version {GEOMETRY_VERSION!r})")
+                    raise DataError(sample.path, "-", f"{stale}; run the embed stage again (make embed)")
                 self._discard_sample(sample.name)
             return self.write_nuclei(sample, sample.nuclei(progress=progress),
                                      tile_edge(int(sample.image.chunks[1][0]), max_tile))
@@ -166,8 +197,8 @@ class FeatureStore:
         it with its own."""
         tile_size = int(tile_size or tile_edge(int(sample.image.chunks[1][0])))
         table = table.iloc[tile_order(table, tile_size)].reset_index(drop=True)
-        attrs = {"tile_size": tile_size, "mask_shape": list(sample.shape), "source": str(sample.path.resolve()),
-                 "n_nuclei": len(table), "input_digest": sample.input_digest()}
+        attrs = {"tile_size": tile_size, "n_nuclei": len(table), "input_digest": sample.input_digest(),
+                 "geometry_version": GEOMETRY_VERSION}
         self._write_nuclei(sample.name, table, attrs)
         sample.set_nuclei(table)
         return table
@@ -211,10 +242,15 @@ class FeatureStore:
         return FeatureEntry(zarr.open_group(path, mode="r+"), path)
 
     def create_entry(self, sample_name: str, attrs: dict) -> FeatureEntry:
-        """Open the entry for `attrs` (encoder, patch_size, dim, n_nuclei, chunk_nuclei, ...), creating it if new.
+        """Open the entry for `attrs` (encoder, patch_size, dim, n_nuclei, chunk_nuclei, ... and the names of its
+        identity keys: see `identity_attrs`), creating it if new; an existing one must have the same identity.
 
         The entry stores the cell_ids of its rows beside the features, so it can be read without the nuclei table.
         """
+        identity, per_sample = set(attrs.get(IDENTITY_KEYS, ())), set(attrs.get(SAMPLE_KEYS, ()))
+        if SAMPLE_KEYS not in attrs or not per_sample | {"encoder", "patch_size"} <= identity <= set(attrs):
+            raise ValueError(f"entry attributes must name their identity keys (identity_attrs), encoder and patch_size "
+                             f"among them, and hold every key they name: {sorted(attrs)}")
         path = self.entry_path(sample_name, attrs["encoder"], attrs["patch_size"])
         if not (path / "zarr.json").exists():
             cell_ids = self.read_nuclei(sample_name)["cell_id"].to_numpy(np.int64)
@@ -237,7 +273,7 @@ class FeatureStore:
 
     def settings(self, sample_name: str, keys) -> dict[str, dict]:
         """Embedding settings of the entries `keys` ((encoder, patch size) pairs), by 'encoder:patch_size'."""
-        return {f"{encoder}:{PatchSize.parse(size).key}": settings_of(self.open_entry(sample_name, encoder, size).attrs)
+        return {f"{encoder}:{PatchSize.parse(size).key}": self.open_entry(sample_name, encoder, size).settings
                 for encoder, size in keys}
 
     def check_settings(self, sample_name: str, expected: dict[str, dict], than: str = "the model was trained on",
@@ -247,7 +283,7 @@ class FeatureStore:
         for key, wanted in expected.items():
             encoder, size = key.rsplit(":", 1)
             entry = self.open_entry(sample_name, encoder, size)
-            differences = settings_differences(wanted, settings_of(entry.attrs))
+            differences = settings_differences(wanted, entry.settings)
             if differences:
                 raise CacheMismatchError(entry.path, "features", f"made with other settings than {than} "
                                                                  f"({'; '.join(differences)}); {remedy}")
@@ -272,10 +308,18 @@ class FeatureStore:
 
     @staticmethod
     def _check_identity(entry: FeatureEntry, attrs: dict) -> None:
+        """Refuse `entry` unless it records the identity keys `attrs` records, split alike, with the same values."""
         stored = entry.attrs
-        for key in IDENTITY_ATTRS:
-            # A key one side lacks (an entry from an older version) is a difference too: never assume it matches.
-            if (key in attrs or key in stored) and _normalise(stored.get(key)) != _normalise(attrs.get(key)):
+        # Other keys are another version's entry: a key one side does not name never counts as matching.
+        for names, cached in zip((IDENTITY_KEYS, SAMPLE_KEYS), recorded_keys(stored, entry.path)):
+            cached, asked = set(cached), set(attrs[names])
+            if cached != asked:
+                raise CacheMismatchError(entry.path, names, f"cached with {names} that differ from this version's "
+                                                            f"(only cached: {sorted(cached - asked)}; only now: "
+                                                            f"{sorted(asked - cached)}); refusing to mix them. Use "
+                                                            "another --cache folder or delete this entry")
+        for key in attrs[IDENTITY_KEYS]:
+            if _normalise(stored.get(key)) != _normalise(attrs.get(key)):
                 raise CacheMismatchError(entry.path, key, f"cached with {key}={stored.get(key)!r}, now asked for "
                                                           f"{attrs.get(key)!r}; refusing to mix them. Use another "
                                                           "--cache folder or delete this entry")

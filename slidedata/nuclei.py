@@ -7,6 +7,8 @@ of nuclei cut by chunk borders are merged at the end.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -15,6 +17,28 @@ from tqdm.auto import tqdm
 NUCLEI_COLUMNS = ("cell_id", "y", "x", "area", "y_min", "y_max", "x_min", "x_max",
                   "major_axis", "minor_axis", "eccentricity")
 _SUMS = ("area", "sy", "sx", "syy", "sxx", "sxy")
+# Recorded with every cached nuclei table: a table made by other geometry code is recomputed (see FeatureStore.nuclei).
+# Bump it when the numbers of the columns change. 2: ellipse axes as regionprops computes them (no +1/12 px^2).
+GEOMETRY_VERSION = "nuclei-2"
+# Moments (px^2) at or below this are a point: float32 round-off of a one-pixel region's moments, not a shape.
+_POINT = 1e-6
+
+Moments = TypeVar("Moments")  # numpy arrays or torch tensors: the function below uses operators and `clip` only
+
+
+def ellipse_from_moments(cyy: Moments, cxx: Moments, cxy: Moments) -> tuple[Moments, Moments, Moments]:
+    """Major axis, minor axis and eccentricity of the ellipse with a region's central second moments (per pixel).
+
+    As skimage.measure.regionprops computes them (the reference, tested against it): pixels count as points at their
+    centres, with no +1/12 px^2 for their own extent, so a one-pixel-wide line has minor axis 0 and a single pixel
+    eccentricity 0. The one definition behind the nuclei table (`merge_moments`) and the handcrafted encoder.
+    """
+    half_trace = (cyy + cxx) / 2
+    spread = (((cyy - cxx) / 2) ** 2 + cxy * cxy) ** 0.5
+    lam1 = (half_trace + spread).clip(min=0)
+    lam2 = (half_trace - spread).clip(min=0)
+    eccentricity = (1 - lam2 / lam1.clip(min=_POINT)).clip(min=0) ** 0.5 * (lam1 > _POINT)
+    return 4 * lam1**0.5, 4 * lam2**0.5, eccentricity
 
 
 def block_moments(block: np.ndarray, y_offset: int, x_offset: int) -> pd.DataFrame:
@@ -51,19 +75,14 @@ def merge_moments(partials: list[pd.DataFrame]) -> pd.DataFrame:
     merged = stacked.groupby("cell_id", sort=True).agg(agg).reset_index()
     n = merged["area"].to_numpy()
     y, x = merged["sy"].to_numpy() / n, merged["sx"].to_numpy() / n
-    # Central second moments -> axes of the ellipse with the same moments (as skimage.regionprops does).
-    cyy = merged["syy"].to_numpy() / n - y * y + 1 / 12
-    cxx = merged["sxx"].to_numpy() / n - x * x + 1 / 12
-    cxy = merged["sxy"].to_numpy() / n - y * x
-    spread = np.sqrt(np.maximum(((cyy - cxx) / 2) ** 2 + cxy**2, 0))
-    lam1 = np.maximum((cyy + cxx) / 2 + spread, 0)
-    lam2 = np.maximum((cyy + cxx) / 2 - spread, 0)
+    major, minor, eccentricity = ellipse_from_moments(merged["syy"].to_numpy() / n - y * y,
+                                                      merged["sxx"].to_numpy() / n - x * x,
+                                                      merged["sxy"].to_numpy() / n - y * x)
     table = pd.DataFrame({
         "cell_id": merged["cell_id"].astype(np.int64),
         "y": y, "x": x, "area": n,
         "y_min": merged["y_min"], "y_max": merged["y_max"], "x_min": merged["x_min"], "x_max": merged["x_max"],
-        "major_axis": 4 * np.sqrt(lam1), "minor_axis": 4 * np.sqrt(lam2),
-        "eccentricity": np.sqrt(1 - lam2 / np.where(lam1 > 0, lam1, 1)),
+        "major_axis": major, "minor_axis": minor, "eccentricity": eccentricity,
     })
     return table[list(NUCLEI_COLUMNS)]
 

@@ -1,4 +1,5 @@
-"""Write a Crunch-format sample zarr: the one writer behind the demo data and the spot-data importer."""
+"""Write a Crunch-format sample zarr: the one writer behind the demo data (`synthetic`) and the spot-data importer
+(`importers`)."""
 
 from __future__ import annotations
 

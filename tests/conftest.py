@@ -13,7 +13,7 @@ FIXTURE_PATCH_SIZES = (24, 48)
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """Three demo samples (two with expression, one like DC1 without), ~500 nuclei each, 256 px chunks."""
-    from slidedata.demo import make_demo_dataset
+    from synthetic.demo import make_demo_dataset
 
     folder = tmp_path_factory.mktemp("demo")
     with warnings.catch_warnings():

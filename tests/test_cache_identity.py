@@ -13,11 +13,13 @@ import pytest
 
 from embed import handcrafted
 from embed.encoders import load_encoder
-from embed.pipeline import EmbedSettings, embed_sample
+from embed.pipeline import EmbedSettings, embed_sample, entry_attrs, patch_plans
 from regress.features import FeatureSpec
 from regress.predictor import ExpressionPredictor
 from slidedata import locks, open_sample, open_samples
-from slidedata.feature_store import IDENTITY_ATTRS, CacheMismatchError, FeatureStore, settings_of
+from slidedata.feature_store import (
+    IDENTITY_KEYS, SAMPLE_KEYS, CacheMismatchError, FeatureStore, identity_attrs, settings_of,
+)
 from submission.validate import validate_submission
 from submission.writer import InvalidSubmission, PARTIAL_MARK, write_submission
 from tests.conftest import FIXTURE_PATCH_SIZES
@@ -26,9 +28,58 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE_SIZE = dict(patch_sizes=(24,), chunk_nuclei=128)
 
 
-def test_every_recorded_setting_is_part_of_the_identity(demo_dir, embedded_cache):
-    attrs = FeatureStore(embedded_cache).open_entry("demo1", "handcrafted", 24).attrs
-    assert set(attrs) == set(IDENTITY_ATTRS)  # nothing recorded that is not compared (and the reverse)
+def _new_entry(demo_dir, tmp_path):
+    """A store holding one empty handcrafted entry of demo1 at 24 px, and the attributes it was created with."""
+    sample, encoder = open_sample(demo_dir / "demo1.zarr"), load_encoder("handcrafted")
+    store, settings = FeatureStore(tmp_path / "features.zarr"), EmbedSettings(**ONE_SIZE)
+    nuclei = store.nuclei(sample)
+    attrs = entry_attrs(encoder, patch_plans(sample, encoder, settings)["24"], sample, len(nuclei), settings,
+                        sample.input_digest())
+    return store, store.create_entry("demo1", attrs), attrs
+
+
+def _another(value):
+    """A different value of the same kind."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, list):
+        return value + [0.5]
+    return "other" if value is None else f"{value}-other"
+
+
+def test_another_value_of_any_recorded_identity_key_is_another_entry(demo_dir, tmp_path):
+    store, entry, attrs = _new_entry(demo_dir, tmp_path)
+    recorded = entry.attrs[IDENTITY_KEYS]
+    assert {"weights_sha256", "encoder_code_version", "pad_mode", "n_nuclei", "input_digest"} <= set(recorded)
+    for key in recorded:
+        if key == "patch_size":  # encoder and patch size name the entry's folder: another value is another entry
+            assert store.create_entry("demo1", {**attrs, key: "25"}).path != entry.path
+            continue
+        if key == "encoder":
+            assert store.create_entry("demo1", {**attrs, key: "other"}).path != entry.path
+            continue
+        with pytest.raises(CacheMismatchError, match=f"cached with {key}="):
+            store.create_entry("demo1", {**attrs, key: _another(attrs[key])})
+    assert store.create_entry("demo1", attrs).path == entry.path  # the same identity reuses it
+
+
+def test_an_entry_that_records_no_or_other_identity_keys_is_refused_as_another_version(demo_dir, tmp_path):
+    store, entry, attrs = _new_entry(demo_dir, tmp_path)
+    trained_on = store.settings("demo1", [("handcrafted", 24)])
+    del entry.group.attrs[IDENTITY_KEYS]  # as an older version wrote it
+    older = "older version that did not record its identity keys.*embed again"
+    with pytest.raises(CacheMismatchError, match=older):  # embed
+        store.create_entry("demo1", attrs)
+    with pytest.raises(CacheMismatchError, match=older):  # fit
+        store.settings("demo1", [("handcrafted", 24)])
+    with pytest.raises(CacheMismatchError, match=older):  # predict
+        store.check_settings("demo1", trained_on)
+    # A version that records one more key, even one whose value would read as None here, made another entry.
+    entry.group.attrs[IDENTITY_KEYS] = attrs[IDENTITY_KEYS] + ["tissue_mask"]
+    with pytest.raises(CacheMismatchError, match=r"identity_keys.*only cached: \['tissue_mask'\]"):
+        store.create_entry("demo1", attrs)
 
 
 @pytest.mark.parametrize("change", ["pad_mode", "code_version"])
@@ -58,10 +109,11 @@ def test_prediction_refuses_features_made_with_other_settings(demo_dir, embedded
         predictor.predict_sample(store, "demo2")
 
 
-def test_settings_of_leaves_out_the_per_sample_keys():
-    attrs = {key: 1 for key in IDENTITY_ATTRS}
-    assert "n_nuclei" not in settings_of(attrs) and "input_digest" not in settings_of(attrs)
-    assert "pad_mode" in settings_of(attrs)
+def test_settings_are_the_recorded_identity_without_the_recorded_per_sample_keys():
+    attrs = {**identity_attrs({"pad_mode": "symmetric", "dim": 27}, {"n_nuclei": 500, "input_digest": "abc"}),
+             "note": "not part of the identity"}
+    assert attrs[SAMPLE_KEYS] == ["input_digest", "n_nuclei"]
+    assert settings_of(attrs) == {"pad_mode": "symmetric", "dim": 27}
 
 
 def test_stale_locks_of_dead_processes_are_reclaimed(tmp_path):

@@ -13,8 +13,9 @@ import pytest
 from embed.encoders import load_encoder
 from embed.pipeline import EmbedSettings, embed_sample
 from slidedata import DataError, open_sample, open_samples
-from slidedata.demo import expression_table, simulate_tissue, write_sample
 from slidedata.feature_store import FeatureStore
+from slidedata.writer import write_sample
+from synthetic.demo import expression_table, simulate_tissue
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = dict(patch_sizes=(24,), chunk_nuclei=128)
@@ -119,6 +120,26 @@ def test_data_changed_after_embed_is_recomputed_and_refused_by_readers(demo_dir,
     embed_sample(open_sample(path), fresh, encoder, EmbedSettings(**SETTINGS), progress=False)
     np.testing.assert_array_equal(after, fresh.read_features("demo1", "handcrafted", 24))
     assert not np.array_equal(after, before)
+
+
+def test_a_nuclei_table_of_other_geometry_code_is_recomputed_and_refused_by_readers(demo_dir, tmp_path):
+    """Tables cached before the ellipse axes followed regionprops record no geometry version: other shape numbers."""
+    import zarr
+
+    path = demo_dir / "demo1.zarr"
+    store, encoder = FeatureStore(tmp_path / "features.zarr"), load_encoder("handcrafted")
+    embed_sample(open_sample(path), store, encoder, EmbedSettings(**SETTINGS, max_units=1), progress=False)
+    table = zarr.open_group(tmp_path / "features.zarr" / "demo1" / "nuclei", mode="r+")
+    del table.attrs["geometry_version"]
+    table["major_axis"][:] = 0.0
+    with pytest.raises(DataError, match="computed by another version.*run the embed stage again"):
+        store.nuclei(open_sample(path), if_changed="raise")  # what fit and submit do
+
+    again = embed_sample(open_sample(path), store, encoder, EmbedSettings(**SETTINGS), progress=False)
+    assert again.units_computed == again.units_total  # its entries were discarded with it
+    recomputed = store.read_nuclei("demo1")
+    assert (recomputed["major_axis"] > 0).all()
+    pd.testing.assert_frame_equal(recomputed, FeatureStore(tmp_path / "fresh.zarr").nuclei(open_sample(path)))
 
 
 # -- expression --------------------------------------------------------------------------------------------------

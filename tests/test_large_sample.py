@@ -1,4 +1,4 @@
-"""The chunk-by-chunk sample writer (slidedata.demo.make_sample): valid samples, whole nuclei across chunk and tile
+"""The chunk-by-chunk sample writer (synthetic.demo.make_sample): valid samples, whole nuclei across chunk and tile
 borders, tables that list exactly the nuclei of the mask, determinism."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from slidedata import demo
 from slidedata.sample import open_sample
-from slidedata.tissue import render_image, render_mask
+from synthetic import demo
+from synthetic.tissue import render_image, render_mask
 
 SHAPE = (1500, 1700)
 SEED = 11

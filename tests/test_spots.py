@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from importers.spot_nuclei import segment_spot_nuclei
+from importers.spot_readers import read_h5ad_section, read_her2st_section
+from importers.spots import choose_gene_panel, import_sections, import_sections_report, main, read_spot_ids
 from slidedata.errors import DataError
 from slidedata.sample import open_samples
-from slidedata.spot_nuclei import segment_spot_nuclei
-from slidedata.spot_readers import read_h5ad_section, read_her2st_section
-from slidedata.spots import choose_gene_panel, import_sections, import_sections_report, main, read_spot_ids
 
 PITCH_PX = 200  # 200 um pitch at 1 um/px: the her2st reader must find 1.0 um/px
 RADIUS_PX = 50  # 100 um spots

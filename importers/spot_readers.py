@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.spatial import cKDTree
 
 from slidedata.errors import DataError
 
@@ -180,20 +179,6 @@ def read_rgb_image(path: str | Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- pixel size
-
-def spot_pitch_px(centres: np.ndarray) -> float:
-    """Centre-to-centre distance of neighbouring spots, in px, robust to jitter in the detected centres.
-
-    The plain median nearest-neighbour distance is biased low (the nearest of 4-6 jittered neighbours is nearer
-    than the pitch: 273 px instead of 290 on her2st B4), so this takes the median over *all* first-shell pairs:
-    pairs closer than 1.25 x that median, which excludes the next shell of both square (x1.41) and hexagonal
-    (x1.73) grids.
-    """
-    tree = cKDTree(centres)
-    nearest = np.median(tree.query(centres, k=2)[0][:, 1])
-    pairs = tree.query_pairs(1.25 * nearest, output_type="ndarray")
-    return float(np.median(np.linalg.norm(centres[pairs[:, 0]] - centres[pairs[:, 1]], axis=1)))
-
 
 def array_pitch_px(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
     """Pixels per array step on a square array grid, from a least-squares affine fit array -> pixel position.

@@ -5,15 +5,15 @@ Each section becomes one sample zarr (`<section>.zarr`) that the rest of the pip
 Cells are made in one of two ways:
 
 * `spot`   — each spot is one cell: a disc of the spot's diameter in `HE_nuc_original`, ids 1..n;
-* `nuclei` — nuclei segmented inside each spot disc (`slidedata.spot_nuclei`), each inheriting its spot's counts.
+* `nuclei` — nuclei segmented inside each spot disc (`importers.spot_nuclei`), each inheriting its spot's counts.
 
 Either way `obs['spot_id']` names each cell's spot, in `anucleus` and in `cell_id-group` (read it back with
 `read_spot_ids`), so predictions can be averaged back to spots. The gene panel is shared by the sections imported
 together: an explicit list, or the `n_genes` most expressed genes common to all of them. Spots whose total count
 over all genes is below `min_counts` are defective array positions and are dropped, not normalised.
 
-    python -m slidedata.spots her2st --src ../shared/data/her2st --out data/her2st/spot --cells spot
-    python -m slidedata.spots h5ad --h5ad X.h5ad --image X.tif --out DIR --microns-per-pixel 0.5
+    python -m importers.spots her2st --src ../shared/data/her2st --out data/her2st/spot --cells spot
+    python -m importers.spots h5ad --h5ad X.h5ad --image X.tif --out DIR --microns-per-pixel 0.5
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ import pandas as pd
 from scipy import sparse
 from tqdm.auto import tqdm
 
+from importers.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
+from importers.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
 from slidedata.errors import DataError
 from slidedata.sample import GROUP_NAMES, GROUPS, N_GENES, SAMPLE_SUFFIX
-from slidedata.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
-from slidedata.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
 from slidedata.writer import anucleus_table, write_sample
 
 CELL_MODES = ("spot", "nuclei")
@@ -245,7 +245,7 @@ def her2st_sections(src: str | Path, names: Sequence[str] | None = None,
 # --------------------------------------------------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m slidedata.spots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m importers.spots", description=__doc__.splitlines()[0])
     layouts = parser.add_subparsers(dest="layout", required=True)
     her2st = layouts.add_parser("her2st", help="her2st section folders (HE.jpg, counts.tsv.gz, spots.tsv)")
     her2st.add_argument("--src", default="../shared/data/her2st", help="folder of section folders")

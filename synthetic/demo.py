@@ -25,8 +25,8 @@ from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
 from slidedata.sample import N_GENES
-from slidedata.tissue import CELL_TYPES, LYMPHOCYTE, Scene, demo_shape, make_scene, render_image, render_mask
-from slidedata.writer import anucleus_table, write_sample, write_sample_tables_after  # noqa: F401 (write_sample: re-exported)
+from slidedata.writer import anucleus_table, write_sample_tables_after
+from synthetic.tissue import CELL_TYPES, LYMPHOCYTE, Scene, demo_shape, make_scene, render_image, render_mask
 
 MICRONS_PER_PIXEL = 0.2125  # Xenium's pixel size, stored with each sample
 # The challenge's slides: ~20,000 x 22,000 px, ~200,000 nuclei each (1.67 million over 8 samples).
