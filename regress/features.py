@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,13 @@ class FeatureSpec:
 
     def without_context(self) -> "FeatureSpec":
         return replace(self, context_k=0, context_radius=None)
+
+    def as_dict(self) -> dict:
+        """Plain values (patch sizes written as their keys), for JSON summaries."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "keys"}
+        out["patch_sizes"] = [s.key for s in self.patch_sizes]
+        out["extra_keys"] = [f"{e}:{s.key}" for e, s in self.extra_keys]
+        return out
 
 
 def entry_key(encoder: str, patch_size: PatchSize) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from regress.engine import select_and_fit
+from regress.model_dir import ModelDir
 from regress.plots import plot_scores
 from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings
@@ -27,16 +28,15 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     One sample in memory at a time, on this machine or a Dask cluster (`settings.scheduler`).
     """
     settings = settings or FitSettings()
-    model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    out = ModelDir(model_dir)
     source = CacheSource.open(data, cache, settings.gathered_features, scheduler=settings.scheduler,
                               progress=progress)
     selection = select_and_fit(source, settings, progress)
     evaluation, best = selection.evaluation, selection.best
     scores = evaluation.scores
-    scores.to_csv(model_dir / "scores.csv", index=False)
-    pd.DataFrame(evaluation.gene_scores, index=source.genes).rename_axis("gene").to_csv(model_dir / "gene_pearson.csv")
-    plot_scores(scores, evaluation.gene_scores, best, model_dir / "scores.png", f"held-out: {evaluation.protocol}")
+    out.save_scores(scores, pd.DataFrame(evaluation.gene_scores, index=source.genes).rename_axis("gene"))
+    out.save_plot(lambda path: plot_scores(scores, evaluation.gene_scores, best, path,
+                                           f"held-out: {evaluation.protocol}"))
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=settings.model_features(best), estimator=selection.estimator,
         genes=source.genes, embed_settings=embed_settings(FeatureStore(cache), source),
@@ -44,7 +44,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                 **scores.set_index("model").loc[best].to_dict()},
         feature_settings=source.feature_settings, reducer=source.reducer,
     )
-    predictor.save(model_dir)
+    out.save_predictor(predictor)
     return scores.assign(protocol=evaluation.protocol), predictor
 
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 
 from regress.features import FeatureReducer, FeatureSpec, sample_features
-from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
-
-PREDICTOR_FILE = "predictor.joblib"
-SUMMARY_FILE = "predictor.json"
 
 
 @dataclass
@@ -51,26 +44,9 @@ class ExpressionPredictor:
             out[start: start + block] = self.predict_features(X[rows[start: start + block]])
         return nuclei["cell_id"].to_numpy(np.int64)[rows], out
 
-    def save(self, directory: str | Path) -> Path:
-        """Write atomically (temporary name, then rename) with a readable JSON summary beside it."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{PREDICTOR_FILE}.tmp"
-        joblib.dump(self, tmp)
-        os.replace(tmp, directory / PREDICTOR_FILE)
-        summary = {"model": self.model_name, "features": asdict(self.feature_spec), "n_genes": len(self.genes),
-                   "embed_settings": self.embed_settings, "feature_settings": self.feature_settings,
-                   "scores": self.scores,
-                   "estimator": repr(self.estimator)}
-        (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-        return directory / PREDICTOR_FILE
+    def summary(self) -> dict:
+        """What `predictor.json` shows of the model (for people; nothing loads it)."""
+        return {"model": self.model_name, "features": self.feature_spec.as_dict(), "n_genes": len(self.genes),
+                "embed_settings": self.embed_settings, "feature_settings": self.feature_settings,
+                "scores": self.scores, "estimator": repr(self.estimator)}
 
-    @classmethod
-    def load(cls, directory: str | Path) -> "ExpressionPredictor":
-        path = Path(directory) / PREDICTOR_FILE
-        if not path.exists():
-            raise DataError(path, "-", "no fitted model here; run the fit stage (make fit) first")
-        predictor = joblib.load(path)
-        if not isinstance(predictor, cls):
-            raise DataError(path, "-", f"holds a {type(predictor).__name__}, not an ExpressionPredictor")
-        return predictor

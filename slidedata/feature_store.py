@@ -34,6 +34,7 @@ from slidedata import locks
 from slidedata.errors import DataError
 from slidedata.nuclei import GEOMETRY_VERSION, NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
+from slidedata.publish import publishing_folder
 from slidedata.sample import Sample
 from slidedata.tiles import DEFAULT_MAX_TILE, tile_edge, tile_index
 
@@ -327,17 +328,13 @@ class FeatureStore:
 
 def _publish_group(final: Path, build) -> None:
     """Build a group under a private temporary name, then rename it into place, so that no reader (another worker,
-    a later run after a crash) ever sees it half-written. If another worker published it first, keep theirs."""
+    a later run after a crash) ever sees it half-written. If another worker published it first, keep theirs (the
+    same content: both built it from the same inputs)."""
     _ensure_group(final.parent)
-    tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(zarr.open_group(tmp, mode="w"))
-    try:
-        tmp.rename(final)
-    except OSError:  # the other worker's group is identical in content
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / "zarr.json").exists():
-            raise
+    with publishing_folder(final, keep_existing=True) as tmp:
+        build(zarr.open_group(tmp, mode="w"))
+    if not (final / "zarr.json").exists():
+        raise DataError(final, "-", "a folder that is not a zarr group is in the way; delete it")
 
 
 def _ensure_group(path: Path) -> zarr.Group:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -11,6 +10,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from slidedata.publish import publishing_folder
 from slidedata.sample import EXPRESSION, GROUPS, IMAGE, MASK, MICRONS, log_normalise
 
 
@@ -30,7 +30,7 @@ def anucleus_table(cell_ids: np.ndarray, counts: np.ndarray, genes: list[str], s
 
 def write_sample(path: str | Path, image, mask, groups: pd.DataFrame, expression=None, chunk_size: int = 512,
                  microns_per_pixel: float | None = None) -> Path:
-    """Write a sample zarr atomically (temporary name, then rename).
+    """Write a sample zarr atomically: built under a temporary name, then swapped in (`slidedata.publish`).
 
     `image` (3, H, W) uint8, `mask` (H, W) integer cell ids (numpy, or dask arrays computed chunk by chunk while
     writing), `groups` a frame with `cell_id` and `group`, `expression` an AnnData laid out like `anucleus` (or None).
@@ -50,8 +50,6 @@ def write_sample_tables_after(path: str | Path, image, mask, tables: Callable[[]
     from spatialdata.transformations import Identity, Scale
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     transformations = {"global": Identity()}
     if microns_per_pixel is not None:
         if not microns_per_pixel > 0:
@@ -63,10 +61,10 @@ def write_sample_tables_after(path: str | Path, image, mask, tables: Callable[[]
         MASK: Image2DModel.parse(mask[None], dims=("c", "y", "x"), chunks=(1, chunk_size, chunk_size),
                                  transformations=dict(transformations)),
     }
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), publishing_folder(path) as tmp:
         warnings.simplefilter("ignore")
         sdata = sd.SpatialData(images=images)
-        sdata.write(tmp, overwrite=True)
+        sdata.write(tmp)
         groups, expression = tables()
         group_table = ad.AnnData(obs=groups.set_index(groups["cell_id"].astype(str).to_numpy()))
         sdata.tables[GROUPS] = TableModel.parse(group_table)
@@ -74,6 +72,4 @@ def write_sample_tables_after(path: str | Path, image, mask, tables: Callable[[]
         if expression is not None:
             sdata.tables[EXPRESSION] = TableModel.parse(expression)
             sdata.write_element(EXPRESSION)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
     return path

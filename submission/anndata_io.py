@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from slidedata.publish import publishing, publishing_folder
 from submission.predict import SamplePredictions
 
 PREDICTION_TABLE = "predicted_expression"
@@ -25,28 +26,36 @@ def to_anndata(predictions: SamplePredictions) -> ad.AnnData:
 
 
 def write_anndata(predictions: list[SamplePredictions], folder: str | Path) -> list[Path]:
-    """One `<sample>.h5ad` per sample, each written under a temporary name first."""
+    """One `<sample>.h5ad` per sample, each put in place only once complete (`slidedata.publish`)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for p in predictions:
-        final, tmp = folder / f"{p.sample}.h5ad", folder / f".{p.sample}.h5ad.tmp"
-        to_anndata(p).write_h5ad(tmp)
-        tmp.replace(final)
-        paths.append(final)
+        with publishing(folder / f"{p.sample}.h5ad") as tmp:
+            to_anndata(p).write_h5ad(tmp)
+        paths.append(folder / f"{p.sample}.h5ad")
     return paths
 
 
 def add_to_spatialdata(sample_path: str | Path, predictions: SamplePredictions,
                        table_name: str = PREDICTION_TABLE) -> None:
-    """Store the predictions as a new table of the sample's SpatialData zarr (replacing an older one of that name)."""
-    import spatialdata as sd
-    from spatialdata.models import TableModel
+    """Store the predictions as a table of the sample's SpatialData zarr, replacing an older one of that name.
 
+    The table is written beside the old one under a hidden temporary name (spatialdata's reader skips names that
+    start with a dot) and swapped in as a folder: a writer killed at any point leaves the old table (or none) or the
+    new one complete. The zarr's consolidated metadata, which is how readers list the tables, is refreshed after
+    the swap; until then a reader lists the tables as they were (a table new by name is not listed yet, a replaced
+    one is read from its folder, hence new).
+    """
+    import zarr
+    from spatialdata._io import write_table  # what SpatialData.write_element calls; the public API cannot write
+    from spatialdata.models import TableModel  # an element under a name other than its own
+
+    sample_path = Path(sample_path)
+    table = TableModel.parse(to_anndata(predictions))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sdata = sd.read_zarr(sample_path)
-        sdata.tables[table_name] = TableModel.parse(to_anndata(predictions))
-        if table_name in sd.read_zarr(sample_path).tables:
-            sdata.delete_element_from_disk(table_name)
-        sdata.write_element(table_name)
+        tables = zarr.open_group(sample_path, mode="r+", use_consolidated=False).require_group("tables")
+        with publishing_folder(sample_path / "tables" / table_name) as tmp:
+            write_table(table, tables, tmp.name)
+        if zarr.open_group(sample_path, mode="r").metadata.consolidated_metadata is not None:
+            zarr.consolidate_metadata(zarr.open_group(sample_path, mode="r+", use_consolidated=False).store)

@@ -7,7 +7,6 @@ optional. The runner's machine has no internet: `train` copies the encoder's wei
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from embed.encoders import load_encoder, resolve_weights_file
 from embed.pipeline import EmbedSettings, embed_sample
 from embed.registry import get_spec
 from regress.fit import fit_and_evaluate
+from regress.model_dir import ModelDir
 from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings, default_features
 from slidedata.feature_store import FeatureStore
@@ -26,22 +26,17 @@ from slidedata.sample import open_sample, open_samples
 from submission.predict import predict_held_out
 from submission.writer import long_blocks
 
-ENCODER_WEIGHTS_DIR = "encoder"
-
 
 def train(data_directory_path: str, model_directory_path: str, encoder: str | None = None,
           weights: str | None = None, cache_directory_path: str | None = None,
           models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder."""
-    model_dir = Path(model_directory_path)
-    model_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = ModelDir(model_directory_path)
+    model_dir.path.mkdir(parents=True, exist_ok=True)
     encoder = encoder or "handcrafted"
     spec = get_spec(encoder)
     if spec.library != "handcrafted":
-        file = resolve_weights_file(spec, weights)
-        (model_dir / ENCODER_WEIGHTS_DIR).mkdir(exist_ok=True)
-        canonical = "model.safetensors" if file.suffix == ".safetensors" else "pytorch_model.bin"
-        shutil.copy2(file, model_dir / ENCODER_WEIGHTS_DIR / canonical)
+        model_dir.copy_encoder_weights(resolve_weights_file(spec, weights))
     with _cache(cache_directory_path) as cache:
         module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
         store = FeatureStore(cache)
@@ -50,13 +45,13 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
             embed_sample(sample, store, module, settings, progress=True)
         fit_settings = FitSettings(features=replace(default_features(), encoder=encoder),
                                    **({"models": tuple(models)} if models else {}))
-        fit_and_evaluate(data_directory_path, cache, model_dir, fit_settings)
+        fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings)
 
 
 def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None) -> pd.DataFrame:
     """Predictions for the held-out nuclei of one sample: columns cell_id, gene, prediction (the runner adds sample)."""
-    model_dir = Path(model_directory_path)
-    predictor = ExpressionPredictor.load(model_dir)
+    model_dir = ModelDir(model_directory_path)
+    predictor = model_dir.load_predictor()
     recorded = predictor.embed_settings
     # The pixel size the model was trained with serves samples that store none (sizes in microns need it).
     sample = open_sample(data_file_path, n_genes=None)
@@ -93,9 +88,8 @@ def _embedding_plan(predictor: ExpressionPredictor) -> dict[str, EmbedSettings]:
     return plan
 
 
-def _bundled_weights(model_dir: Path, library: str) -> Path | None:
-    folder = model_dir / ENCODER_WEIGHTS_DIR
-    return folder if library != "handcrafted" and folder.is_dir() else None
+def _bundled_weights(model_dir: ModelDir, library: str) -> Path | None:
+    return model_dir.encoder_weights() if library != "handcrafted" else None
 
 
 class _cache:

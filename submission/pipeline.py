@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from regress.predictor import ExpressionPredictor
+from regress.model_dir import ModelDir
 from slidedata.feature_store import FeatureStore
 from slidedata.sample import open_samples
 from submission.predict import SamplePredictions, predict_held_out
@@ -25,7 +25,7 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
                     anndata_dir: str | Path | None = None, into_spatialdata: bool = False) -> SubmissionReport:
     """Predict, write the 4-column file (CSV or Parquet by suffix) and validate it before it is renamed into place
     (an invalid file never reaches `out`), optionally AnnData too."""
-    predictor = ExpressionPredictor.load(model_dir)
+    predictor = ModelDir(model_dir).load_predictor()
     store = FeatureStore(cache)
     samples = open_samples(data)
     predictions: list[SamplePredictions] = [predict_held_out(predictor, store, s) for s in samples]

@@ -1,74 +1,29 @@
 """Write the challenge's long table (cell_id, gene, prediction, sample) in bounded chunks, atomically.
 
 10^5 nuclei x 460 genes is 4.6e7 rows: each chunk of nuclei becomes one block of rows (CSV text or a Parquet row
-group), so memory stays at one block. The file appears under its final name only once complete and checked.
-
-While being written it is `.<name>.partial-<pid><suffix>` beside the final path: removed on errors and on SIGTERM,
-and recognisable afterwards (a SIGKILL runs no cleanup), so the next run removes those of processes that are gone.
+group), so memory stays at one block. The file appears under its final name only once complete and checked
+(`slidedata.publish`): while being written it is `.<name>.partial-<pid><suffix>` beside the final path, removed on
+errors and on SIGTERM, and removed by the next run after a SIGKILL.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
-import signal
-import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
+from slidedata.publish import PARTIAL_MARK, NotPublished, publishing
 from submission.predict import DECIMALS, SamplePredictions
 
 COLUMNS = ["cell_id", "gene", "prediction", "sample"]
-PARTIAL_MARK = ".partial-"
+__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "long_blocks", "read_submission_blocks",
+           "write_submission"]
 
 
-class InvalidSubmission(Exception):
-    """The written file failed its check; it was not put in place."""
-
-    def __init__(self, path: Path, problems: list):
-        self.path, self.problems = path, problems
-        super().__init__(f"{path}: {len(problems)} problem(s), file not written: " + "; ".join(map(str, problems)))
-
-
-def partial_path(path: Path) -> Path:
-    """The temporary name of `path` while this process writes it (same suffix: the readers go by it)."""
-    return path.with_name(f".{path.name}{PARTIAL_MARK}{os.getpid()}{path.suffix}")
-
-
-def remove_abandoned_partials(path: Path) -> list[Path]:
-    """Delete the temporary files of `path` left by killed writers (dead pids; older versions' `.name.tmp`)."""
-    from slidedata.locks import pid_alive
-
-    pattern = re.compile(re.escape(f".{path.name}{PARTIAL_MARK}") + r"(\d+)" + re.escape(path.suffix) + "$")
-    removed = []
-    for candidate in path.parent.glob(f".{path.name}*"):
-        match = pattern.match(candidate.name)
-        if (match and not pid_alive(int(match.group(1)))) or candidate.name == f".{path.name}.tmp":
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate)
-    return removed
-
-
-@contextlib.contextmanager
-def sigterm_raises():
-    """SIGTERM ends Python without running `finally` blocks; inside this block it raises SystemExit instead, so the
-    temporary file is removed. (Only the main thread can set signal handlers; elsewhere this does nothing.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class InvalidSubmission(NotPublished):
+    """The written file failed its check; it was not put in place (`path`, `problems`)."""
 
 
 def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -> Iterator[pd.DataFrame]:
@@ -94,47 +49,29 @@ def write_submission(predictions: Iterable[SamplePredictions], path: str | Path,
     into place and InvalidSubmission is raised (a previous file at `path` is left as it was).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_partials(path)
-    tmp = partial_path(path)
-    with sigterm_raises():
-        _write_checked(predictions, path, tmp, nuclei_per_block, check)
+    with publishing(path, validate=check, error=InvalidSubmission) as tmp:
+        _write_blocks(predictions, tmp, path.suffix == ".parquet", nuclei_per_block)
     return path
 
 
-def _write_checked(predictions: Iterable[SamplePredictions], path: Path, tmp: Path, nuclei_per_block: int,
-                   check: Callable[[Path], list] | None) -> None:
-    parquet = path.suffix == ".parquet"
-    writer = None
-    try:
-        if parquet:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            schema = pa.schema([("cell_id", pa.int64()), ("gene", pa.string()), ("prediction", pa.float64()),
-                                ("sample", pa.string())])
-            writer = pq.ParquetWriter(tmp, schema)
-        else:
-            with open(tmp, "w") as handle:
-                handle.write(",".join(COLUMNS) + "\n")
+def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
+    if not parquet:
+        with open(tmp, "w") as handle:
+            handle.write(",".join(COLUMNS) + "\n")
         for sample_predictions in predictions:
             for block in long_blocks(sample_predictions, nuclei_per_block):
-                if parquet:
-                    block = block.astype({"gene": str})
-                    writer.write_table(pa.Table.from_pandas(block, schema=schema, preserve_index=False))
-                else:
-                    block.to_csv(tmp, mode="a", header=False, index=False, float_format=f"%.{DECIMALS}f")
-        if writer is not None:
-            writer.close()
-            writer = None
-        problems = check(tmp) if check is not None else []
-        if problems:
-            raise InvalidSubmission(path, problems)
-        os.replace(tmp, path)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+                block.to_csv(tmp, mode="a", header=False, index=False, float_format=f"%.{DECIMALS}f")
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("cell_id", pa.int64()), ("gene", pa.string()), ("prediction", pa.float64()),
+                        ("sample", pa.string())])
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for sample_predictions in predictions:
+            for block in long_blocks(sample_predictions, nuclei_per_block):
+                block = block.astype({"gene": str})
+                writer.write_table(pa.Table.from_pandas(block, schema=schema, preserve_index=False))
 
 
 def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) -> Iterator[pd.DataFrame]:

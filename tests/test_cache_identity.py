@@ -1,10 +1,8 @@
 """What a cache entry's identity covers, prediction's check of the settings, and processes sharing one cache."""
 
 import os
-import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from slidedata.feature_store import (
     IDENTITY_KEYS, SAMPLE_KEYS, CacheMismatchError, FeatureStore, identity_attrs, settings_of,
 )
 from submission.validate import validate_submission
-from submission.writer import InvalidSubmission, PARTIAL_MARK, write_submission
+from submission.writer import InvalidSubmission, write_submission
 from tests.conftest import FIXTURE_PATCH_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,44 +177,6 @@ def test_parquet_with_text_predictions_is_invalid(demo_dir, tmp_path):
     assert "prediction column is not float" in kinds
     frame.assign(prediction=0.5).to_parquet(tmp_path / "ok.parquet")
     assert validate_submission(tmp_path / "ok.parquet", samples[1:2]) == []
-
-
-_SLOW_WRITER = textwrap.dedent("""
-    import sys, time
-    import numpy as np
-    from submission.predict import SamplePredictions
-    from submission.writer import write_submission
-
-    def slow():
-        for i in range(1000):
-            yield SamplePredictions("A", np.arange(10) + 10 * i, ["g1", "g2"], np.ones((10, 2)))
-            time.sleep(0.05)
-
-    write_submission(slow(), sys.argv[1], nuclei_per_block=5)
-""")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_killed_submit_leaves_no_file_at_the_final_path(tmp_path, sig):
-    path = tmp_path / "submission.csv"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(path)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    partial = tmp_path / f".{path.name}{PARTIAL_MARK}{proc.pid}{path.suffix}"
-    for _ in range(600):
-        if partial.exists() and partial.stat().st_size > 0:
-            break
-        __import__("time").sleep(0.05)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert not path.exists()
-    if sig == signal.SIGTERM:
-        assert list(tmp_path.iterdir()) == []  # the handler removed the partial file
-        return
-    assert partial.exists()  # SIGKILL runs nothing; the file is recognisable by its name and dead pid...
-    from submission.predict import SamplePredictions
-
-    write_submission([SamplePredictions("A", np.array([1]), ["g1"], np.ones((1, 1)))], path)
-    assert sorted(tmp_path.iterdir()) == [path]  # ...and the next run removes it
 
 
 def test_samples_embedded_with_other_settings_are_not_mixed_in_one_fit(demo_dir, tmp_path):

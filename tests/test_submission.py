@@ -5,7 +5,7 @@ import pytest
 from regress.features import FeatureSpec
 from regress.fit import fit_and_evaluate
 from regress.settings import FitSettings
-from regress.predictor import ExpressionPredictor
+from regress.model_dir import ModelDir
 from slidedata import open_samples
 from submission.pipeline import make_submission
 from submission.validate import main as validate_main, validate_submission
@@ -48,7 +48,7 @@ def test_saved_model_reloads_and_predicts_identically(fitted, embedded_cache):
     model_dir, _, predictor = fitted
     store = FeatureStore(embedded_cache)
     ids_a, values_a = predictor.predict_sample(store, "demo0")
-    ids_b, values_b = ExpressionPredictor.load(model_dir).predict_sample(store, "demo0")
+    ids_b, values_b = ModelDir(model_dir).load_predictor().predict_sample(store, "demo0")
     np.testing.assert_array_equal(ids_a, ids_b)
     np.testing.assert_array_equal(values_a, values_b)
 

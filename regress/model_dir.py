@@ -1,0 +1,96 @@
+"""The model directory: the one place that knows its file names, and writes each file whole (`slidedata.publish`).
+
+    predictor.joblib    the fitted ExpressionPredictor (what `infer` and the submit stage load)
+    predictor.json      a readable summary of it, written after it
+    scores.csv          one row per evaluated model (regress.engine.SCORE_COLUMNS)
+    gene_pearson.csv    per-gene Pearson of every evaluated model (rows: genes, index 'gene')
+    scores.png          the scores drawn
+    encoder/            the encoder's weights, copied by the challenge's `train` for its offline `infer`
+
+Each file is replaced in one step: a reader (or a run killed while writing) sees the previous version or the new one,
+never a part. The files are not replaced together: after a kill between two of them, some are new and some old.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import joblib
+import pandas as pd
+
+from regress.predictor import ExpressionPredictor
+from slidedata.errors import DataError
+from slidedata.publish import publishing, publishing_folder
+
+PREDICTOR = "predictor.joblib"
+SUMMARY = "predictor.json"
+SCORES = "scores.csv"
+GENE_PEARSON = "gene_pearson.csv"
+PLOT = "scores.png"
+ENCODER = "encoder"
+
+
+class ModelDir:
+    """A model directory at `path` (created on the first write)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r})"
+
+    # -- the model ------------------------------------------------------------------------------------------------
+    def save_predictor(self, predictor: ExpressionPredictor) -> Path:
+        """The predictor, then its summary (which is only for people: nothing loads it)."""
+        with publishing(self.path / PREDICTOR) as tmp:
+            joblib.dump(predictor, tmp)
+        with publishing(self.path / SUMMARY) as tmp, open(tmp, "w") as handle:
+            json.dump(predictor.summary(), handle, indent=2, default=str)
+        return self.path / PREDICTOR
+
+    def load_predictor(self) -> ExpressionPredictor:
+        path = self.path / PREDICTOR
+        if not path.exists():
+            raise DataError(path, "-", "no fitted model here; run the fit stage (make fit) first")
+        predictor = joblib.load(path)
+        if not isinstance(predictor, ExpressionPredictor):
+            raise DataError(path, "-", f"holds a {type(predictor).__name__}, not an ExpressionPredictor")
+        return predictor
+
+    # -- the evaluation -------------------------------------------------------------------------------------------
+    def save_scores(self, scores: pd.DataFrame, gene_pearson: pd.DataFrame) -> None:
+        """`scores`: one row per model; `gene_pearson`: one row per gene (index named 'gene'), a column per model."""
+        with publishing(self.path / SCORES) as tmp:
+            scores.to_csv(tmp, index=False)
+        with publishing(self.path / GENE_PEARSON) as tmp:
+            gene_pearson.to_csv(tmp)
+
+    def save_plot(self, figure) -> Path:
+        """`figure`: a matplotlib Figure, or a function that draws the plot into the (PNG) path it is given."""
+        with publishing(self.path / PLOT) as tmp:
+            if hasattr(figure, "savefig"):
+                figure.savefig(tmp, dpi=110)
+            else:
+                figure(tmp)
+        return self.path / PLOT
+
+    # -- the encoder's weights ------------------------------------------------------------------------------------
+    def copy_encoder_weights(self, file: str | Path) -> Path:
+        """Copy a weights file into `encoder/` under the name the loaders look for; replaces the whole folder, so
+        no weights of an earlier encoder stay beside it."""
+        file = Path(file)
+        canonical = "model.safetensors" if file.suffix == ".safetensors" else "pytorch_model.bin"
+        with publishing_folder(self.path / ENCODER) as tmp:
+            tmp.mkdir()
+            shutil.copy2(file, tmp / canonical)
+        return self.path / ENCODER / canonical
+
+    def encoder_weights(self) -> Path | None:
+        """The folder of the copied encoder weights, None if there is none."""
+        folder = self.path / ENCODER
+        return folder if folder.is_dir() else None
+
+
+__all__ = ["ModelDir", "ENCODER", "GENE_PEARSON", "PLOT", "PREDICTOR", "SCORES", "SUMMARY"]

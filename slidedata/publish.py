@@ -1,0 +1,250 @@
+"""Put a written file or folder under its final name only once it is complete: the one way every writer here does it.
+
+    with publishing(path, validate=check) as tmp:      # a file: CSV, Parquet, .h5ad, joblib, JSON, PNG
+        write_to(tmp)
+    with publishing_folder(path) as tmp:                # a folder: a sample zarr, a zarr group, a table element
+        write_folder_at(tmp)
+
+While being written, the output is `.<name>.partial-<pid><suffix>` (a file: the suffix stays, the libraries go by
+it) or `.<name>.partial-<pid>` (a folder: no `.zarr` at the end, so that nothing takes it for a sample) beside the
+final path. When the block ends normally, `validate(tmp)` (if given) lists the output's problems: with any, the
+temporary output is deleted, the final path left as it was, and `error(path, problems)` raised. Otherwise:
+
+* a file is moved over the final path with `os.replace` (one atomic step);
+* a folder, which cannot be renamed over a non-empty one, is swapped with the old one in one atomic step where the
+  system can (Linux `renameat2(RENAME_EXCHANGE)`); elsewhere the old folder is renamed aside to
+  `.<name>.replaced-<pid>`, the new one renamed in, and the old one deleted.
+
+An exception in the block (or in `validate`) deletes the temporary output and leaves the final path as it was.
+SIGTERM raises SystemExit inside the block, so that this cleanup runs too (in the main thread, where SIGTERM has its
+default action: elsewhere a process cannot set signal handlers, or handles SIGTERM its own way); during the renames
+it waits until they are done. SIGKILL runs nothing: what a killed writer leaves carries its pid, and the next
+publish of the same path (or `sweep(path)`) removes it once that pid is gone.
+
+What a reader of the final path can observe, whatever happens to the writer: the previous version (or nothing, if
+there was none) until the rename, then the new one complete; never a part of either. The one exception is the
+fallback folder swap: between its two renames the path is briefly absent, and a writer killed exactly there leaves it
+absent, with the old folder under `.<name>.replaced-<pid>`; `sweep` (run by the next publish of that path) puts it
+back. A writer killed after the swap, while deleting the old folder, leaves that folder behind under its temporary
+name; `sweep` deletes it. Several files published one after the other are each whole, not together: a writer
+killed between two of them leaves some new and some old.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import glob
+import os
+import re
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+from slidedata.locks import pid_alive
+
+PARTIAL_MARK = ".partial-"
+ASIDE_MARK = ".replaced-"
+
+Validate = Callable[[Path], list]
+
+
+class NotPublished(Exception):
+    """The written output failed its check; it was deleted, the final path left as it was."""
+
+    def __init__(self, path: Path, problems: list):
+        self.path, self.problems = path, problems
+        super().__init__(f"{path}: {len(problems)} problem(s), not written: " + "; ".join(map(str, problems)))
+
+
+def partial_path(target: Path, folder: bool = False, pid: int | None = None) -> Path:
+    """The temporary name of `target` while process `pid` (default: this one) writes it."""
+    suffix = "" if folder else target.suffix
+    return target.with_name(f".{target.name}{PARTIAL_MARK}{pid or os.getpid()}{suffix}")
+
+
+def aside_path(target: Path, pid: int | None = None) -> Path:
+    """Where the fallback folder swap keeps the old folder between its two renames."""
+    return target.with_name(f".{target.name}{ASIDE_MARK}{pid or os.getpid()}")
+
+
+@contextlib.contextmanager
+def publishing(target: str | Path, validate: Validate | None = None,
+               error: Callable[[Path, list], Exception] = NotPublished) -> Iterator[Path]:
+    """Yield the temporary path to write the file `target` at; publish it when the block ends (module docstring)."""
+    with _publishing(Path(target), False, validate, error, keep_existing=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def publishing_folder(target: str | Path, validate: Validate | None = None,
+                      error: Callable[[Path, list], Exception] = NotPublished,
+                      keep_existing: bool = False) -> Iterator[Path]:
+    """Yield the temporary path (not created) to build the folder `target` at; swap it in when the block ends.
+
+    `keep_existing`: if `target` exists by then (another worker published the same content first), keep it and
+    delete ours, instead of replacing it.
+    """
+    with _publishing(Path(target), True, validate, error, keep_existing) as tmp:
+        yield tmp
+
+
+def sweep(target: str | Path) -> list[Path]:
+    """Clean up after writers of `target` that are gone; returns the paths removed or restored.
+
+    A folder set aside by a writer killed between the two renames of the fallback swap goes back to `target` when
+    `target` is missing (the newest such folder, if several), and is deleted otherwise; temporary outputs are
+    deleted, and so are the fixed temporary names of older versions (`.<name>.tmp`, `.<name>.tmp<pid>`,
+    `<name>.tmp`). Outputs of live processes are left alone (and so are those of a dead one whose pid another
+    process has taken since, until that one ends too).
+    """
+    target = Path(target)
+    ours = re.compile(re.escape(f".{target.name}") + f"({re.escape(PARTIAL_MARK)}|{re.escape(ASIDE_MARK)})"
+                      + r"(\d+)(" + re.escape(target.suffix) + ")?$")
+    legacy = re.compile(r"\.?" + re.escape(f"{target.name}.tmp") + r"(\d*)$")
+    name = glob.escape(target.name)
+    asides, leftovers = [], []
+    for candidate in [*target.parent.glob(f".{name}.*"), *target.parent.glob(f"{name}.tmp")]:
+        match, old = ours.match(candidate.name), legacy.match(candidate.name)
+        if match and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2))):
+            (asides if match.group(1) == ASIDE_MARK else leftovers).append(candidate)
+        elif old and (not old.group(1) or not pid_alive(int(old.group(1)))):
+            leftovers.append(candidate)
+    asides.sort(key=_mtime, reverse=True)
+    swept = asides + leftovers
+    if asides and not os.path.lexists(target):
+        with contextlib.suppress(OSError):  # another process sweeping at the same moment put one back first
+            os.rename(asides.pop(0), target)
+    for path in asides + leftovers:
+        _remove(path)
+    return swept
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM ends Python without running `finally` blocks; inside this block it raises SystemExit instead, so the
+    temporary output is removed. (Only the main thread can set signal handlers; elsewhere this does nothing. A
+    program that handles or ignores SIGTERM itself keeps its own handling.)"""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _publishing(target: Path, folder: bool, validate: Validate | None, error, keep_existing: bool
+                ) -> Iterator[Path]:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep(target)
+    tmp = partial_path(target, folder)
+    _remove(tmp)  # left by an earlier process that had our pid (a restarted container reuses them)
+    with sigterm_raises():
+        try:
+            yield tmp
+            if not os.path.lexists(tmp):
+                raise FileNotFoundError(f"nothing was written at {tmp} to publish as {target}")
+            problems = list(validate(tmp)) if validate is not None else []
+            if problems:
+                raise error(target, problems)
+            with _sigterm_deferred():
+                _put_in_place(tmp, target, folder, keep_existing)
+        finally:
+            _settle(target)
+            _remove(tmp)  # ours on failure; the old folder after a swap; ours again when theirs was kept
+
+
+def _put_in_place(tmp: Path, target: Path, folder: bool, keep_existing: bool) -> None:
+    if not folder and not keep_existing:
+        os.replace(tmp, target)
+        return
+    try:
+        # A first version; refused (atomically) where a folder or file is there already, except an empty folder.
+        os.link(tmp, target) if not folder else os.rename(tmp, target)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+    if keep_existing:
+        return
+    if _exchange(tmp, target):  # `tmp` now holds the old folder
+        return
+    aside = aside_path(target)
+    os.rename(target, aside)
+    os.rename(tmp, target)  # killed before this line: `target` is missing until `sweep` puts `aside` back
+
+
+def _settle(target: Path) -> None:
+    """After this process's fallback swap: delete the old folder, or put it back if the new one never arrived."""
+    aside = aside_path(target)
+    if os.path.lexists(aside):
+        if os.path.lexists(target):
+            _remove(aside)
+        else:
+            os.rename(aside, target)
+
+
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Hold SIGTERM back during the renames (it is delivered when they are done): they are short, and a swap
+    stopped halfway would leave the folder missing."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@functools.cache
+def _renameat2():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step; False where the system or the file system cannot (then nothing changed)."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
