@@ -8,10 +8,11 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m submission", description="Write and validate the submission.")
+    parser = argparse.ArgumentParser(prog="python -m submission", description="Write and validate the submission.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
-    parser.add_argument("--cache", default="outputs/features.zarr")
-    parser.add_argument("--model-dir", default="outputs/model")
+    parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
+    parser.add_argument("--model-dir", default="outputs/model", help="the fitted model (make fit)")
     parser.add_argument("--out", default="outputs/submission.csv", help=".csv or .parquet")
     parser.add_argument("--anndata", help="also write one <sample>.h5ad of predictions per sample here")
     parser.add_argument("--into-spatialdata", action="store_true",
