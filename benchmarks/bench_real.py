@@ -29,7 +29,7 @@ import pandas as pd
 from embed.pipeline import EmbedSettings, embed_dataset
 from regress.catalogue import model_inputs
 from regress.engine import HeldOutPredictions, evaluate, select_and_fit
-from regress.features import FeatureSpec
+from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
 from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson
 from regress.settings import FitSettings
 from regress.source import CacheSource
@@ -115,7 +115,7 @@ def fit_settings(mode: str, features: FeatureSet, samples: list, models: tuple[s
         radius = config.context_radius_um / float(np.median([s.microns_per_pixel for s in samples]))
     spec = FeatureSpec(encoder=first, patch_sizes=config.patch_sizes[first], extra_keys=extra,
                        morphology=mode == "nuclei", standardize_per_sample=features.standardize_per_sample,
-                       context_k=config.context_k or 15, context_radius=radius)
+                       context_k=config.context_k or DEFAULT_CONTEXT_K, context_radius=radius)
     return FitSettings(features=spec, models=models, protocol="loso")
 
 

@@ -9,7 +9,7 @@ import time
 import pandas as pd
 
 from slidedata.cli import add_debug_flag, non_negative_int, positive_float, positive_int, run_reporting_input_errors
-from slidedata.patch_size import patch_size_arg
+from slidedata.patch_size import PatchSize, patch_size_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default=feature_defaults.encoder, help="the encoder whose features to read")
     parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(feature_defaults.patch_sizes),
                         help="slide pixels (64) or microns (32um), as embedded")
-    parser.add_argument("--models", nargs="+", default=list(defaults.models), choices=list(BASELINES) + list(MODELS))
-    parser.add_argument("--context-k", type=positive_int, default=feature_defaults.context_k,
+    parser.add_argument("--models", nargs="+", default=list(defaults.models), choices=list(BASELINES) + list(MODELS),
+                        help="what to evaluate; the one saved is chosen among them by its held-out score")
+    parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
                         help="neighbours averaged by the +context models")
     parser.add_argument("--context-radius", type=positive_float,
                         help="px: +context models average all nuclei within this radius instead of the k nearest")
-    parser.add_argument("--protocol", default=defaults.protocol, choices=list(PROTOCOLS))
+    parser.add_argument("--protocol", default=defaults.protocol, choices=list(PROTOCOLS),
+                        help="what is held out: the validation group, spatial blocks, or whole samples (auto: the "
+                             "validation group where measured, else samples when two or more, else blocks)")
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
@@ -52,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
-    def extra_key(key: str) -> tuple[str, str]:
+    def extra_key(key: str) -> tuple[str, PatchSize]:
         encoder, _, size = key.rpartition(":")
-        if not encoder:
-            parser.error(f"argument --extra-features: expected ENCODER:PATCH_SIZE, got '{key}'")
-        return encoder, patch_size_arg(size)
+        try:
+            if not encoder:
+                raise ValueError("expected ENCODER:PATCH_SIZE")
+            return encoder, PatchSize.parse(size)
+        except ValueError as exc:
+            parser.error(f"argument --extra-features: '{key}': {exc}")
 
     try:
         settings = FitSettings(

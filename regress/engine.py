@@ -213,7 +213,7 @@ def fit_model(name: str, gathered: Gathered, strata: frozenset, settings: FitSet
         stats = [gathered.stats[k] if width is None else gathered.stats[k].columns(width) for k in keys]
         if family(name) == "mean-profile":
             return estimator.fit_statistics(MomentStats.combine(stats))
-        labels = tuning_labels(strata_table(keys), by_sample)
+        labels = tuning_labels(keys, by_sample)
         fold_of = ridge_fold_of(labels, estimator.n_folds, estimator.random_state)
         folds: dict = {}
         for part, label in zip(stats, labels.tolist()):
@@ -221,7 +221,7 @@ def fit_model(name: str, gathered: Gathered, strata: frozenset, settings: FitSet
         return estimator.fit_statistics([MomentStats.combine(folds[k]) for k in sorted(folds)])
     rows = gathered.rows.take(strata)
     inputs = model_inputs(name, rows.X, rows.coords, rows.codes, source.base_dim)
-    labels = np.array([k[0] if by_sample else k[2] for k in rows.strata])  # per row: tuning_labels' choice
+    labels = tuning_labels(rows.strata, by_sample)
     return estimator.fit(inputs, rows.Y, groups=pd.factorize(labels)[0] if by_sample else labels)
 
 
@@ -251,14 +251,19 @@ def evaluate(source: Source, settings: FitSettings, progress: bool = True,
             tasks.append(dask.delayed(score_sample)(source, info, gathered.n_blocks, gathered.with_blocks,
                                                     source.base_dim, work, protocol, sink is not None))
             owners.append(info)
-    results = compute(tasks, settings.scheduler, "held-out predictions", progress)
+
+    def hand_over(result: dict[int, _SplitScores]) -> dict[int, _SplitScores]:
+        """Give a sample's held-out predictions to the sink as soon as they arrive, and keep only its scores."""
+        for split in sorted(result):
+            for held in result[split].predictions:
+                sink(held)
+            result[split].predictions = []
+        return result
+
+    results = compute(tasks, settings.scheduler, "held-out predictions", progress,
+                      each=hand_over if sink is not None else None)
     # split order, then sample order, then row order
     per_split = [[(info, r[i]) for info, r in zip(owners, results) if i in r] for i in range(len(splits))]
-    if sink is not None:
-        for part in per_split:
-            for _, scores in part:
-                for held in scores.predictions:
-                    sink(held)
     return _summarise(per_split, settings.models, fit_seconds, protocol, progress)
 
 

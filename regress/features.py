@@ -9,10 +9,12 @@ import pandas as pd
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from slidedata.feature_store import FeatureStore
+from regress.models import principal_basis, project
+from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 
 MORPHOLOGY_COLUMNS = ("area", "major_axis", "minor_axis", "eccentricity")
+DEFAULT_CONTEXT_K = 15  # neighbours averaged by the +context models unless told otherwise
 FEATURE_DTYPE = np.float16
 REDUCER_ROWS = 20000  # rows, over all samples, that fit the principal axes of each wide block
 
@@ -53,6 +55,13 @@ class FeatureSpec:
     def has_context(self) -> bool:
         return bool(self.context_radius or self.context_k)
 
+    def __setstate__(self, state: dict) -> None:
+        # Models pickled before patch sizes were typed hold them as text.
+        object.__setattr__(self, "__dict__", dict(state))
+        object.__setattr__(self, "patch_sizes", patch_sizes(self.patch_sizes))
+        object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s)) for e, s in self.extra_keys))
+        object.__setattr__(self, "keys", tuple((e, PatchSize.parse(s)) for e, s in self.keys))
+
     def without_context(self) -> "FeatureSpec":
         return replace(self, context_k=0, context_radius=None)
 
@@ -62,10 +71,6 @@ class FeatureSpec:
         out["patch_sizes"] = [s.key for s in self.patch_sizes]
         out["extra_keys"] = [f"{e}:{s.key}" for e, s in self.extra_keys]
         return out
-
-
-def entry_key(encoder: str, patch_size: PatchSize) -> str:
-    return f"{encoder}:{patch_size.key}"
 
 
 @dataclass
@@ -105,8 +110,6 @@ class FeatureReducer:
     def fit(cls, subsamples: list[dict[str, np.ndarray]], n_components: int, random_state: int = 0
             ) -> "FeatureReducer":
         """From the `subsample`s of every sample."""
-        from regress.models import principal_basis
-
         keys = dict.fromkeys(k for part in subsamples for k in part)
         axes = {}
         for key in keys:
@@ -118,8 +121,6 @@ class FeatureReducer:
         return self.axes[key][2].shape[1] if key in self.axes else dim
 
     def transform(self, key: str, rows: np.ndarray) -> np.ndarray:
-        from regress.models import project
-
         return project(rows, *self.axes[key]) if key in self.axes else np.asarray(rows, dtype=np.float32)
 
 

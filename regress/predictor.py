@@ -17,7 +17,7 @@ class ExpressionPredictor:
     feature_spec: FeatureSpec
     estimator: object  # fitted, with predict(X) -> (n, genes), clipped to the valid range
     genes: list[str]
-    embed_settings: dict = field(default_factory=dict)  # patch sizes, pad mode... to re-embed new samples alike
+    embed_settings: dict = field(default_factory=dict)  # encoder, pad mode, pixel size... to re-embed new samples alike
     scores: dict = field(default_factory=dict)  # held-out scores from the evaluation that chose this model
     # The settings of the cache entries it was trained on ('encoder:patch_size' -> settings_of(attrs)): features
     # made otherwise are refused at prediction. Empty for models saved before this was recorded.

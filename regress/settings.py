@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from regress.features import FeatureSpec
+from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
 from regress.models import DEFAULT_ALPHAS
 
 BASELINES = ("mean-profile", "spatial-knn")
@@ -14,9 +14,9 @@ TUNING_FOLDS = ("auto", "samples", "blocks")
 
 
 def default_features() -> FeatureSpec:
-    """What `make fit` reads: the default patch sizes, nucleus shape, and the mean of the 15 nearest nuclei for the
-    +context models."""
-    return FeatureSpec(context_k=15)
+    """What `make fit` reads: the default patch sizes, nucleus shape, and the mean of the DEFAULT_CONTEXT_K nearest
+    nuclei for the +context models."""
+    return FeatureSpec(context_k=DEFAULT_CONTEXT_K)
 
 
 @dataclass
@@ -64,7 +64,9 @@ class FitSettings:
         if self.ridge_components is not None and self.ridge_components < 1:
             raise ValueError(f"ridge_components must be positive or None, got {self.ridge_components}")
         if any(m.endswith("+context") for m in self.models) and not self.features.has_context:
-            raise ValueError("a +context model needs a neighbourhood: features with context_k > 0 or a context_radius")
+            raise ValueError("a +context model needs a neighbourhood: context_k > 0 (--context-k; "
+                             f"FeatureSpec(context_k={DEFAULT_CONTEXT_K}) as default_features() has) or a "
+                             "context_radius (--context-radius)")
 
     def model_features(self, name: str) -> FeatureSpec:
         """The features model `name` reads: with the context block for +context models, without it otherwise."""

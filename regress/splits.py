@@ -86,9 +86,9 @@ def evaluation_splits(strata: pd.DataFrame, protocol: str, n_folds: int, sample_
     raise ValueError(f"unknown protocol '{protocol}'")
 
 
-def tuning_labels(strata: pd.DataFrame, by_sample: bool) -> np.ndarray:
-    """The label of each stratum for the models' own tuning folds: its sample, or its spatial block."""
-    return strata["sample" if by_sample else "block"].to_numpy()
+def tuning_labels(keys: list[tuple[int, int, int]], by_sample: bool) -> np.ndarray:
+    """The label of each stratum key (or row's key) for the models' own tuning folds: its sample, or its block."""
+    return np.array([key[0] if by_sample else key[2] for key in keys], dtype=np.int64)
 
 
 def region_labels(protocol: str, code: int, blocks: np.ndarray) -> np.ndarray:

@@ -54,6 +54,16 @@ class CacheMismatchError(DataError):
     """An existing cache entry was made with other settings than the ones asked for."""
 
 
+def entry_key(encoder: str, patch_size: PatchSize | str | int) -> str:
+    """'encoder:patch_size', how an entry is named in settings records (a model's `feature_settings`)."""
+    return f"{encoder}:{PatchSize.parse(patch_size).key}"
+
+
+def parse_entry_key(key: str) -> tuple[str, PatchSize]:
+    encoder, size = key.rsplit(":", 1)
+    return encoder, PatchSize.parse(size)
+
+
 def identity_attrs(settings: dict, sample: dict) -> dict:
     """The attributes of a new entry: its identity, split into the embedding `settings` and the values that describe
     the `sample`, with the names of both recorded (`identity_keys`, `sample_keys`)."""
@@ -232,10 +242,10 @@ class FeatureStore:
         _publish_group(self.root / sample_name / NUCLEI_GROUP, build)
 
     # -- features -----------------------------------------------------------------------------------------------
-    def entry_path(self, sample_name: str, encoder: str, patch_size: str | int) -> Path:
+    def entry_path(self, sample_name: str, encoder: str, patch_size: PatchSize | str | int) -> Path:
         return self.root / sample_name / encoder / PatchSize.parse(patch_size).key
 
-    def open_entry(self, sample_name: str, encoder: str, patch_size: str | int) -> FeatureEntry:
+    def open_entry(self, sample_name: str, encoder: str, patch_size: PatchSize | str | int) -> FeatureEntry:
         path = self.entry_path(sample_name, encoder, patch_size)
         if not (path / "zarr.json").exists():
             raise DataError(path, "features", f"no cached features for sample '{sample_name}', encoder '{encoder}', "
@@ -269,12 +279,12 @@ class FeatureStore:
         self._check_identity(entry, attrs)
         return entry
 
-    def read_features(self, sample_name: str, encoder: str, patch_size: str | int) -> np.ndarray:
+    def read_features(self, sample_name: str, encoder: str, patch_size: PatchSize | str | int) -> np.ndarray:
         return self.open_entry(sample_name, encoder, patch_size).read()
 
     def settings(self, sample_name: str, keys) -> dict[str, dict]:
         """Embedding settings of the entries `keys` ((encoder, patch size) pairs), by 'encoder:patch_size'."""
-        return {f"{encoder}:{PatchSize.parse(size).key}": self.open_entry(sample_name, encoder, size).settings
+        return {entry_key(encoder, size): self.open_entry(sample_name, encoder, size).settings
                 for encoder, size in keys}
 
     def check_settings(self, sample_name: str, expected: dict[str, dict], than: str = "the model was trained on",
@@ -282,7 +292,7 @@ class FeatureStore:
         """Refuse the sample's entries if any was made with other settings than `expected` (from `settings`);
         `than` and `remedy` say whose settings those are and what to do."""
         for key, wanted in expected.items():
-            encoder, size = key.rsplit(":", 1)
+            encoder, size = parse_entry_key(key)
             entry = self.open_entry(sample_name, encoder, size)
             differences = settings_differences(wanted, entry.settings)
             if differences:

@@ -53,6 +53,9 @@ class PatchSize:
     def __str__(self) -> str:
         return self.key
 
+    def __repr__(self) -> str:  # how argparse shows a default, and what a person reads in a log
+        return self.key
+
 
 def patch_sizes(sizes) -> tuple[PatchSize, ...]:
     """Several sizes (ints, strings or PatchSize) as PatchSize, order kept."""

@@ -5,27 +5,28 @@
     with publishing_folder(path) as tmp:                # a folder: a sample zarr, a zarr group, a table element
         write_folder_at(tmp)
 
-While being written, the output is `.<name>.partial-<pid><suffix>` (a file: the suffix stays, the libraries go by
-it) or `.<name>.partial-<pid>` (a folder: no `.zarr` at the end, so that nothing takes it for a sample) beside the
-final path. When the block ends normally, `validate(tmp)` (if given) lists the output's problems: with any, the
-temporary output is deleted, the final path left as it was, and `error(path, problems)` raised. Otherwise:
+While being written, the output is `.<name>.partial-<host>-<pid><suffix>` (a file: the suffix stays, the libraries
+go by it) or `.<name>.partial-<host>-<pid>` (a folder: no `.zarr` at the end, so that nothing takes it for a sample)
+beside the final path. When the block ends normally, `validate(tmp)` (if given) lists the output's problems: with
+any, the temporary output is deleted, the final path left as it was, and `error(path, problems)` raised. Otherwise:
 
 * a file is moved over the final path with `os.replace` (one atomic step);
 * a folder, which cannot be renamed over a non-empty one, is swapped with the old one in one atomic step where the
   system can (Linux `renameat2(RENAME_EXCHANGE)`); elsewhere the old folder is renamed aside to
-  `.<name>.replaced-<pid>`, the new one renamed in, and the old one deleted.
+  `.<name>.replaced-<host>-<pid>`, the new one renamed in, and the old one deleted.
 
 An exception in the block (or in `validate`) deletes the temporary output and leaves the final path as it was.
 SIGTERM raises SystemExit inside the block, so that this cleanup runs too (in the main thread, where SIGTERM has its
 default action: elsewhere a process cannot set signal handlers, or handles SIGTERM its own way); during the renames
 it waits until they are done. SIGKILL runs nothing: what a killed writer leaves carries its pid, and the next
-publish of the same path (or `sweep(path)`) removes it once that pid is gone.
+publish of the same path on the same host (or `sweep(path)`) removes it once that pid is gone; another host's
+leftovers are never judged from here.
 
 What a reader of the final path can observe, whatever happens to the writer: the previous version (or nothing, if
 there was none) until the rename, then the new one complete; never a part of either. The one exception is the
 fallback folder swap: between its two renames the path is briefly absent, and a writer killed exactly there leaves it
-absent, with the old folder under `.<name>.replaced-<pid>`; `sweep` (run by the next publish of that path) puts it
-back. A writer killed after the swap, while deleting the old folder, leaves that folder behind under its temporary
+absent, with the old folder under `.<name>.replaced-<host>-<pid>`; `sweep` (run by the next publish of that path)
+puts it back. A writer killed after the swap, while deleting the old folder, leaves that folder behind under its temporary
 name; `sweep` deletes it. Several files published one after the other are each whole, not together: a writer
 killed between two of them leaves some new and some old.
 """
@@ -41,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -61,15 +63,21 @@ class NotPublished(Exception):
         super().__init__(f"{path}: {len(problems)} problem(s), not written: " + "; ".join(map(str, problems)))
 
 
+def writer_tag(pid: int | None = None) -> str:
+    """'<host>-<pid>' of a writer: on a shared file system (several machines embedding into one cache) a pid alone
+    names no process, and `sweep` may only judge the writers of its own host."""
+    return f"{socket.gethostname()}-{pid or os.getpid()}"
+
+
 def partial_path(target: Path, folder: bool = False, pid: int | None = None) -> Path:
-    """The temporary name of `target` while process `pid` (default: this one) writes it."""
+    """The temporary name of `target` while process `pid` (default: this one) of this host writes it."""
     suffix = "" if folder else target.suffix
-    return target.with_name(f".{target.name}{PARTIAL_MARK}{pid or os.getpid()}{suffix}")
+    return target.with_name(f".{target.name}{PARTIAL_MARK}{writer_tag(pid)}{suffix}")
 
 
 def aside_path(target: Path, pid: int | None = None) -> Path:
     """Where the fallback folder swap keeps the old folder between its two renames."""
-    return target.with_name(f".{target.name}{ASIDE_MARK}{pid or os.getpid()}")
+    return target.with_name(f".{target.name}{ASIDE_MARK}{writer_tag(pid)}")
 
 
 @contextlib.contextmanager
@@ -104,7 +112,7 @@ def sweep(target: str | Path) -> list[Path]:
     """
     target = Path(target)
     ours = re.compile(re.escape(f".{target.name}") + f"({re.escape(PARTIAL_MARK)}|{re.escape(ASIDE_MARK)})"
-                      + r"(\d+)(" + re.escape(target.suffix) + ")?$")
+                      + re.escape(socket.gethostname()) + r"-(\d+)(" + re.escape(target.suffix) + ")?$")
     legacy = re.compile(r"\.?" + re.escape(f"{target.name}.tmp") + r"(\d*)$")
     name = glob.escape(target.name)
     asides, leftovers = [], []

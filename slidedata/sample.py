@@ -240,7 +240,7 @@ def sample_paths(path: str | Path) -> list[Path]:
 def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None
                  ) -> list[Sample]:
     """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name (all held open: the fit stage
-    opens one at a time instead, see `regress.stream`)."""
+    opens one at a time instead, see `regress.source.CacheSource`)."""
     samples = [open_sample(p, n_genes, microns_per_pixel) for p in sample_paths(path)]
     check_same_genes(samples)
     return samples

@@ -20,7 +20,7 @@ from regress.fit import fit_and_evaluate
 from regress.model_dir import ModelDir
 from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings, default_features
-from slidedata.feature_store import FeatureStore
+from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize
 from slidedata.sample import open_sample, open_samples
 from submission.predict import predict_held_out
@@ -78,7 +78,7 @@ def _embedding_plan(predictor: ExpressionPredictor) -> dict[str, EmbedSettings]:
     for encoder, keys in sizes.items():
         # One recorded input size for all of an encoder's blocks (its own, or --input-size) is reused as it was;
         # several (a scale-aware encoder at several sizes in microns) follow from the sizes again.
-        inputs = {predictor.feature_settings.get(f"{encoder}:{k.key}", {}).get("input_size") for k in keys}
+        inputs = {predictor.feature_settings.get(entry_key(encoder, k), {}).get("input_size") for k in keys}
         fixed = inputs.pop() if len(inputs) == 1 else None
         plan[encoder] = EmbedSettings(
             patch_sizes=tuple(keys), pad_mode=recorded.get("pad_mode") or "symmetric",

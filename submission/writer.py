@@ -2,7 +2,7 @@
 
 10^5 nuclei x 460 genes is 4.6e7 rows: each chunk of nuclei becomes one block of rows (CSV text or a Parquet row
 group), so memory stays at one block. The file appears under its final name only once complete and checked
-(`slidedata.publish`): while being written it is `.<name>.partial-<pid><suffix>` beside the final path, removed on
+(`slidedata.publish`): while being written it is `.<name>.partial-<host>-<pid><suffix>` beside the final path, removed on
 errors and on SIGTERM, and removed by the next run after a SIGKILL.
 """
 

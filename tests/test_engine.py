@@ -213,3 +213,72 @@ def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedd
     np.testing.assert_array_equal(there.estimator.coef_, here.estimator.coef_)
     pd.testing.assert_frame_equal(there.evaluation.scores.drop(columns="fit_seconds"),
                                   here.evaluation.scores.drop(columns="fit_seconds"))
+
+
+def test_ridge_chooses_its_alpha_by_whole_held_out_samples_as_scikit_learn_would():
+    """tuning_folds='samples' with three training samples: ridge's alpha minimises the summed squared error of
+    leave-one-sample-out (scikit-learn's LeaveOneGroupOut and Ridge), then ridge is refitted on all of them."""
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    matrices = [planted_sample(n, s, signal=0.4, validation_patches=True) for n, s in (("a", 1), ("b", 2), ("c", 3))]
+    # 40 columns of noise beside the signal: too little shrinkage fits the noise, too much loses the signal
+    matrices = [replace(m, X=np.c_[m.X, np.random.default_rng(10 + i).normal(0, 1, (len(m), 40))].astype(np.float32))
+                for i, m in enumerate(matrices)]
+    alphas = (0.1, 30.0, 300.0, 3000.0, 30000.0)
+    settings = FitSettings(features=FeatureSpec(), models=("ridge",), protocol="validation", ridge_alphas=alphas,
+                           ridge_components=None, tuning_folds="samples")
+    held = []
+    evaluate(ArraySource(matrices, genes()), settings, progress=False, sink=collect(held))
+    train = [m.measured & (m.group == "train") for m in matrices]
+    X = np.concatenate([m.X[t] for m, t in zip(matrices, train)])
+    Y = np.concatenate([m.Y[t] for m, t in zip(matrices, train)])
+    groups = np.concatenate([np.full(t.sum(), i) for i, t in enumerate(train)])
+    errors = [sum(((make_pipeline(StandardScaler(), Ridge(alpha=a)).fit(X[tr], Y[tr]).predict(X[te]) - Y[te]) ** 2)
+                  .sum() for tr, te in LeaveOneGroupOut().split(X, Y, groups)) for a in alphas]
+    best = alphas[int(np.argmin(errors))]
+    assert best not in (alphas[0], alphas[-1])  # the data makes the choice matter
+    reference = make_pipeline(StandardScaler(), Ridge(alpha=best)).fit(X, Y)
+    for matrix in matrices:
+        part = next(h for h in held if h.sample == matrix.name)
+        rows = np.flatnonzero(matrix.measured & (matrix.group == "validation"))
+        np.testing.assert_allclose(part.predictions, np.clip(reference.predict(matrix.X[rows]), 0, Y.max(0)),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_the_spatial_baseline_trains_on_rows_as_scikit_learn_neighbours_would():
+    from sklearn.neighbors import KNeighborsRegressor
+
+    matrices = [planted_sample(n, s, n=600, validation_patches=True) for n, s in (("a", 1), ("b", 2))]
+    held = []
+    evaluate(ArraySource(matrices, genes()), FitSettings(features=FeatureSpec(), models=("spatial-knn",)),
+             progress=False, sink=collect(held))
+    for matrix in matrices:  # samples never meet: each is its own neighbourhood
+        train = matrix.measured & (matrix.group == "train")
+        knn = KNeighborsRegressor(n_neighbors=20).fit(matrix.coords[train], matrix.Y[train])
+        rows = np.flatnonzero(matrix.measured & (matrix.group == "validation"))
+        part = next(h for h in held if h.sample == matrix.name)
+        train_max = np.concatenate([m.Y[m.measured & (m.group == "train")] for m in matrices]).max(0)
+        np.testing.assert_allclose(part.predictions, np.clip(knn.predict(matrix.coords[rows]), 0, train_max),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_models_that_train_on_rows_see_the_same_share_of_every_sample_role_and_block():
+    from regress.engine import gather
+
+    matrices = [planted_sample("a", 1, n=1200, validation_patches=True), planted_sample("b", 2, n=400)]
+    settings = FitSettings(features=FeatureSpec(), models=("lightgbm",), sample_rows=400, protocol="loso")
+    gathered = gather(ArraySource(matrices, genes()), settings, progress=False)
+    measured = sum(int((m.measured & np.isin(m.group, ["train", "validation"])).sum()) for m in matrices)
+    rows = gathered.rows
+    assert abs(len(rows.Y) - 400) <= 20  # rounding per stratum
+    share = pd.Series([key[:2] for key in rows.strata]).value_counts()
+    for matrix, code in zip(matrices, (0, 1)):
+        for role, group in ((0, "train"), (1, "validation")):
+            n = int((matrix.measured & (matrix.group == group)).sum())
+            assert share.get((code, role), 0) == pytest.approx(400 * n / measured, abs=12)
+    # every row kept is a measured row of its sample, with its own expression
+    for code, matrix in enumerate(matrices):
+        mine = rows.codes == code
+        lookup = {tuple(c): y for c, y in zip(matrix.coords.round(6).tolist(), matrix.Y)}
+        for c, y in zip(rows.coords[mine].round(6).tolist(), rows.Y[mine]):
+            np.testing.assert_array_equal(lookup[tuple(c)], y)

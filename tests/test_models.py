@@ -146,3 +146,58 @@ def test_a_scale_set_shares_one_scale_and_a_rotation_inside_it_changes_nothing()
     np.testing.assert_allclose(a.predict(X), b.predict(rotated), rtol=1e-4, atol=1e-4)
     c = RidgeCVRegressor(alphas=[30.0], n_folds=1).fit(rotated, Y)  # column by column: not the same model
     assert np.abs(c.predict(rotated) - a.predict(X)).max() > 1e-3
+
+
+def test_moment_statistics_combine_exactly_far_from_zero():
+    from regress.models import MomentStats
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(1000.0, 1.0, (3000, 5))  # far from zero relative to the spread: naive sums cancel
+    Y = X[:, :2] * 0.5 + rng.normal(0, 0.1, (3000, 2))
+    parts = [MomentStats.of(X[a:b], Y[a:b]) for a, b in ((0, 7), (7, 1500), (1500, 3000))]
+    whole = MomentStats.combine(parts)
+    centred = X - X.mean(0)
+    np.testing.assert_allclose(whole.xx, centred.T @ centred, rtol=1e-9)
+    np.testing.assert_allclose(whole.xy, centred.T @ (Y - Y.mean(0)), rtol=1e-9)
+    assert whole.yy == pytest.approx(((Y - Y.mean(0)) ** 2).sum(), rel=1e-9)
+    np.testing.assert_allclose(whole.mean_x, X.mean(0), rtol=1e-12)
+
+
+def test_wide_blocks_are_reduced_to_their_principal_components(embedded_cache):
+    from sklearn.decomposition import PCA
+
+    from regress.features import FeatureReducer, FeatureSpec
+    from slidedata.feature_store import FeatureStore
+    from tests.conftest import FIXTURE_PATCH_SIZES
+
+    store = FeatureStore(embedded_cache)
+    spec = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, block_components=6)
+    keys = FeatureReducer.wide_keys(store, "demo1", spec)
+    assert len(keys) == 2  # both 27-wide handcrafted blocks
+    parts = [FeatureReducer.subsample(store, name, keys, 300) for name in ("demo1", "demo2")]
+    reducer = FeatureReducer.fit(parts, 6)
+    key = f"handcrafted:{FIXTURE_PATCH_SIZES[0]}"
+    rows = np.concatenate([p[key] for p in parts]).astype(np.float64)
+    standardized = (rows - rows.mean(0)) / np.where(rows.std(0) > 1e-12, rows.std(0), 1)
+    reference = PCA(6).fit(standardized).components_.T
+    basis = reducer.axes[key][2]
+    # the same subspace: every principal angle is zero
+    np.testing.assert_allclose(np.linalg.svd(basis.T @ reference, compute_uv=False), 1.0, atol=1e-6)
+    projected = reducer.transform(key, rows[:10])
+    np.testing.assert_allclose(np.abs(projected), np.abs(standardized[:10] @ reference), rtol=1e-4, atol=1e-4)
+
+
+def test_a_feature_spec_pickled_with_text_patch_sizes_loads_typed():
+    """Models saved before patch sizes were typed hold them as text; they must still predict."""
+    import pickle
+
+    from regress.features import FeatureSpec
+    from slidedata.patch_size import PatchSize
+
+    old = object.__new__(FeatureSpec)
+    state = dict(FeatureSpec(patch_sizes=(24,), extra_keys=(("uni", "32um"),)).__dict__)
+    state.update(patch_sizes=("24",), extra_keys=(("uni", "32um"),), keys=(("handcrafted", "24"), ("uni", "32um")))
+    object.__setattr__(old, "__dict__", state)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.patch_sizes == (PatchSize(24.0, "px"),)
+    assert loaded.keys == (("handcrafted", PatchSize(24.0, "px")), ("uni", PatchSize(32.0, "um")))

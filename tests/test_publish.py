@@ -434,14 +434,18 @@ def test_keep_existing_keeps_the_folder_published_first(tmp_path):
 
 def test_sweep_leaves_live_writers_alone_and_restores_a_folder_set_aside(tmp_path):
     target, dead, live = tmp_path / "out", _dead_pid(), os.getppid()
-    aside = tmp_path / f".out{ASIDE_MARK}{dead}"
+    aside = publish.aside_path(target, pid=dead)
     _write_folder(aside, "old")  # a writer killed between the two renames of the fallback swap...
     _write_folder(publish.partial_path(target, folder=True, pid=dead), "new")
     _write_folder(publish.partial_path(target, folder=True, pid=live), "being written")
     (tmp_path / ".out.tmp").write_text("an older version's temporary name")
     sweep(target)
     assert (target / "f").read_text() == "old"  # ...gets its old folder back
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", f".out{PARTIAL_MARK}{live}"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", f".out{PARTIAL_MARK}{publish.writer_tag(live)}"])
+    elsewhere = tmp_path / f".out{PARTIAL_MARK}another-host-{dead}"  # a dead pid here says nothing of that host
+    _write_folder(elsewhere, "another machine's work in progress")
+    sweep(target)
+    assert elsewhere.exists()
 
     _write_folder(aside, "older")  # with the target in place, a folder set aside is only deleted
     sweep(target)
