@@ -7,17 +7,19 @@ source.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
-from regress.engine import select_and_fit
+from regress.engine import HeldOutPredictions, select_and_fit
 from regress.model_dir import ModelDir
-from regress.plots import plot_scores
+from regress.plots import he_thumbnail, informative_genes, map_window, plot_maps, plot_scores
 from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings
 from regress.source import CacheSource
 from slidedata.feature_store import FeatureStore
+from slidedata.sample import open_sample
 
 
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
@@ -31,12 +33,20 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     out = ModelDir(model_dir)
     source = CacheSource.open(data, cache, settings.gathered_features, scheduler=settings.scheduler,
                               progress=progress)
-    selection = select_and_fit(source, settings, progress)
+    maps = MapSink()
+    selection = select_and_fit(source, settings, progress, sink=maps)
     evaluation, best = selection.evaluation, selection.best
     scores = evaluation.scores
     out.save_scores(scores, pd.DataFrame(evaluation.gene_scores, index=source.genes).rename_axis("gene"))
     out.save_plot(lambda path: plot_scores(scores, evaluation.gene_scores, best, path,
-                                           f"held-out: {evaluation.protocol}"))
+                                           f"held-out: {evaluation.protocol}", evaluation.split_scores))
+    if best in maps.kept:
+        held = maps.kept[best]
+        sample = open_sample(next(s.path for s in source.samples if s.name == held.sample))
+        out.save_maps(lambda path: plot_maps(
+            held.coords, held.predictions, source.genes, informative_genes(held.truth, held.predictions), path,
+            f"{held.sample}, held out ({evaluation.protocol}): {best}, best and worst predicted genes",
+            truth=held.truth, he=he_thumbnail(sample, held.coords)))
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=settings.model_features(best), estimator=selection.estimator,
         genes=source.genes, embed_settings=embed_settings(FeatureStore(cache), source),
@@ -46,6 +56,23 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     )
     out.save_predictor(predictor)
     return scores.assign(protocol=evaluation.protocol), predictor
+
+
+class MapSink:
+    """Keeps, of every model, the held-out predictions of one sample (the first scored) inside a map window: what
+    the maps draw, at a bounded cost whatever the data's size."""
+
+    def __init__(self) -> None:
+        self.first: tuple[int, str] | None = None
+        self.kept: dict[str, HeldOutPredictions] = {}
+
+    def __call__(self, held: HeldOutPredictions) -> None:
+        self.first = self.first or (held.split, held.sample)
+        if (held.split, held.sample) != self.first or not len(held.cell_id):
+            return
+        inside = map_window(held.coords)
+        self.kept[held.model] = replace(held, cell_id=held.cell_id[inside], coords=held.coords[inside],
+                                        truth=held.truth[inside], predictions=held.predictions[inside])
 
 
 def embed_settings(store: FeatureStore, source: CacheSource) -> dict:

@@ -5,6 +5,7 @@
     scores.csv          one row per evaluated model (regress.engine.SCORE_COLUMNS)
     gene_pearson.csv    per-gene Pearson of every evaluated model (rows: genes, index 'gene')
     scores.png          the scores drawn
+    maps.png            measured and predicted expression of a few genes on held-out tissue, the H&E beside
     encoder/            the encoder's weights, copied by the challenge's `train` for its offline `infer`
 
 Each file is replaced in one step: a reader (or a run killed while writing) sees the previous version or the new one,
@@ -29,6 +30,7 @@ SUMMARY = "predictor.json"
 SCORES = "scores.csv"
 GENE_PEARSON = "gene_pearson.csv"
 PLOT = "scores.png"
+MAPS = "maps.png"
 ENCODER = "encoder"
 
 
@@ -68,13 +70,21 @@ class ModelDir:
             gene_pearson.to_csv(tmp)
 
     def save_plot(self, figure) -> Path:
-        """`figure`: a matplotlib Figure, or a function that draws the plot into the (PNG) path it is given."""
-        with publishing(self.path / PLOT) as tmp:
+        """The scores drawn. `figure`: a matplotlib Figure, or a function that draws into the (PNG) path it is
+        given."""
+        return self._save_figure(PLOT, figure)
+
+    def save_maps(self, figure) -> Path:
+        """Maps of expression on held-out tissue, as `save_plot` takes them."""
+        return self._save_figure(MAPS, figure)
+
+    def _save_figure(self, name: str, figure) -> Path:
+        with publishing(self.path / name) as tmp:
             if hasattr(figure, "savefig"):
                 figure.savefig(tmp, dpi=110)
             else:
                 figure(tmp)
-        return self.path / PLOT
+        return self.path / name
 
     # -- the encoder's weights ------------------------------------------------------------------------------------
     def copy_encoder_weights(self, file: str | Path) -> Path:
