@@ -14,16 +14,18 @@ import time
 import pandas as pd
 
 from embed.pipeline import MAX_CPU_WORKERS, EmbedSettings
-from slidedata.cli import add_debug_flag, non_negative_int, positive_float, positive_int, run_reporting_input_errors
+from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, non_negative_int, positive_float, positive_int,
+                           run_reporting_input_errors)
 from slidedata.patch_size import patch_size_arg
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     from embed.registry import encoder_table
 
     defaults = EmbedSettings()
 
-    parser = argparse.ArgumentParser(prog="python -m embed", description="Embed every nucleus into the cache.")
+    parser = argparse.ArgumentParser(prog=prog, description="Embed every nucleus into the cache.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the zarr feature cache")
     parser.add_argument("--encoder", default="handcrafted", help="registry name (see --list-encoders)")
@@ -34,31 +36,40 @@ def main(argv: list[str] | None = None) -> int:
                         help="the slides' pixel size, for samples that do not store it (Xenium H&E: 0.2125)")
     parser.add_argument("--input-size", type=positive_int,
                         help="resample every crop to this edge instead of the encoder's own (faster on a CPU)")
-    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                        help="patches per encoder call")
     parser.add_argument("--chunk-nuclei", type=positive_int, default=defaults.chunk_nuclei,
                         help="rows per cache chunk (unit of resumption)")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.num_workers,
-                        help="DataLoader workers (default: on a CPU one per core, at most "
-                             f"{MAX_CPU_WORKERS}, each cutting and encoding "
-                             "its own chunks; on a GPU none: they only cut, raise it if the GPU waits)")
+                        help="DataLoader workers (default: for an encoder on one CPU thread, the handcrafted one, "
+                             f"one per core, at most {MAX_CPU_WORKERS}, each cutting and encoding its own chunks; "
+                             "otherwise none: a network on a CPU uses torch's threads, and on a GPU raise it if the "
+                             "GPU waits for patches)")
     parser.add_argument("--torch-threads", type=positive_int,
                         help="encoder threads on a CPU (default: 1 for handcrafted, torch's default for networks)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if present)")
-    parser.add_argument("--stain-normalization", choices=["macenko"], default=None)
+    parser.add_argument("--stain-normalization", choices=["macenko"], default=None,
+                        help="normalise the stain of every slide first (default: none)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    parser.add_argument("--list-encoders", action="store_true")
+    parser.add_argument("--list-encoders", action="store_true",
+                        help="the registry: dimensions, licences, where the weights come from (offline or not)")
     parser.add_argument("--list", action="store_true", help="list the cache's entries")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
     if args.list_encoders:
         print(pd.DataFrame(encoder_table()).to_string(index=False))
+        print("offline: runs without a network as installed; every loadable encoder also does with --weights PATH "
+              "(a local file or hub-layout folder)")
         return 0
     if args.list:
         from slidedata.feature_store import FeatureStore
 
-        print(FeatureStore(args.cache).entries().to_string(index=False))
-        return 0
+        def listing() -> int:  # only reads: a cache that is not there is said so, never created
+            print(FeatureStore(args.cache, create=False).entries().to_string(index=False))
+            return 0
+
+        return run_reporting_input_errors(listing, args.debug)
     if not args.data:
         parser.error("--data is required")
 
@@ -72,19 +83,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyError as exc:  # only the name lookup: a KeyError from deeper down is a bug and keeps its traceback
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ:
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{os.environ['LOCAL_RANK']}"
-    settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size,
-                             input_size=args.input_size,
-                             chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
-                             torch_threads=args.torch_threads,
-                             stain_normalization=args.stain_normalization, compile=args.compile,
-                             rank=rank, world_size=world)
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        parser.error(f"RANK and WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} and "
+                     f"{os.environ.get('WORLD_SIZE')!r}")
+    try:  # the settings check themselves (the API's callers get the same checks): their ValueError is a usage error
+        settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size,
+                                 input_size=args.input_size,
+                                 chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
+                                 torch_threads=args.torch_threads,
+                                 stain_normalization=args.stain_normalization, compile=args.compile,
+                                 rank=rank, world_size=world)
+    except ValueError as exc:
+        parser.error(str(exc))
     start = time.perf_counter()
 
     def stage() -> int:

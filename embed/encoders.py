@@ -175,18 +175,34 @@ def _download(spec: EncoderSpec, token: str | None) -> Path:
 
 
 def read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a safetensors file (by its suffix) or of a PyTorch checkpoint (any other file)."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file that is no weights fails in the parser in any way (unpickling, header, EOF)
+        kind = "a safetensors file" if file.suffix == ".safetensors" else "a PyTorch checkpoint of tensors"
+        raise EncoderLoadError(f"{file}: not readable as {kind} ({_reason(exc)}): not a weights file, or an "
+                               f"incomplete one; give --weights the model's own file ({', '.join(WEIGHT_FILENAMES)})"
+                               ) from exc
     for wrapper in ("state_dict", "model", "teacher"):  # common training-checkpoint wrappers
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict):
         raise EncoderLoadError(f"{file}: not a state dict")
     return state
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's type and the first line of its message, in one line. torch's own message runs over many
+    lines and advises weights_only=False, which would run code from the file: left out."""
+    lines = str(exc).strip().splitlines()
+    if not lines or lines[0].startswith("Weights only load failed"):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0][:160]}"
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], spec: EncoderSpec, file: Path) -> None:

@@ -14,6 +14,10 @@ full crop (tested against it).
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +29,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from slidedata import locks
 from slidedata.errors import DataError
+from slidedata.publish import is_disk_full
 from slidedata.sample import Sample
 from slidedata.tiles import tile_index
 
@@ -246,13 +251,37 @@ class UnitPatchDataset(IterableDataset):
             try:
                 patches = unit_patches(reader, rows, self.cuts, unit)
                 yield UnitFeatures(unit, patches.n_nuclei, self.encode(patches)) if self.encode else patches
-            except DataError as error:
-                if info is None:
+            except (DataError, OSError) as error:
+                if info is None or not (isinstance(error, DataError) or is_disk_full(error)):
                     raise
                 # A worker's exception reaches the main process re-typed as a RuntimeError holding a traceback;
-                # handed over as an item, the user gets the same one-line error as without workers.
+                # handed over as an item, the user gets the same one-line error as without workers (bad input, or a
+                # full disk while claiming a unit).
                 yield error
                 return
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class DieWithParent:
+    """DataLoader `worker_init_fn`: a worker dies with the process that started it.
+
+    Without it, a main process killed by SIGKILL (or the OOM killer) left its workers running for minutes (each with
+    a tile and a unit's patches, ~600 MB on a real slide): torch's own check of the parent runs only between units,
+    and a worker whose last result is larger than a pipe's buffer blocks for good writing it to the dead parent.
+    On Linux the kernel sends the worker SIGKILL when its parent thread ends (the thread that iterates the loader:
+    the main thread here); a parent already gone before that was set up is caught by its pid.
+    """
+
+    parent_pid: int
+
+    def __call__(self, worker_id: int = 0) -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != self.parent_pid:
+            os._exit(1)
 
 
 @dataclass

@@ -25,10 +25,12 @@ from embed import handcrafted
 from slidedata import locks
 from slidedata.errors import DataError
 from embed.encoders import PatchEncoder, load_encoder
-from embed.patches import PatchCut, UnitClaims, UnitFeatures, UnitPatchDataset, UnitPatches, contiguous_share
+from embed.patches import (DieWithParent, PatchCut, UnitClaims, UnitFeatures, UnitPatchDataset, UnitPatches,
+                           contiguous_share)
 from embed.registry import encoder_input_size
 from slidedata.feature_store import FeatureEntry, FeatureStore, identity_attrs
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
+from slidedata.publish import check_writable, is_disk_full
 from slidedata.sample import Sample, open_samples
 from slidedata.tiles import DEFAULT_MAX_TILE
 
@@ -37,6 +39,10 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "embed-2"
 WAIT_POLL_S = 1.0  # how often a process re-checks units that another process is computing
 MAX_CPU_WORKERS = 4  # each holds a tile and a unit's patches (about 1-1.5 GB on a real slide)
+
+
+class CacheDiskFull(DataError):
+    """The disk of the feature cache filled up during the embed stage (nothing finished is lost)."""
 
 
 @dataclass
@@ -58,6 +64,21 @@ class EmbedSettings:
 
     def __post_init__(self):
         self.patch_sizes = patch_sizes(self.patch_sizes)
+        if not self.patch_sizes:
+            raise ValueError("patch_sizes: give at least one patch size")
+        for name, least, optional in (("batch_size", 1, False), ("chunk_nuclei", 1, False), ("world_size", 1, False),
+                                      ("max_tile", 1, False), ("rank", 0, False), ("num_workers", 0, True),
+                                      ("torch_threads", 1, True), ("max_units", 1, True), ("input_size", 1, True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                what = "a positive integer" if least else "0 or a positive integer"
+                raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank must be below world_size ({self.world_size}), got {self.rank}")
+        if self.stain_normalization not in (None, "macenko"):
+            raise ValueError(f"stain_normalization must be None or 'macenko', got {self.stain_normalization!r}")
 
 
 @dataclass
@@ -189,7 +210,8 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     dataset = UnitPatchDataset(sample, nuclei, mine, settings.chunk_nuclei, cuts, tile, encoder.spec.use_mask,
                                settings.pad_mode, normalizer, claims, encode=encode_unit if encode_in_workers else None)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+                        persistent_workers=False, prefetch_factor=2 if workers else None,
+                        worker_init_fn=DieWithParent(os.getpid()) if workers else None)
     rows = [next(iter(entries.values())).unit_rows(u) for u in mine]
     threads = cpu_threads(settings, encoder) if device.type == "cpu" else torch.get_num_threads()
     previous_threads = torch.get_num_threads()
@@ -199,7 +221,7 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     computed = 0
     try:
         for item in loader:
-            if isinstance(item, DataError):  # raised in a DataLoader worker (see UnitPatchDataset)
+            if isinstance(item, Exception):  # raised in a DataLoader worker (see UnitPatchDataset)
                 raise item
             encoded = item.features if isinstance(item, UnitFeatures) else encode_unit(item)
             for key, entry in entries.items():
@@ -278,8 +300,14 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
                   weights: str | Path | None = None, settings: EmbedSettings | None = None,
                   device: str | None = None, progress: bool = True,
                   microns_per_pixel: float | None = None) -> list[EmbedReport]:
-    """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`."""
+    """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`.
+
+    A cache that cannot be written is refused before any work; a disk that fills up on the way stops the stage
+    with a DataError (`CacheDiskFull`): the chunks finished so far are kept, and a run after space is freed goes on
+    from there.
+    """
     settings = settings or EmbedSettings()
+    check_writable(cache)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -287,6 +315,13 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
     encoder = load_encoder(encoder_name, weights=weights, device=device)
     if device.startswith("cuda"):
         encoder = encoder.to(memory_format=torch.channels_last)
-    store = FeatureStore(cache)
     samples = open_samples(data, microns_per_pixel=microns_per_pixel)
-    return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in samples]
+    try:
+        store = FeatureStore(cache)
+        return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in samples]
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise CacheDiskFull(cache, "-", f"{exc.strerror or 'no space left'} while writing the feature cache; it stays "
+                                        "resumable: free some space and run the embed stage again, which goes on "
+                                        "from the chunks already finished") from exc

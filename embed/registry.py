@@ -152,7 +152,26 @@ def get_spec(name: str) -> EncoderSpec:
         raise KeyError(f"unknown encoder '{name}'; known encoders: {', '.join(sorted(ENCODERS))}") from None
 
 
+def weights_source(spec: EncoderSpec) -> tuple[bool, str]:
+    """(runs offline, where its weights come from) of an entry, as `embed.encoders.load_encoder` finds them when no
+    --weights is given (--weights PATH to a local copy works for every loadable entry, offline)."""
+    if spec.library == "unsupported":
+        return False, "cannot be loaded by this tool"
+    if spec.library == "handcrafted":
+        return True, "none: computed here"
+    if spec.weights_package:
+        return True, f"pip package {spec.weights_package}"
+    if spec.gated:
+        return False, "hub download, gated: HF_TOKEN"
+    return False, "hub download"
+
+
 def encoder_table() -> list[dict]:
     """One row per encoder for `python -m embed --list-encoders` and the README."""
-    return [{"name": s.name, "library": s.library, "hub_id": s.hub_id or "-", "dim": s.dim,
-             "input_size": s.input_size, "gated": s.gated, "licence": s.licence} for s in ENCODERS.values()]
+    rows = []
+    for s in ENCODERS.values():
+        offline, weights = weights_source(s)
+        rows.append({"name": s.name, "library": s.library, "dim": s.dim, "input_size": s.input_size,
+                     "offline": "yes" if offline else "no", "weights": weights, "hub_id": s.hub_id or "-",
+                     "licence": s.licence})
+    return rows

@@ -239,7 +239,10 @@ def read_her2st_section(folder: str | Path, microns_per_pixel: float | None = No
 
 def _read_table(path: Path, index_col) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, sep="\t", index_col=index_col)
+        # low_memory=False: each column's type is decided once, over all rows, instead of per block of rows, where a
+        # column numeric in one block and not in another raised pandas' DtypeWarning (a non-numeric count is then
+        # refused by its reader, with the file named).
+        return pd.read_csv(path, sep="\t", index_col=index_col, low_memory=False)
     except Exception as exc:
         raise DataError(path, "-", f"not a readable tab-separated table ({type(exc).__name__}: {exc})") from exc
 

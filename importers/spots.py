@@ -244,39 +244,45 @@ def her2st_sections(src: str | Path, names: Sequence[str] | None = None,
 
 # --------------------------------------------------------------------------------------------------------- CLI
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m importers.spots", description=__doc__.splitlines()[0])
+def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
+    from slidedata.cli import DefaultsHelpFormatter, non_negative_int, positive_float, positive_int
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     layouts = parser.add_subparsers(dest="layout", required=True)
-    her2st = layouts.add_parser("her2st", help="her2st section folders (HE.jpg, counts.tsv.gz, spots.tsv)")
+    her2st = layouts.add_parser("her2st", help="her2st section folders (HE.jpg, counts.tsv.gz, spots.tsv)",
+                                formatter_class=DefaultsHelpFormatter)
     her2st.add_argument("--src", default="../shared/data/her2st", help="folder of section folders")
     her2st.add_argument("--sections", nargs="+", help="section folder names (default: all found)")
-    h5ad = layouts.add_parser("h5ad", help="AnnData with obsm['spatial'] in full-resolution pixels, plus its image")
+    h5ad = layouts.add_parser("h5ad", help="AnnData with obsm['spatial'] in full-resolution pixels, plus its image",
+                              formatter_class=DefaultsHelpFormatter)
     h5ad.add_argument("--h5ad", nargs="+", required=True, type=Path, help="one or more .h5ad files")
     h5ad.add_argument("--image", nargs="+", required=True, type=Path, help="the image of each h5ad, same order")
-    h5ad.add_argument("--spot-diameter-um", type=float, help="spot diameter (Visium: 55; legacy ST: 100)")
+    h5ad.add_argument("--spot-diameter-um", type=positive_float, help="spot diameter (Visium: 55; legacy ST: 100)")
     for sub in (her2st, h5ad):
         sub.add_argument("--out", required=True, type=Path, help="folder for the <section>.zarr samples")
         sub.add_argument("--cells", choices=CELL_MODES, default="spot")
-        sub.add_argument("--microns-per-pixel", type=float, help="pixel size (default: from the data)")
+        sub.add_argument("--microns-per-pixel", type=positive_float, help="pixel size (default: from the data)")
         sub.add_argument("--genes-file", type=Path, help="gene panel, one name per line (default: most expressed)")
-        sub.add_argument("--n-genes", type=int, default=N_GENES, help="panel size when no --genes-file")
-        sub.add_argument("--min-counts", type=int, default=DEFAULT_MIN_COUNTS,
+        sub.add_argument("--n-genes", type=positive_int, default=N_GENES, help="panel size when no --genes-file")
+        sub.add_argument("--min-counts", type=non_negative_int, default=DEFAULT_MIN_COUNTS,
                          help="drop spots with fewer counts over all genes (defective array positions)")
         sub.add_argument("--group", choices=GROUP_NAMES, default="train", help="group of every imported cell")
-        sub.add_argument("--chunk-size", type=int, default=512, help="zarr chunk edge of image and mask, px")
+        sub.add_argument("--chunk-size", type=positive_int, default=512, help="zarr chunk edge of image and mask, px")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m importers.spots") -> int:
     from slidedata.cli import add_debug_flag, run_reporting_input_errors
+    from slidedata.publish import check_writable
 
-    parser = _parser()
+    parser = _parser(prog)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.layout == "h5ad" and len(args.h5ad) != len(args.image):
         parser.error(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
 
     def stage() -> int:
+        check_writable(args.out)  # before reading and segmenting the sections
         if args.layout == "her2st":
             sections = her2st_sections(args.src, args.sections, args.microns_per_pixel)
         else:

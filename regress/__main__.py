@@ -8,18 +8,20 @@ import time
 
 import pandas as pd
 
-from slidedata.cli import add_debug_flag, non_negative_int, positive_float, positive_int, run_reporting_input_errors
+from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, non_negative_int, positive_float, positive_int,
+                           run_reporting_input_errors)
 from slidedata.patch_size import PatchSize, patch_size_arg
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     from regress.features import FeatureSpec
     from regress.fit import fit_and_evaluate
     from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
+    from regress.tasks import SchedulerUnreachable
 
     defaults, feature_defaults = FitSettings(), default_features()
-    parser = argparse.ArgumentParser(prog="python -m regress", description="Fit and evaluate expression regressors.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description="Fit and evaluate expression regressors.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
     parser.add_argument("--model-dir", default="outputs/model", help="where the chosen model and its scores go")
@@ -27,14 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(feature_defaults.patch_sizes),
                         help="slide pixels (64) or microns (32um), as embedded")
     parser.add_argument("--models", nargs="+", default=list(defaults.models), choices=list(BASELINES) + list(MODELS),
-                        help="what to evaluate; the one saved is chosen among them by its held-out score")
+                        metavar="MODEL",
+                        help=f"models to evaluate, the best one saved: {', '.join(BASELINES + MODELS)}")
     parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
-                        help="neighbours averaged by the +context models")
+                        help="neighbours averaged by the +context models (0: none, then give --context-radius)")
     parser.add_argument("--context-radius", type=positive_float,
                         help="px: +context models average all nuclei within this radius instead of the k nearest")
     parser.add_argument("--protocol", default=defaults.protocol, choices=list(PROTOCOLS),
-                        help="what is held out: the validation group, spatial blocks, or whole samples (auto: the "
-                             "validation group where measured, else samples when two or more, else blocks)")
+                        help="how models are scored on held-out tissue (auto: the validation group where it has "
+                             "expression, else leave one sample out with two or more samples, else spatial blocks)")
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
               f"fit stage {time.perf_counter() - start:.1f} s")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug)
+    return run_reporting_input_errors(stage, args.debug, (SchedulerUnreachable,))
 
 
 if __name__ == "__main__":

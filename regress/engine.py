@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import dask
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
@@ -190,9 +189,9 @@ def gather(source: Source, settings: FitSettings, progress: bool = True) -> Gath
     protocol = choose_protocol(settings.protocol, any(s.n_validation for s in samples), n_training)
     with_blocks = needs_blocks(protocol, n_training, settings.tuning_folds)
     total = sum(s.n_measured for s in samples)
-    parts = compute([dask.delayed(gather_sample)(source, s, settings.n_blocks, with_blocks,
-                                                 max(1, int(round(settings.sample_rows * s.n_measured / total))))
-                     for s in samples], settings.scheduler, "statistics", progress)
+    parts = compute(gather_sample, [(source, s, settings.n_blocks, with_blocks,
+                                     max(1, int(round(settings.sample_rows * s.n_measured / total))))
+                                    for s in samples], settings.scheduler, "statistics", progress)
     stats = {}
     for part, _ in parts:
         stats.update(part)
@@ -243,13 +242,13 @@ def evaluate(source: Source, settings: FitSettings, progress: bool = True,
         start = time.perf_counter()
         fitted[i, name] = fit_model(name, gathered, train, settings)
         fit_seconds[name] += time.perf_counter() - start
-    tasks, owners = [], []
+    calls, owners = [], []
     for info in source.samples:
         work = [(i, frozenset(k for k in test if k[0] == info.code), {m: fitted[i, m] for m in settings.models})
                 for i, (_, test) in enumerate(splits) if any(k[0] == info.code for k in test)]
         if work:
-            tasks.append(dask.delayed(score_sample)(source, info, gathered.n_blocks, gathered.with_blocks,
-                                                    source.base_dim, work, protocol, sink is not None))
+            calls.append((source, info, gathered.n_blocks, gathered.with_blocks, source.base_dim, work, protocol,
+                          sink is not None))
             owners.append(info)
 
     def hand_over(result: dict[int, _SplitScores]) -> dict[int, _SplitScores]:
@@ -260,7 +259,7 @@ def evaluate(source: Source, settings: FitSettings, progress: bool = True,
             result[split].predictions = []
         return result
 
-    results = compute(tasks, settings.scheduler, "held-out predictions", progress,
+    results = compute(score_sample, calls, settings.scheduler, "held-out predictions", progress,
                       each=hand_over if sink is not None else None)
     # split order, then sample order, then row order
     per_split = [[(info, r[i]) for info, r in zip(owners, results) if i in r] for i in range(len(splits))]

@@ -18,7 +18,9 @@ from regress.plots import he_thumbnail, informative_genes, map_window, plot_maps
 from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings
 from regress.source import CacheSource
+from regress.tasks import check_scheduler
 from slidedata.feature_store import FeatureStore
+from slidedata.publish import check_writable
 from slidedata.sample import open_sample
 
 
@@ -27,10 +29,12 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                      ) -> tuple[pd.DataFrame, ExpressionPredictor]:
     """Evaluate, save the score table and plot, refit the chosen model on every measured nucleus, save it.
 
-    One sample in memory at a time, on this machine or a Dask cluster (`settings.scheduler`).
+    One sample in memory at a time, on this machine or a Dask cluster (`settings.scheduler`). A model directory
+    that cannot be written and a scheduler that does not answer are refused before any work.
     """
     settings = settings or FitSettings()
-    out = ModelDir(model_dir)
+    out = ModelDir(check_writable(model_dir))
+    check_scheduler(settings.scheduler)
     source = CacheSource.open(data, cache, settings.gathered_features, scheduler=settings.scheduler,
                               progress=progress)
     maps = MapSink()
@@ -49,7 +53,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
             truth=held.truth, he=he_thumbnail(sample, held.coords)))
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=settings.model_features(best), estimator=selection.estimator,
-        genes=source.genes, embed_settings=embed_settings(FeatureStore(cache), source),
+        genes=source.genes, embed_settings=embed_settings(FeatureStore(cache, create=False), source),
         scores={"protocol": evaluation.protocol, "verdict": selection.verdict,
                 **scores.set_index("model").loc[best].to_dict()},
         feature_settings=source.feature_settings, reducer=source.reducer,

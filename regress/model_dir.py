@@ -56,7 +56,15 @@ class ModelDir:
         path = self.path / PREDICTOR
         if not path.exists():
             raise DataError(path, "-", "no fitted model here; run the fit stage (make fit) first")
-        predictor = joblib.load(path)
+        if not path.is_file():
+            raise DataError(path, "-", "is not a file; run the fit stage (make fit) again")
+        try:
+            predictor = joblib.load(path)
+        except Exception as exc:  # a damaged pickle fails anywhere in the unpickler (EOFError, KeyError: 25, ...)
+            line = (str(exc).strip().splitlines() or [""])[0][:160]
+            reason = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+            raise DataError(path, "-", f"cannot be read ({reason}): an empty or damaged file, or one of another "
+                                       "version; run the fit stage (make fit) again to write it anew") from exc
         if not isinstance(predictor, ExpressionPredictor):
             raise DataError(path, "-", f"holds a {type(predictor).__name__}, not an ExpressionPredictor")
         return predictor

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import dask
 import numpy as np
 
 from regress.features import REDUCER_ROWS, FeatureReducer, FeatureSpec, sample_features, scale_sets
@@ -82,7 +81,7 @@ class CacheSource:
              scheduler: str | None = None, progress: bool = True) -> "CacheSource":
         """Check every sample in turn (never two at once) against the first, then fit the principal axes of the
         wide feature blocks (`reducer`, unless given) from a bounded subsample of every sample's rows."""
-        store = FeatureStore(cache)
+        store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error
         samples, genes, settings, first = [], None, None, None
         for path in sample_paths(data):
             sample = open_sample(path)
@@ -108,7 +107,7 @@ class CacheSource:
         keys = FeatureReducer.wide_keys(store, samples[0].name, spec)
         if reducer is None and keys:
             per_sample = max(1, REDUCER_ROWS // len(samples))
-            parts = compute([dask.delayed(_reducer_rows)(source, s, keys, per_sample) for s in samples], scheduler,
+            parts = compute(_reducer_rows, [(source, s, keys, per_sample) for s in samples], scheduler,
                             "feature axes", progress)
             reducer = FeatureReducer.fit(parts, spec.block_components)
         source.reducer = reducer
@@ -128,7 +127,7 @@ class CacheSource:
 
     def matrix(self, info: SampleInfo) -> SampleMatrix:
         sample = open_sample(info.path, n_genes=None)
-        store = FeatureStore(self.cache)
+        store = FeatureStore(self.cache, create=False)
         nuclei = store.nuclei(sample, if_changed="raise")
         cell_ids = nuclei["cell_id"].to_numpy(np.int64)
         Y, measured = sample.expression_of(cell_ids)
@@ -138,7 +137,7 @@ class CacheSource:
 
 
 def _reducer_rows(source: CacheSource, info: SampleInfo, keys: list, max_rows: int) -> dict[str, np.ndarray]:
-    return FeatureReducer.subsample(FeatureStore(source.cache), info.name, keys, max_rows)
+    return FeatureReducer.subsample(FeatureStore(source.cache, create=False), info.name, keys, max_rows)
 
 
 @dataclass

@@ -11,6 +11,20 @@ from slidedata.errors import DataError
 USER_ERROR_STATUS = 2
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, written as on the command line (`32 64`, not a Python list);
+    flags and options without a default (None) show none, and a help text that names its default keeps its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or not action.option_strings or default is None or default is argparse.SUPPRESS
+                or isinstance(default, bool) or (isinstance(default, (list, tuple)) and not default)):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of input errors too")
 
@@ -41,6 +55,15 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """argparse `type=` for sizes that must be above 0."""
     return _checked(text, float, lambda v: v > 0, "a positive number")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse `type=` for counts with a floor below which the command cannot work (e.g. a slide's edge)."""
+    def parse(text: str) -> int:
+        return _checked(text, int, lambda v: v >= minimum, f"an integer of at least {minimum}")
+
+    parse.__name__ = f"int_at_least_{minimum}"  # argparse names the type in some messages
+    return parse
 
 
 def _checked(text: str, kind: type, ok: Callable[[float], bool], what: str):

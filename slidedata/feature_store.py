@@ -160,10 +160,18 @@ class FeatureEntry:
 class FeatureStore:
     """Cached nuclei tables and features, keyed by sample, encoder and patch size."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, create: bool = True):
+        """`create=False` (the stages that only read): a missing cache is a DataError, and nothing is created."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        _ensure_group(self.root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _ensure_group(self.root)
+        elif not (self.root / "zarr.json").is_file():
+            problem = ("no feature cache here" if not self.root.exists() else
+                       "not a feature cache (no zarr.json in it)" if self.root.is_dir() else
+                       "a file, not a feature cache folder")
+            raise DataError(self.root, "-", f"{problem}; run the embed stage first (make embed), or pass the "
+                                            "--cache it wrote")
 
     # -- nuclei -------------------------------------------------------------------------------------------------
     def has_nuclei(self, sample_name: str) -> bool:
@@ -306,7 +314,7 @@ class FeatureStore:
     def entries(self) -> pd.DataFrame:
         """Every cached entry with its completion, for `python -m embed --list`."""
         rows = []
-        for zjson in sorted(self.root.glob("*/*/*/features/zarr.json")):
+        for zjson in self.root.glob("*/*/*/features/zarr.json"):
             path = zjson.parent.parent
             if path.name.startswith("."):  # a temporary group still being built
                 continue
@@ -315,6 +323,8 @@ class FeatureStore:
             rows.append({"sample": path.parent.parent.name, "encoder": path.parent.name,
                          "patch_size": path.name, "n_nuclei": entry.features.shape[0],
                          "dim": entry.features.shape[1], "units_done": int(done.sum()), "units": len(done)})
+        # Sizes in order of their numbers, those in pixels before those in microns (not as text: 128 < 32).
+        rows.sort(key=lambda r: (r["sample"], r["encoder"], *_size_order(r["patch_size"])))
         return pd.DataFrame(rows, columns=["sample", "encoder", "patch_size", "n_nuclei", "dim", "units_done", "units"])
 
     @staticmethod
@@ -357,6 +367,15 @@ def _ensure_group(path: Path) -> zarr.Group:
                 raise
             time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _size_order(key: str) -> tuple:
+    """Sort key of an entry folder's name: (0 px | 1 um, value); a name that is no size goes last, as text."""
+    try:
+        size = PatchSize.parse(key)
+    except ValueError:
+        return (2, 0.0, key)
+    return (0 if size.unit == "px" else 1, size.value, key)
 
 
 def _normalise(value):

@@ -29,6 +29,10 @@ absent, with the old folder under `.<name>.replaced-<host>-<pid>`; `sweep` (run 
 puts it back. A writer killed after the swap, while deleting the old folder, leaves that folder behind under its temporary
 name; `sweep` deletes it. Several files published one after the other are each whole, not together: a writer
 killed between two of them leaves some new and some old.
+
+Before any work, a stage checks where its outputs go with `check_writable(path)`: a location this process cannot
+write (a path through a file, a read-only mount, /proc) is a `NotWritable` DataError then, not an OSError at the
+end of an hour's work.
 """
 
 from __future__ import annotations
@@ -43,10 +47,12 @@ import re
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from slidedata.errors import DataError
 from slidedata.locks import pid_alive
 
 PARTIAL_MARK = ".partial-"
@@ -67,6 +73,48 @@ def writer_tag(pid: int | None = None) -> str:
     """'<host>-<pid>' of a writer: on a shared file system (several machines embedding into one cache) a pid alone
     names no process, and `sweep` may only judge the writers of its own host."""
     return f"{socket.gethostname()}-{pid or os.getpid()}"
+
+
+class NotWritable(DataError):
+    """An output location that cannot be written: found before any work, not after it."""
+
+
+# "No space left on device" and "Disk quota exceeded": the disk is full for this writer either way.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def check_writable(target: str | Path, folder: bool = True) -> Path:
+    """Refuse, before any work, an output location this process cannot write; returns `target` as a Path.
+
+    `folder`: `target` is a folder to write into (created if missing), else a file (its folder is checked, and a
+    folder in its place refused). The nearest existing folder on the way to it must accept a new file: a probe file
+    is created there and removed at once, because permission bits say nothing for root, and root still cannot write
+    on a read-only mount, in /proc or /sys, or under a path that runs through a file. Nothing else is created.
+    """
+    target = Path(target)
+    if folder and target.exists() and not target.is_dir():
+        raise NotWritable(target, "-", "is an existing file, not a folder: give a folder for this output")
+    if not folder and target.is_dir():
+        raise NotWritable(target, "-", "is an existing folder: give a file name for this output")
+    existing = target if folder else target.parent
+    while not existing.exists() and existing != existing.parent:  # the folders that the writer will create
+        if os.path.lexists(existing):
+            raise NotWritable(target, "-", f"{existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotWritable(target, "-", f"cannot be made: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".writable-{os.getpid()}-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "" if existing == target else f" (in {existing}, the nearest existing folder)"
+        raise NotWritable(target, "-", f"cannot write here{where}: {exc.strerror or exc}") from None
+    return target
 
 
 def partial_path(target: Path, folder: bool = False, pid: int | None = None) -> Path:

@@ -7,18 +7,18 @@ import sys
 import time
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m submission", description="Write and validate the submission.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m submission") -> int:
+    from slidedata.cli import DefaultsHelpFormatter, add_debug_flag, run_reporting_input_errors
+
+    parser = argparse.ArgumentParser(prog=prog, description="Write and validate the submission.",
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
     parser.add_argument("--model-dir", default="outputs/model", help="the fitted model (make fit)")
-    parser.add_argument("--out", default="outputs/submission.csv", help=".csv or .parquet")
+    parser.add_argument("--out", default="outputs/submission.csv", help="the submission file, .csv or .parquet")
     parser.add_argument("--anndata", help="also write one <sample>.h5ad of predictions per sample here")
     parser.add_argument("--into-spatialdata", action="store_true",
                         help="also add the predictions as table 'predicted_expression' to each sample zarr")
-    from slidedata.cli import add_debug_flag, run_reporting_input_errors
-
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 

@@ -22,6 +22,7 @@ from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings, default_features
 from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize
+from slidedata.publish import check_writable
 from slidedata.sample import open_sample, open_samples
 from submission.predict import predict_held_out
 from submission.writer import long_blocks
@@ -31,7 +32,9 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
           weights: str | None = None, cache_directory_path: str | None = None,
           models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder."""
-    model_dir = ModelDir(model_directory_path)
+    model_dir = ModelDir(check_writable(model_directory_path))  # before any work, as the stages check
+    if cache_directory_path:
+        check_writable(cache_directory_path)
     model_dir.path.mkdir(parents=True, exist_ok=True)
     encoder = encoder or "handcrafted"
     spec = get_spec(encoder)

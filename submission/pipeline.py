@@ -7,6 +7,7 @@ from pathlib import Path
 
 from regress.model_dir import ModelDir
 from slidedata.feature_store import FeatureStore
+from slidedata.publish import check_writable
 from slidedata.sample import open_samples
 from submission.predict import SamplePredictions, predict_held_out
 from submission.validate import Problem, validate_submission
@@ -24,10 +25,20 @@ class SubmissionReport:
 def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, out: str | Path,
                     anndata_dir: str | Path | None = None, into_spatialdata: bool = False) -> SubmissionReport:
     """Predict, write the 4-column file (CSV or Parquet by suffix) and validate it before it is renamed into place
-    (an invalid file never reaches `out`), optionally AnnData too."""
+    (an invalid file never reaches `out`), optionally AnnData too.
+
+    Every output location (`out`, `anndata_dir`, the sample zarrs `into_spatialdata` writes into) is checked before
+    any work: one that cannot be written is refused then, not after the predictions.
+    """
+    check_writable(out, folder=False)
+    if anndata_dir is not None:
+        check_writable(anndata_dir)
     predictor = ModelDir(model_dir).load_predictor()
-    store = FeatureStore(cache)
+    store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error, never created
     samples = open_samples(data)
+    if into_spatialdata:
+        for sample in samples:
+            check_writable(sample.path)
     predictions: list[SamplePredictions] = [predict_held_out(predictor, store, s) for s in samples]
     per_sample = {p.sample: len(p.cell_ids) for p in predictions}
     try:

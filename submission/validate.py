@@ -140,25 +140,26 @@ def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tall
         np.add.at(seen[name], (cells[ok], genes[rows][ok]), 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m submission.validate", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m submission.validate") -> int:
+    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("file", help="submission CSV or Parquet")
     parser.add_argument("--data", required=True, help="a sample zarr or folder of <sample>.zarr")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    from slidedata.errors import DataError
 
-    try:
+    def stage() -> int:
         problems = validate_submission(args.file, open_samples(args.data))
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if problems:
-        print(f"{args.file}: INVALID")
-        for problem in problems:
-            print(f"  - {problem}")
-        return 1
-    print(f"{args.file}: valid")
-    return 0
+        if problems:
+            print(f"{args.file}: INVALID")
+            for problem in problems:
+                print(f"  - {problem}")
+            return 1
+        print(f"{args.file}: valid")
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ so that the task is learnable in the same ways as on real colon tissue:
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 from pathlib import Path
 
@@ -37,6 +38,8 @@ REAL_NUCLEI = 200_000
 REAL_CHUNK = 4096
 RENDER_TILE = 1024  # px: a chunk is rendered in tiles of at most this edge (bounded float temporaries)
 EXPRESSION_BLOCK = 4096  # nuclei per seeded block of expression noise: any subset of rows gets the same values
+# The smallest slides the CLI writes: with fewer nuclei or a smaller slide the simulation fails (5 nuclei, 64 px did).
+MIN_NUCLEI, MIN_EDGE = 20, 256
 
 
 def _gene_programmes(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -227,32 +230,46 @@ def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, c
             for name, offset, with_expr in tqdm(DEMO_SAMPLES, desc="demo samples", disable=not progress)]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m synthetic.demo") -> int:
+    from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, int_at_least, non_negative_int, positive_int,
+                               run_reporting_input_errors)
+    from slidedata.publish import check_writable
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="folder for the <sample>.zarr files")
     parser.add_argument("--size", choices=("demo", "real"), default="demo",
                         help="demo: three small samples (two with expression, one without); real: one sample of the "
                              f"challenge's size ({REAL_SHAPE[0]:,} x {REAL_SHAPE[1]:,} px, ~{REAL_NUCLEI:,} nuclei, "
                              f"{REAL_CHUNK} px chunks), written chunk by chunk")
-    parser.add_argument("--n-nuclei", type=int, default=None,
+    parser.add_argument("--n-nuclei", type=int_at_least(MIN_NUCLEI), default=None,
                         help="approximate nuclei per sample (demo: 3000; real: the challenge's density)")
-    parser.add_argument("--height", type=int, default=REAL_SHAPE[0], help="--size real: slide height, px")
-    parser.add_argument("--width", type=int, default=REAL_SHAPE[1], help="--size real: slide width, px")
+    parser.add_argument("--height", type=int_at_least(MIN_EDGE), default=REAL_SHAPE[0],
+                        help="--size real: slide height, px")
+    parser.add_argument("--width", type=int_at_least(MIN_EDGE), default=REAL_SHAPE[1],
+                        help="--size real: slide width, px")
     parser.add_argument("--name", default="UC1_I", help="--size real: the sample's name")
     parser.add_argument("--no-expression", action="store_true", help="--size real: no anucleus table (like DC1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--chunk-size", type=int, default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="the same seed writes the same data")
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help=f"zarr chunk edge of image and mask, px (demo: 512; real: {REAL_CHUNK})")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    if args.size == "real":
-        path = make_sample(Path(args.out) / f"{args.name}.zarr", args.seed, args.height, args.width, args.n_nuclei,
-                           with_expression=not args.no_expression, chunk_size=args.chunk_size or REAL_CHUNK,
-                           progress=True)
-        print(path)
-        return
-    for path in make_demo_dataset(args.out, args.n_nuclei or 3000, args.seed, args.chunk_size or 512, progress=True):
-        print(path)
+
+    def stage() -> int:
+        check_writable(args.out)  # before minutes of rendering
+        if args.size == "real":
+            print(make_sample(Path(args.out) / f"{args.name}.zarr", args.seed, args.height, args.width, args.n_nuclei,
+                              with_expression=not args.no_expression, chunk_size=args.chunk_size or REAL_CHUNK,
+                              progress=True))
+            return 0
+        for path in make_demo_dataset(args.out, args.n_nuclei or 3000, args.seed, args.chunk_size or 512,
+                                      progress=True):
+            print(path)
+        return 0
+
+    return run_reporting_input_errors(stage, args.debug)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
