@@ -277,9 +277,16 @@ def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, set
 def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "handcrafted",
                   weights: str | Path | None = None, settings: EmbedSettings | None = None,
                   device: str | None = None, progress: bool = True,
-                  microns_per_pixel: float | None = None) -> list[EmbedReport]:
-    """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`."""
+                  microns_per_pixel: float | None = None, force_microns_per_pixel: bool = False
+                  ) -> list[EmbedReport]:
+    """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`.
+
+    `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
+    unless `force_microns_per_pixel` (`slidedata.sample.open_sample`)."""
     settings = settings or EmbedSettings()
+    # The samples first: bad input is refused before weights load or the cache is created.
+    samples = open_samples(data, microns_per_pixel=microns_per_pixel,
+                           force_microns_per_pixel=force_microns_per_pixel)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -288,5 +295,4 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
     if device.startswith("cuda"):
         encoder = encoder.to(memory_format=torch.channels_last)
     store = FeatureStore(cache)
-    samples = open_samples(data, microns_per_pixel=microns_per_pixel)
     return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in samples]

@@ -7,6 +7,7 @@ source.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +19,8 @@ from regress.predictor import ExpressionPredictor
 from regress.settings import FitSettings
 from regress.source import CacheSource
 from slidedata.feature_store import FeatureStore
+
+log = logging.getLogger(__name__)
 
 
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
@@ -31,6 +34,9 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     out = ModelDir(model_dir)
     source = CacheSource.open(data, cache, settings.gathered_features, scheduler=settings.scheduler,
                               progress=progress)
+    replaced = out.replaced_model(data, source.genes)
+    if replaced:  # said before the fit, not after: the user can still stop it (the default folder is shared)
+        log.warning("warning: %s", replaced)
     selection = select_and_fit(source, settings, progress)
     evaluation, best = selection.evaluation, selection.best
     scores = evaluation.scores
@@ -42,7 +48,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
         genes=source.genes, embed_settings=embed_settings(FeatureStore(cache), source),
         scores={"protocol": evaluation.protocol, "verdict": selection.verdict,
                 **scores.set_index("model").loc[best].to_dict()},
-        feature_settings=source.feature_settings, reducer=source.reducer,
+        feature_settings=source.feature_settings, reducer=source.reducer, data=str(Path(data).resolve()),
     )
     out.save_predictor(predictor)
     return scores.assign(protocol=evaluation.protocol), predictor

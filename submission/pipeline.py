@@ -8,7 +8,7 @@ from pathlib import Path
 from regress.model_dir import ModelDir
 from slidedata.feature_store import FeatureStore
 from slidedata.sample import open_samples
-from submission.predict import SamplePredictions, predict_held_out
+from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.validate import Problem, validate_submission
 from submission.writer import InvalidSubmission, write_submission
 
@@ -28,6 +28,8 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
     predictor = ModelDir(model_dir).load_predictor()
     store = FeatureStore(cache)
     samples = open_samples(data)
+    for sample in samples:  # every sample before any prediction: a wrong panel costs no time
+        check_gene_panel(predictor.genes, sample)
     predictions: list[SamplePredictions] = [predict_held_out(predictor, store, s) for s in samples]
     per_sample = {p.sample: len(p.cell_ids) for p in predictions}
     try:
