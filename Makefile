@@ -1,6 +1,6 @@
 # make demo   : install, build the demo dataset if absent, embed, fit, submit (prints scores and timings)
 # make test   : install, run the test suite
-# Stages on your own data: make embed fit submit DATA=/path/to/folder/of/sample.zarr ENCODER=uni WEIGHTS=/path
+# Stages on your own data: make embed fit submit DATA=/path/to/folder/of/sample.zarr OUT=outputs/mydata ENCODER=uni WEIGHTS=/path
 
 PYTHON      ?= python3.11
 VENV        ?= .venv

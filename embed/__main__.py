@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(defaults.patch_sizes),
                         help="context sizes: slide pixels (64) or microns of tissue (32um)")
     parser.add_argument("--microns-per-pixel", type=positive_float,
-                        help="the slides' pixel size, for samples that do not store it (Xenium H&E: 0.2125)")
+                        help="the slides' pixel size, for samples that do not store it (Xenium H&E: 0.2125); "
+                             "one that disagrees with a stored size is refused")
+    parser.add_argument("--force-microns-per-pixel", action="store_true",
+                        help="use --microns-per-pixel even where a sample stores another pixel size")
     parser.add_argument("--input-size", type=positive_int,
                         help="resample every crop to this edge instead of the encoder's own (faster on a CPU)")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
 
     def stage() -> int:
         reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device,
-                                microns_per_pixel=args.microns_per_pixel)
+                                microns_per_pixel=args.microns_per_pixel,
+                                force_microns_per_pixel=args.force_microns_per_pixel)
         for r in reports:
             print(f"{r.sample}: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} chunks "
                   f"in {r.seconds:.1f} s")

@@ -299,15 +299,20 @@ def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, set
 def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "handcrafted",
                   weights: str | Path | None = None, settings: EmbedSettings | None = None,
                   device: str | None = None, progress: bool = True,
-                  microns_per_pixel: float | None = None) -> list[EmbedReport]:
+                  microns_per_pixel: float | None = None, force_microns_per_pixel: bool = False
+                  ) -> list[EmbedReport]:
     """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`.
 
-    A cache that cannot be written is refused before any work; a disk that fills up on the way stops the stage
-    with a DataError (`CacheDiskFull`): the chunks finished so far are kept, and a run after space is freed goes on
-    from there.
+    `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
+    unless `force_microns_per_pixel` (`slidedata.sample.open_sample`). A cache that cannot be written is refused
+    before any work; a disk that fills up on the way stops the stage with a DataError (`CacheDiskFull`): the chunks
+    finished so far are kept, and a run after space is freed goes on from there.
     """
     settings = settings or EmbedSettings()
     check_writable(cache)
+    # The samples first: bad input is refused before weights load or the cache is created.
+    samples = open_samples(data, microns_per_pixel=microns_per_pixel,
+                           force_microns_per_pixel=force_microns_per_pixel)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -315,7 +320,6 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
     encoder = load_encoder(encoder_name, weights=weights, device=device)
     if device.startswith("cuda"):
         encoder = encoder.to(memory_format=torch.channels_last)
-    samples = open_samples(data, microns_per_pixel=microns_per_pixel)
     try:
         store = FeatureStore(cache)
         return [embed_sample(sample, store, encoder, settings, progress=progress) for sample in samples]

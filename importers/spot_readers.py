@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import sparse
 
 from slidedata.errors import DataError
+from slidedata.sample import choose_pixel_size
 
 HER2ST_IMAGE = "HE.jpg"
 HER2ST_COUNTS = "counts.tsv.gz"
@@ -251,12 +252,13 @@ def _read_table(path: Path, index_col) -> pd.DataFrame:
 
 def read_h5ad_section(h5ad: str | Path, image: str | Path, microns_per_pixel: float | None = None,
                       spot_diameter_um: float | None = None, name: str | None = None,
-                      library_id: str | None = None) -> SpotSection:
+                      library_id: str | None = None, force_microns_per_pixel: bool = False) -> SpotSection:
     """An AnnData of spots whose `obsm['spatial']` holds full-resolution pixel centres as (x, y), and its image.
 
     Counts: `layers['counts']` when present, else `X` (which must then hold integer counts). The spot diameter in
-    px is `uns['spatial'][library]['scalefactors']['spot_diameter_fullres']` when present. Pixel size: the argument,
-    else a pixel size stored in the scalefactors (HEST-1k's names), else spot_diameter_um / spot_diameter_fullres.
+    px is `uns['spatial'][library]['scalefactors']['spot_diameter_fullres']` when present. Pixel size: a pixel size
+    stored in the scalefactors (HEST-1k's names), else the argument, else spot_diameter_um / spot_diameter_fullres;
+    an argument that disagrees with a stored size is refused unless `force_microns_per_pixel`.
     Spot diameter in um: the argument, else pixel size x spot_diameter_fullres. Whatever cannot be derived is an
     error asking for the argument.
     """
@@ -279,11 +281,11 @@ def read_h5ad_section(h5ad: str | Path, image: str | Path, microns_per_pixel: fl
 
     scalefactors = _scalefactors(table.uns, library_id)
     diameter_px = scalefactors.get("spot_diameter_fullres")
+    stored = next((float(scalefactors[k]) for k in PIXEL_SIZE_KEYS if k in scalefactors), None)
+    microns_per_pixel = choose_pixel_size(microns_per_pixel, stored, force_microns_per_pixel, h5ad,
+                                          "uns['spatial']", "stored in its scalefactors")
     if microns_per_pixel is None:
-        stored = next((scalefactors[k] for k in PIXEL_SIZE_KEYS if k in scalefactors), None)
-        if stored is not None:
-            microns_per_pixel = float(stored)
-        elif spot_diameter_um is not None and diameter_px:
+        if spot_diameter_um is not None and diameter_px:
             microns_per_pixel = spot_diameter_um / float(diameter_px)
         else:
             raise DataError(h5ad, "uns['spatial']", "no pixel size: give microns_per_pixel (--microns-per-pixel), "

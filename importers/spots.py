@@ -10,9 +10,12 @@ Cells are made in one of two ways:
 Either way `obs['spot_id']` names each cell's spot, in `anucleus` and in `cell_id-group` (read it back with
 `read_spot_ids`), so predictions can be averaged back to spots. The gene panel is shared by the sections imported
 together: an explicit list, or the `n_genes` most expressed genes common to all of them. Spots whose total count
-over all genes is below `min_counts` are defective array positions and are dropped, not normalised.
+over all genes is below `min_counts` are defective array positions and are dropped, not normalised. Tissue can be
+held out (`importers.hold_out`: whole sections, or spatial blocks of each), as the challenge does: in the mask, not
+in `anucleus`, the measurements in `<out>/truth/` for `python -m submission.score`.
 
     python -m importers.spots her2st --src ../shared/data/her2st --out data/her2st/spot --cells spot
+    python -m importers.spots her2st --sections B4 C2 --out DIR --hold-out-blocks 0.25
     python -m importers.spots h5ad --h5ad X.h5ad --image X.tif --out DIR --microns-per-pixel 0.5
 """
 
@@ -29,10 +32,13 @@ import pandas as pd
 from scipy import sparse
 from tqdm.auto import tqdm
 
+from importers.hold_out import DEFAULT_BLOCK_UM, HoldOut, assign_spots
 from importers.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
 from importers.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
+from slidedata.cli import positive_float, positive_int
 from slidedata.errors import DataError
 from slidedata.sample import GROUP_NAMES, GROUPS, N_GENES, SAMPLE_SUFFIX
+from slidedata.truth import REGION, TRUTH_FOLDER, remove_truth, write_truth
 from slidedata.writer import anucleus_table, write_sample
 
 CELL_MODES = ("spot", "nuclei")
@@ -53,10 +59,12 @@ class SectionReport:
     cells: int
     genes: int
     microns_per_pixel: float
+    held_out: int = 0  # cells in 'validation' or 'test', their expression in the truth folder instead
 
     def line(self) -> str:
+        held = f" ({self.held_out} held out)" if self.held_out else ""
         return (f"{self.name}: {self.spots_kept} spots kept, {self.spots_dropped} dropped (of {self.spots_read}), "
-                f"{self.cells} cells, {self.genes} genes, {self.microns_per_pixel:.4f} um/px -> {self.path}")
+                f"{self.cells} cells{held}, {self.genes} genes, {self.microns_per_pixel:.4f} um/px -> {self.path}")
 
 
 # ------------------------------------------------------------------------------------------------ spots, genes
@@ -76,13 +84,16 @@ def mean_expression_fractions(section: SpotSection) -> pd.Series:
 
 
 def choose_gene_panel(sections: Sequence[SpotSection], genes: Sequence[str] | None = None,
-                      n_genes: int = N_GENES) -> list[str]:
+                      n_genes: int | None = None, ranked: Sequence[SpotSection] | None = None) -> list[str]:
     """The given gene list (every entry checked in every section), else the `n_genes` most expressed genes common
-    to all sections.
+    to all sections. Asking for more genes than they have in common is an error naming both numbers (a silently
+    smaller panel than asked would only be found later); by default (None) the panel is the N_GENES (460, the
+    challenge's) most expressed, or every common gene where there are fewer.
 
-    Rank: mean over sections of each section's mean per-spot expression fraction (count / spot total). Sections
-    weigh equally whatever their sequencing depth (her2st's B4 has ~15x fewer reads than C2-C4; summing raw counts
-    would let the deep sections choose alone). Ties go to the gene name, so the panel is deterministic.
+    Rank: mean over sections (`ranked`, default all; the importer passes the training spots only, so held-out
+    measurements do not choose the genes) of each section's mean per-spot expression fraction (count / spot total).
+    Sections weigh equally whatever their sequencing depth (her2st's B4 has ~15x fewer reads than C2-C4; summing
+    raw counts would let the deep sections choose alone). Ties go to the gene name, so the panel is deterministic.
     """
     if genes is not None:
         genes = [str(g) for g in genes]
@@ -92,13 +103,20 @@ def choose_gene_panel(sections: Sequence[SpotSection], genes: Sequence[str] | No
                 raise DataError(section.counts_file or section.source, "genes",
                                 f"{len(missing)} gene(s) of the requested panel are absent, e.g. {missing[:5]}")
         return genes
+    if n_genes is not None and n_genes < 1:
+        raise ValueError(f"n_genes must be at least 1, got {n_genes}")
     common = set(sections[0].genes).intersection(*(s.genes for s in sections[1:]))
+    files = ", ".join(str(s.counts_file or s.source) for s in sections)
     if not common:
-        files = ", ".join(str(s.counts_file or s.source) for s in sections)
         raise DataError(files, "genes", "no gene is common to all sections")
-    score = sum(mean_expression_fractions(s).reindex(sorted(common)) for s in sections) / len(sections)
-    ranked = sorted(common, key=lambda g: (-score[g], g))
-    return ranked[:n_genes]
+    if n_genes is None:
+        n_genes = min(N_GENES, len(common))
+    elif n_genes > len(common):
+        raise DataError(files, "genes", f"a panel of {n_genes} genes was asked for (--n-genes), but only "
+                                        f"{len(common)} genes are common to all sections: ask for at most that many")
+    ranked = list(ranked) if ranked else list(sections)
+    score = sum(mean_expression_fractions(s).reindex(sorted(common)) for s in ranked) / len(ranked)
+    return sorted(common, key=lambda g: (-score[g], g))[:n_genes]
 
 
 def panel_counts(section: SpotSection, panel: Sequence[str]) -> np.ndarray:
@@ -132,10 +150,11 @@ def spot_disc_mask(shape: tuple[int, int], centres: np.ndarray, radius_px: float
 
 
 def expression_table(cell_ids: np.ndarray, spot_ids: Sequence[str], counts: np.ndarray, panel: Sequence[str],
-                     centres_xy_um: np.ndarray):
-    """AnnData laid out like `anucleus`, plus `obs['spot_id']`; `obsm['spatial']` is the spot centre (x, y) in um."""
+                     centres_xy_um: np.ndarray, extra_obs: dict | None = None):
+    """AnnData laid out like `anucleus`, plus `obs['spot_id']` (and `extra_obs`); `obsm['spatial']` is the spot
+    centre (x, y) in um."""
     return anucleus_table(cell_ids, counts, [str(g) for g in panel], centres_xy_um,
-                          extra_obs={"spot_id": pd.Series(spot_ids, dtype=str).to_numpy()})
+                          extra_obs={"spot_id": pd.Series(spot_ids, dtype=str).to_numpy(), **(extra_obs or {})})
 
 
 def section_cells(section: SpotSection, image: np.ndarray, cells: str,
@@ -154,10 +173,10 @@ def section_cells(section: SpotSection, image: np.ndarray, cells: str,
 # ------------------------------------------------------------------------------------------------------ import
 
 def import_sections_report(sections: Sequence[SpotSection], out_dir: str | Path, cells: str = "spot",
-                           genes: Sequence[str] | None = None, n_genes: int = N_GENES,
+                           genes: Sequence[str] | None = None, n_genes: int | None = None,
                            min_counts: int = DEFAULT_MIN_COUNTS, chunk_size: int = 512, group: str = "train",
-                           segmentation: NucleusSegmentation | None = None, progress: bool = False
-                           ) -> list[SectionReport]:
+                           segmentation: NucleusSegmentation | None = None, progress: bool = False,
+                           hold_out: HoldOut | None = None) -> list[SectionReport]:
     """`import_sections`, returning what each section became (spots kept and dropped, cells, genes)."""
     if cells not in CELL_MODES:
         raise ValueError(f"cells must be one of {CELL_MODES}, got {cells!r}")
@@ -168,46 +187,71 @@ def import_sections_report(sections: Sequence[SpotSection], out_dir: str | Path,
     names = [s.name for s in sections]
     if len(set(names)) != len(names):
         raise ValueError(f"section names must be unique (they name the samples), got {names}")
+    holding_out = hold_out is not None and hold_out.active
+    if holding_out and group != "train":
+        raise ValueError(f"holding tissue out leaves the other cells in group 'train', not {group!r}")
+    unknown = sorted(set(hold_out.sections) - set(names)) if holding_out else []
+    if unknown:
+        raise ValueError(f"no section named {unknown} to hold out (sections: {names})")
     filtered = [drop_defective_spots(s, min_counts) for s in sections]
     for section, _ in filtered:
         if section.n_spots == 0:
             raise DataError(section.counts_file or section.source, "counts",
                             f"no spot has at least {min_counts} counts")
-    panel = choose_gene_panel([s for s, _ in filtered], genes, n_genes)
+    assignments = [assign_spots(s.name, s.centres_px * s.microns_per_pixel, hold_out, str(s.source))
+                   for s, _ in filtered]
+    training = [s.subset(~a.held_out) for (s, _), a in zip(filtered, assignments) if not a.held_out.all()]
+    if not training:
+        raise ValueError(f"every section is held out ({names}): nothing would be left to train on")
+    panel = choose_gene_panel([s for s, _ in filtered], genes, n_genes, ranked=training)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
-    for (section, dropped), original in zip(tqdm(filtered, desc=f"import ({cells})", disable=not progress),
-                                            sections):
+    for (section, dropped), original, assignment in zip(
+            tqdm(filtered, desc=f"import ({cells})", disable=not progress), sections, assignments):
         image = section.load_image()  # one section's pixels in memory at a time
         mask, spot_of_cell = section_cells(section, image, cells, segmentation, progress)
         cell_ids = np.arange(1, len(spot_of_cell) + 1, dtype=np.int64)
-        spot_ids = [section.spot_ids[i] for i in spot_of_cell]
+        spot_ids = np.asarray([section.spot_ids[i] for i in spot_of_cell], dtype=object)
         centres_xy_um = section.centres_px[spot_of_cell][:, ::-1] * section.microns_per_pixel
-        expression = expression_table(cell_ids, spot_ids, panel_counts(section, panel)[spot_of_cell], panel,
-                                      centres_xy_um)
-        groups = pd.DataFrame({"cell_id": cell_ids, "group": group, "spot_id": spot_ids})
+        counts = panel_counts(section, panel)[spot_of_cell]
+        cell_group = assignment.group[spot_of_cell] if holding_out else np.full(len(cell_ids), group, dtype=object)
+        held = cell_group != "train" if holding_out else np.zeros(len(cell_ids), dtype=bool)
+        kept = ~held  # the challenge's format: held-out nuclei are absent from the expression table
+        expression = (expression_table(cell_ids[kept], spot_ids[kept], counts[kept], panel, centres_xy_um[kept])
+                      if kept.any() else None)
+        groups = pd.DataFrame({"cell_id": cell_ids, "group": cell_group, "spot_id": spot_ids})
         path = write_sample(out_dir / f"{section.name}{SAMPLE_SUFFIX}", np.moveaxis(image, -1, 0), mask, groups,
                             expression, chunk_size, microns_per_pixel=section.microns_per_pixel)
         del image, mask
+        truth = out_dir / TRUTH_FOLDER
+        if held.any():
+            write_truth(truth, section.name, expression_table(
+                cell_ids[held], spot_ids[held], counts[held], panel, centres_xy_um[held],
+                extra_obs={"group": cell_group[held].astype(str), REGION: assignment.region[spot_of_cell][held]
+                           .astype(str)}))
+        else:
+            remove_truth(truth, section.name)
         reports.append(SectionReport(section.name, path, original.n_spots, dropped, section.n_spots,
-                                     len(cell_ids), len(panel), section.microns_per_pixel))
+                                     len(cell_ids), len(panel), section.microns_per_pixel, int(held.sum())))
     return reports
 
 
 def import_sections(sections: Sequence[SpotSection], out_dir: str | Path, cells: str = "spot",
-                    genes: Sequence[str] | None = None, n_genes: int = N_GENES, min_counts: int = DEFAULT_MIN_COUNTS,
-                    chunk_size: int = 512, group: str = "train", segmentation: NucleusSegmentation | None = None,
-                    progress: bool = False) -> list[Path]:
+                    genes: Sequence[str] | None = None, n_genes: int | None = None,
+                    min_counts: int = DEFAULT_MIN_COUNTS, chunk_size: int = 512, group: str = "train",
+                    segmentation: NucleusSegmentation | None = None, progress: bool = False,
+                    hold_out: HoldOut | None = None) -> list[Path]:
     """Write one `<section>.zarr` per section under `out_dir` with a shared gene panel; returns the paths.
 
     `cells`: 'spot' (one disc-shaped cell per spot) or 'nuclei' (segmented nuclei inheriting their spot's counts).
-    Every cell is put in `group` ('train' by default). Spots with fewer than `min_counts` counts over all genes
-    are dropped before the panel is chosen.
+    Every cell is put in `group` ('train' by default), except those `hold_out` holds out ('validation' or 'test':
+    in the mask, not in `anucleus`; their expression in `<out_dir>/truth/<section>.h5ad`, `slidedata.truth`).
+    Spots with fewer than `min_counts` counts over all genes are dropped before the panel is chosen.
     """
     return [r.path for r in import_sections_report(sections, out_dir, cells, genes, n_genes, min_counts, chunk_size,
-                                                   group, segmentation, progress)]
+                                                   group, segmentation, progress, hold_out)]
 
 
 def read_spot_ids(sample_path: str | Path) -> pd.Series:
@@ -245,7 +289,7 @@ def her2st_sections(src: str | Path, names: Sequence[str] | None = None,
 # --------------------------------------------------------------------------------------------------------- CLI
 
 def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
-    from slidedata.cli import DefaultsHelpFormatter, non_negative_int, positive_float, positive_int
+    from slidedata.cli import DefaultsHelpFormatter, non_negative_int
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     layouts = parser.add_subparsers(dest="layout", required=True)
@@ -258,17 +302,46 @@ def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
     h5ad.add_argument("--h5ad", nargs="+", required=True, type=Path, help="one or more .h5ad files")
     h5ad.add_argument("--image", nargs="+", required=True, type=Path, help="the image of each h5ad, same order")
     h5ad.add_argument("--spot-diameter-um", type=positive_float, help="spot diameter (Visium: 55; legacy ST: 100)")
+    h5ad.add_argument("--force-microns-per-pixel", action="store_true",
+                      help="use --microns-per-pixel even where the h5ad stores another pixel size")
     for sub in (her2st, h5ad):
         sub.add_argument("--out", required=True, type=Path, help="folder for the <section>.zarr samples")
         sub.add_argument("--cells", choices=CELL_MODES, default="spot")
-        sub.add_argument("--microns-per-pixel", type=positive_float, help="pixel size (default: from the data)")
+        sub.add_argument("--microns-per-pixel", type=positive_float,
+                         help="pixel size (default: from the data; her2st: from the spot pitch, which this replaces; "
+                              "h5ad: one that disagrees with a stored size is refused)")
         sub.add_argument("--genes-file", type=Path, help="gene panel, one name per line (default: most expressed)")
-        sub.add_argument("--n-genes", type=positive_int, default=N_GENES, help="panel size when no --genes-file")
+        sub.add_argument("--n-genes", type=positive_int,
+                         help=f"panel size when no --genes-file (default: the {N_GENES} most expressed, what the fit "
+                              "expects, or every common gene where fewer); asking for more genes than the sections "
+                              "have in common is an error")
         sub.add_argument("--min-counts", type=non_negative_int, default=DEFAULT_MIN_COUNTS,
                          help="drop spots with fewer counts over all genes (defective array positions)")
         sub.add_argument("--group", choices=GROUP_NAMES, default="train", help="group of every imported cell")
         sub.add_argument("--chunk-size", type=positive_int, default=512, help="zarr chunk edge of image and mask, px")
+        held = sub.add_argument_group(
+            "holding tissue out", "held-out cells stay in the mask (group validation or test) but not in anucleus, "
+            "as in the challenge; their expression goes to <out>/truth/<section>.h5ad for python -m submission.score")
+        held.add_argument("--hold-out-sections", nargs="+", default=(), metavar="SECTION",
+                          help="these whole sections as test (their samples get no expression)")
+        held.add_argument("--hold-out-blocks", type=_fraction, default=0.0, metavar="FRACTION",
+                          help="hold out about this fraction of each other section's spots, in whole square blocks "
+                               "chosen in a seeded order, alternately test and validation")
+        held.add_argument("--hold-out-block-um", type=positive_float, default=DEFAULT_BLOCK_UM,
+                          help="edge of those blocks, um")
+        held.add_argument("--hold-out-seed", type=non_negative_int, default=0, help="seed of the block order")
     return parser
+
+
+def _fraction(text: str) -> float:
+    """argparse `type=` for a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m importers.spots") -> int:
@@ -280,23 +353,35 @@ def main(argv: list[str] | None = None, prog: str = "python -m importers.spots")
     args = parser.parse_args(argv)
     if args.layout == "h5ad" and len(args.h5ad) != len(args.image):
         parser.error(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
+    hold_out = HoldOut(tuple(args.hold_out_sections), args.hold_out_blocks, args.hold_out_block_um,
+                       args.hold_out_seed)
+    if hold_out.active and args.group != "train":
+        parser.error("--hold-out-sections / --hold-out-blocks leave the other cells in group train: drop --group")
 
     def stage() -> int:
         check_writable(args.out)  # before reading and segmenting the sections
         if args.layout == "her2st":
             sections = her2st_sections(args.src, args.sections, args.microns_per_pixel)
         else:
-            sections = [read_h5ad_section(h, i, args.microns_per_pixel, args.spot_diameter_um)
+            sections = [read_h5ad_section(h, i, args.microns_per_pixel, args.spot_diameter_um,
+                                          force_microns_per_pixel=args.force_microns_per_pixel)
                         for h, i in zip(args.h5ad, args.image)]
+        unknown = sorted(set(hold_out.sections) - {s.name for s in sections})
+        if unknown:
+            raise DataError(args.src if args.layout == "her2st" else args.h5ad[0], "-",
+                            f"--hold-out-sections {unknown}: no such section (found {[s.name for s in sections]})")
         genes = None
         if args.genes_file is not None:
             genes = [g.strip() for g in args.genes_file.read_text().splitlines() if g.strip()]
         reports = import_sections_report(sections, args.out, args.cells, genes, args.n_genes, args.min_counts,
-                                         args.chunk_size, args.group, progress=True)
+                                         args.chunk_size, args.group, progress=True, hold_out=hold_out)
         for report in reports:
             print(report.line())
         print(f"{len(reports)} section(s), {sum(r.cells for r in reports)} cells, {reports[0].genes} genes "
               f"({args.cells} mode) in {args.out}")
+        held = sum(r.held_out for r in reports)
+        if held:
+            print(f"{held} cells held out; their measured expression: {args.out / TRUTH_FOLDER}")
         return 0
 
     return run_reporting_input_errors(stage, args.debug)

@@ -7,6 +7,7 @@ source.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from slidedata.feature_store import FeatureStore
 from slidedata.publish import check_writable
 from slidedata.sample import open_sample
 
+log = logging.getLogger(__name__)
+
 
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                      settings: FitSettings | None = None, progress: bool = True
@@ -37,6 +40,9 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     check_scheduler(settings.scheduler)
     source = CacheSource.open(data, cache, settings.gathered_features, scheduler=settings.scheduler,
                               progress=progress)
+    replaced = out.replaced_model(data, source.genes)
+    if replaced:  # said before the fit, not after: the user can still stop it (the default folder is shared)
+        log.warning("warning: %s", replaced)
     maps = MapSink()
     selection = select_and_fit(source, settings, progress, sink=maps)
     evaluation, best = selection.evaluation, selection.best
@@ -56,7 +62,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
         genes=source.genes, embed_settings=embed_settings(FeatureStore(cache, create=False), source),
         scores={"protocol": evaluation.protocol, "verdict": selection.verdict,
                 **scores.set_index("model").loc[best].to_dict()},
-        feature_settings=source.feature_settings, reducer=source.reducer,
+        feature_settings=source.feature_settings, reducer=source.reducer, data=str(Path(data).resolve()),
     )
     out.save_predictor(predictor)
     return scores.assign(protocol=evaluation.protocol), predictor

@@ -52,6 +52,30 @@ class ModelDir:
             json.dump(predictor.summary(), handle, indent=2, default=str)
         return self.path / PREDICTOR
 
+    def replaced_model(self, data: str | Path, genes: list[str]) -> str | None:
+        """Where this directory holds a model fitted on other data than `data` (or on other genes), a line saying
+        what a new fit would replace; None where it holds none or one of the same data. The summary says what the
+        model was fitted on; models saved before it recorded that are read for their genes."""
+        if not (self.path / PREDICTOR).exists():
+            return None
+        try:
+            summary = json.loads((self.path / SUMMARY).read_text())
+        except (OSError, ValueError):
+            summary = {}
+        recorded_data, recorded_genes = summary.get("data") or "", summary.get("genes")
+        if recorded_genes is None:
+            try:
+                old = self.load_predictor()
+            except Exception:  # unreadable: nothing to compare, and the fit replaces it anyway
+                return f"{self.path} holds a model that cannot be read; this fit replaces it"
+            recorded_data, recorded_genes = getattr(old, "data", "") or recorded_data, list(old.genes)
+        new_data = str(Path(data).resolve())
+        if (recorded_data and recorded_data != new_data) or list(recorded_genes) != list(genes):
+            what = f"{recorded_data or 'other data'} ({len(recorded_genes)} genes)"
+            return (f"{self.path} holds a model fitted on {what}; this fit on {new_data} ({len(genes)} genes) "
+                    "replaces it (give another model folder to keep both)")
+        return None
+
     def load_predictor(self) -> ExpressionPredictor:
         path = self.path / PREDICTOR
         if not path.exists():

@@ -23,6 +23,7 @@ class ExpressionPredictor:
     # made otherwise are refused at prediction. Empty for models saved before this was recorded.
     feature_settings: dict = field(default_factory=dict)
     reducer: FeatureReducer | None = None  # the principal axes of the wide feature blocks, fitted with the model
+    data: str = ""  # the data folder it was fitted on (absolute); "" for models saved before this was recorded
 
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         return self.estimator.predict(X)
@@ -45,7 +46,8 @@ class ExpressionPredictor:
 
     def summary(self) -> dict:
         """What `predictor.json` shows of the model (for people; nothing loads it)."""
-        return {"model": self.model_name, "features": self.feature_spec.as_dict(), "n_genes": len(self.genes),
+        return {"model": self.model_name, "data": getattr(self, "data", ""), "features": self.feature_spec.as_dict(),
+                "n_genes": len(self.genes), "genes": list(self.genes),
                 "embed_settings": self.embed_settings, "feature_settings": self.feature_settings,
                 "scores": self.scores, "estimator": repr(self.estimator)}
 

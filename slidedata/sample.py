@@ -33,6 +33,10 @@ MICRONS = "microns"  # coordinate system whose scale transformation of HE_origin
 SCALE_FACTOR = 100  # X = log1p(counts / total * SCALE_FACTOR): the challenge's normalisation
 MAX_LOG_EXPRESSION = float(np.log1p(SCALE_FACTOR))  # a cell's whole total in one gene: the most X can hold
 EXPRESSION_ATOL = 1e-3  # X may be stored rounded or as float16; the normalisation itself is exact
+# A given pixel size may differ this much (relative) from a stored one: rounding (0.688 for 0.6875), not another
+# scan. Beyond it the given value would silently rescale every patch size in microns (5 for 0.6875: a 12 um crop
+# becomes 2 px), so it is refused unless forced.
+PIXEL_SIZE_RTOL = 0.01
 ROWS_CHECKED = 2000  # rows of X compared with layers['counts'] (evenly spaced): bounded cost on any table
 
 
@@ -187,11 +191,13 @@ class Sample:
                         self.path, int(unlisted.sum()), GROUPS)
 
 
-def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None) -> Sample:
+def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None,
+                force_microns_per_pixel: bool = False) -> Sample:
     """Open and validate one sample zarr. `n_genes=None` accepts any gene panel size.
 
     The pixel size is the one stored with the sample (a 'microns' coordinate system); `microns_per_pixel` gives it
-    for samples that store none and overrides a stored one.
+    for samples that store none. A given size that disagrees with a stored one is refused (DataError naming both)
+    unless `force_microns_per_pixel`, which makes the given one win.
     """
     import spatialdata as sd
 
@@ -216,12 +222,29 @@ def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pix
     _check_missing_image_chunks(path, image_files, mask_files)
     groups = _groups(sdata, path)
     expression = _expression(sdata, path, n_genes)
-    if microns_per_pixel is None:
-        microns_per_pixel = _stored_microns_per_pixel(image_element, path)
-    elif not microns_per_pixel > 0:
+    if microns_per_pixel is not None and not microns_per_pixel > 0:
         raise DataError(path, IMAGE, f"microns per pixel must be positive, got {microns_per_pixel}")
+    forced = force_microns_per_pixel and microns_per_pixel is not None  # a forced size needs no stored one
+    stored = None if forced else _stored_microns_per_pixel(image_element, path)
+    microns_per_pixel = choose_pixel_size(microns_per_pixel, stored, force_microns_per_pixel, path, IMAGE,
+                                          "stored with the sample")
     return Sample(name=_sample_name(path), path=path, image=image, mask=mask, groups=groups, expression=expression,
                   microns_per_pixel=microns_per_pixel, image_files=image_files, mask_files=mask_files)
+
+
+def choose_pixel_size(given: float | None, stored: float | None, force: bool, path: str | Path, element: str,
+                      where: str) -> float | None:
+    """The pixel size to use: the stored one, the given one where none is stored (or where `force`), and a
+    DataError naming both where they disagree by more than PIXEL_SIZE_RTOL and nothing forces the given one.
+    Shared by every reader of a stored pixel size (samples here, the spot importer's h5ad)."""
+    if given is None or stored is None:
+        return stored if given is None else float(given)
+    if force or abs(given - stored) <= PIXEL_SIZE_RTOL * stored:
+        return float(given)
+    raise DataError(path, element, f"the given pixel size {given:g} um/px disagrees with the {stored:g} um/px "
+                                   f"{where} (by more than {PIXEL_SIZE_RTOL:.0%}): patch sizes in microns would "
+                                   "be cut at the wrong scale. Leave it out to use the stored size, or force it "
+                                   "(--force-microns-per-pixel, force_microns_per_pixel=True)")
 
 
 def sample_paths(path: str | Path) -> list[Path]:
@@ -237,11 +260,11 @@ def sample_paths(path: str | Path) -> list[Path]:
     return found
 
 
-def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None
-                 ) -> list[Sample]:
+def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None,
+                 force_microns_per_pixel: bool = False) -> list[Sample]:
     """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name (all held open: the fit stage
     opens one at a time instead, see `regress.source.CacheSource`)."""
-    samples = [open_sample(p, n_genes, microns_per_pixel) for p in sample_paths(path)]
+    samples = [open_sample(p, n_genes, microns_per_pixel, force_microns_per_pixel) for p in sample_paths(path)]
     check_same_genes(samples)
     return samples
 

@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
             for problem in report.problems:
                 print(f"  - {problem}")
             return 1
+        if not any(report.per_sample.values()):  # a normal case (imported data), but rarely what one wants
+            print("notice: no sample has held-out nuclei (group validation or test), so the file is only its "
+                  "header; to hold out tissue, import with --hold-out-blocks or --hold-out-sections",
+                  file=sys.stderr)
         print(f"wrote {report.rows} rows to {report.path} in {time.perf_counter() - start:.1f} s")
         print("validation: ok")
         return 0

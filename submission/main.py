@@ -23,15 +23,19 @@ from regress.settings import FitSettings, default_features
 from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize
 from slidedata.publish import check_writable
-from slidedata.sample import open_sample, open_samples
-from submission.predict import predict_held_out
+from slidedata.sample import HELD_OUT_GROUPS, open_sample, open_samples
+from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.writer import long_blocks
 
 
 def train(data_directory_path: str, model_directory_path: str, encoder: str | None = None,
           weights: str | None = None, cache_directory_path: str | None = None,
-          models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None) -> None:
-    """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder."""
+          models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None,
+          force_microns_per_pixel: bool = False) -> None:
+    """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder.
+
+    `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
+    unless `force_microns_per_pixel`."""
     model_dir = ModelDir(check_writable(model_directory_path))  # before any work, as the stages check
     if cache_directory_path:
         check_writable(cache_directory_path)
@@ -44,7 +48,8 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
         module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
         store = FeatureStore(cache)
         settings = EmbedSettings(patch_sizes=DEFAULT_PATCH_SIZES)
-        for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel):
+        for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel,
+                                   force_microns_per_pixel=force_microns_per_pixel):
             embed_sample(sample, store, module, settings, progress=True)
         fit_settings = FitSettings(features=replace(default_features(), encoder=encoder),
                                    **({"models": tuple(models)} if models else {}))
@@ -58,6 +63,9 @@ def infer(data_file_path: str, model_directory_path: str, cache_directory_path: 
     recorded = predictor.embed_settings
     # The pixel size the model was trained with serves samples that store none (sizes in microns need it).
     sample = open_sample(data_file_path, n_genes=None)
+    check_gene_panel(predictor.genes, sample)  # before any embedding
+    if not sample.groups.isin(HELD_OUT_GROUPS).any():  # nothing to predict, so nothing to embed
+        return _long_frame(predict_held_out(predictor, None, sample))
     if sample.microns_per_pixel is None:
         sample.microns_per_pixel = recorded.get("microns_per_pixel")
     with _cache(cache_directory_path) as cache:
@@ -67,8 +75,12 @@ def infer(data_file_path: str, model_directory_path: str, cache_directory_path: 
             weights = _bundled_weights(model_dir, spec.library) if encoder == recorded["encoder"] else None
             embed_sample(sample, store, load_encoder(spec, weights=weights), settings, progress=False)
         predictions = predict_held_out(predictor, store, sample)
-    frame = pd.concat(list(long_blocks(predictions)), ignore_index=True)
-    return frame.drop(columns="sample")
+    return _long_frame(predictions)
+
+
+def _long_frame(predictions: SamplePredictions) -> pd.DataFrame:
+    """cell_id, gene, prediction: empty, with the same dtypes, where the sample has no held-out nucleus."""
+    return pd.concat(list(long_blocks(predictions)), ignore_index=True).drop(columns="sample")
 
 
 def _embedding_plan(predictor: ExpressionPredictor) -> dict[str, EmbedSettings]:

@@ -9,7 +9,7 @@ from regress.model_dir import ModelDir
 from slidedata.feature_store import FeatureStore
 from slidedata.publish import check_writable
 from slidedata.sample import open_samples
-from submission.predict import SamplePredictions, predict_held_out
+from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.validate import Problem, validate_submission
 from submission.writer import InvalidSubmission, write_submission
 
@@ -36,6 +36,8 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
     predictor = ModelDir(model_dir).load_predictor()
     store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error, never created
     samples = open_samples(data)
+    for sample in samples:  # every sample before any prediction: a wrong panel costs no time
+        check_gene_panel(predictor.genes, sample)
     if into_spatialdata:
         for sample in samples:
             check_writable(sample.path)

@@ -8,7 +8,8 @@ import numpy as np
 
 from regress.predictor import ExpressionPredictor
 from slidedata.feature_store import FeatureStore
-from slidedata.sample import HELD_OUT_GROUPS, Sample
+from slidedata.errors import DataError
+from slidedata.sample import EXPRESSION, HELD_OUT_GROUPS, Sample
 
 DECIMALS = 2
 
@@ -32,9 +33,33 @@ def finalise(values: np.ndarray, clip_max: np.ndarray | None = None) -> np.ndarr
     return np.round(values, DECIMALS)
 
 
-def predict_held_out(predictor: ExpressionPredictor, store: FeatureStore, sample: Sample,
+def check_gene_panel(genes: list[str], sample: Sample) -> None:
+    """Refuse a sample whose own gene panel (where it has expression) is not the model's: its held-out nuclei
+    would be predicted, and the file checked, on genes the sample does not measure, and its own genes missed.
+    Order does not matter (every row names its gene); a sample without expression takes the model's panel."""
+    if not sample.has_expression:
+        return
+    model, here = list(genes), sample.genes
+    if set(model) == set(here):
+        return
+    missing = [g for g in model if g not in set(here)]
+    extra = [g for g in here if g not in set(model)]
+    raise DataError(sample.path, EXPRESSION,
+                    f"sample {sample.name}'s gene panel differs from the model's: {len(set(model) & set(here))} of "
+                    f"the model's {len(model)} genes shared; {len(missing)} of the model's genes missing here "
+                    f"(e.g. {missing[:5]}), {len(extra)} genes here the model does not know (e.g. {extra[:5]}). "
+                    "Fit the model on data with this panel, or re-import the sample with the model's genes")
+
+
+def predict_held_out(predictor: ExpressionPredictor, store: FeatureStore | None, sample: Sample,
                      groups: tuple[str, ...] = HELD_OUT_GROUPS) -> SamplePredictions:
-    """Every nucleus of `sample` in `groups` (default: validation and test), sorted by cell_id."""
+    """Every nucleus of `sample` in `groups` (default: validation and test), sorted by cell_id. None is a normal
+    case (e.g. a sample imported with every cell in 'train'): empty predictions, read from no cache (`store` may
+    then be None)."""
+    check_gene_panel(predictor.genes, sample)
+    if not sample.groups.isin(groups).any():
+        return SamplePredictions(sample.name, np.zeros(0, np.int64), list(predictor.genes),
+                                 np.zeros((0, len(predictor.genes)), np.float32))
     nuclei = store.nuclei(sample, if_changed="raise")  # cached once the sample is embedded; refused if it changed
     keep = np.flatnonzero(np.isin(sample.group_of(nuclei["cell_id"].to_numpy(np.int64)), groups))
     cell_ids, values = predictor.predict_sample(store, sample.name, nuclei, rows=keep)

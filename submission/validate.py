@@ -1,11 +1,12 @@
 """Check a submission file against the data before the challenge does.
 
-    python -m submission.validate FILE --data DIR
+    python -m submission.validate FILE --data DIR [--model-dir DIR]
 
 Every expected (sample, cell_id, gene) exactly once, nothing else; a float `prediction` column (the challenge checks
 the column's type: text that parses as numbers is refused, in Parquet too), predictions finite, non-negative, with
-at most 2 decimals; n_held_out x n_genes rows per sample. Each problem is reported with a count and examples, and the
-exit status is non-zero if there is any.
+at most 2 decimals; n_held_out x n_genes rows per sample, the genes of the sample's own panel where it has
+expression, else the model's (`expected_genes`). A file of no rows is valid where no nucleus is held out. Each
+problem is reported with a count and examples, and the exit status is non-zero if there is any.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slidedata.sample import HELD_OUT_GROUPS, Sample, open_samples
+from slidedata.errors import DataError
+from slidedata.sample import EXPRESSION, HELD_OUT_GROUPS, Sample, open_samples
 from submission.writer import COLUMNS, read_submission_blocks
 
 
@@ -54,41 +56,68 @@ def expected_held_out(samples: list[Sample]) -> dict[str, np.ndarray]:
     return {s.name: np.sort(s.groups.index[s.groups.isin(HELD_OUT_GROUPS)].to_numpy(np.int64)) for s in samples}
 
 
+def expected_genes(samples: list[Sample], genes: list[str] | None = None) -> dict[str, list[str]]:
+    """The genes each sample's rows must cover: the one rule of the writer and the validator alike.
+
+    A sample with expression: its own panel. A sample without (like DC1, or a challenge test sample): `genes`, the
+    model's panel; where no model is at hand (the validator's CLI without --model-dir), the panel of the samples
+    with expression. A model never predicts a sample whose panel differs from its own
+    (`submission.predict.check_gene_panel`), so where both exist they are the same genes.
+    """
+    fallback = genes or next((s.genes for s in samples if s.has_expression), None)
+    panels = {}
+    for sample in samples:
+        panel = sample.genes if sample.has_expression else fallback
+        if panel is None:
+            raise DataError(sample.path, EXPRESSION, "no expression to take the gene panel from, and no model's "
+                                                     "panel given (--model-dir)")
+        panels[sample.name] = list(panel)
+    return panels
+
+
 def validate_submission(path: str | Path, samples: list[Sample], genes: list[str] | None = None) -> list[Problem]:
-    """All problems of the file at `path` against `samples` (empty list = valid)."""
+    """All problems of the file at `path` against `samples` (empty list = valid). `genes`: the model's panel, the
+    one expected of samples without expression (`expected_genes`)."""
     path = Path(path)
-    genes = genes or next((s.genes for s in samples if s.has_expression), None)
-    if genes is None:
-        raise ValueError("no sample has expression to take the gene list from; pass genes=")
+    panels = expected_genes(samples, genes)
     expected = expected_held_out(samples)
     cell_index = {name: pd.Index(ids) for name, ids in expected.items()}
-    gene_index = pd.Index(genes)
-    seen = {name: np.zeros((len(ids), len(genes)), dtype=np.uint16) for name, ids in expected.items()}
+    gene_index = {name: pd.Index(panel) for name, panel in panels.items()}
+    seen = {name: np.zeros((len(ids), len(panels[name])), dtype=np.uint16) for name, ids in expected.items()}
     tally = _Tally()
     try:
+        columns = _columns(path)
+        if columns != COLUMNS:
+            return [Problem("wrong columns", 1, [f"expected {COLUMNS}, found {columns}"])]
         _check_prediction_type(path, tally)
-        blocks = read_submission_blocks(path)
-        first = True
-        for block in blocks:
-            if first and list(block.columns) != COLUMNS:
-                return [Problem("wrong columns", 1, [f"expected {COLUMNS}, found {list(block.columns)}"])]
-            first = False
+        for block in read_submission_blocks(path):
             _check_block(block, cell_index, gene_index, seen, tally)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         return [Problem("unreadable file", 1, [f"{path}: {exc}"])]
 
     for name, counts in seen.items():
+        genes_here = panels[name]
         missing = np.argwhere(counts == 0)
         tally.add("missing rows", len(missing),
-                  [(name, int(expected[name][i]), genes[j]) for i, j in missing[:5]])
+                  [(name, int(expected[name][i]), genes_here[j]) for i, j in missing[:5]])
         dup = np.argwhere(counts > 1)
         tally.add("duplicated rows", int((counts[counts > 1] - 1).sum()),
-                  [(name, int(expected[name][i]), genes[j]) for i, j in dup[:5]])
+                  [(name, int(expected[name][i]), genes_here[j]) for i, j in dup[:5]])
         n_rows, want = int(counts.sum()), counts.size
         if n_rows != want:
             tally.add("wrong row count per sample", 1,
-                      [f"{name}: {n_rows} rows, expected {len(expected[name])} nuclei x {len(genes)} genes = {want}"])
+                      [f"{name}: {n_rows} rows, expected {len(expected[name])} nuclei x {len(genes_here)} genes "
+                       f"= {want}"])
     return list(tally.problems.values())
+
+
+def _columns(path: Path) -> list[str]:
+    """The file's columns, read from its header (a file of no rows has one too)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    return [str(c) for c in pd.read_csv(path, nrows=0).columns]
 
 
 def _check_prediction_type(path: Path, tally: _Tally) -> None:
@@ -104,6 +133,8 @@ def _check_prediction_type(path: Path, tally: _Tally) -> None:
 
 
 def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tally) -> None:
+    if block.empty:  # a file of no rows (no held-out nucleus anywhere): a CSV header has no type to check
+        return
     if not pd.api.types.is_float_dtype(block["prediction"]) and NOT_FLOAT not in tally.problems:
         tally.add(NOT_FLOAT, 1, [f"read as {block['prediction'].dtype}"])
     values = pd.to_numeric(block["prediction"], errors="coerce").to_numpy(np.float64)
@@ -123,21 +154,23 @@ def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tall
 
     cell_ids = pd.to_numeric(block["cell_id"], errors="coerce")
     samples = block["sample"].astype(str).to_numpy()
-    genes = gene_index.get_indexer(block["gene"].astype(str))
-    unknown_gene = genes < 0
-    tally.add("unknown genes", unknown_gene.sum(), pd.unique(block["gene"][unknown_gene])[:5].tolist())
+    gene_names = block["gene"].astype(str).to_numpy()
     for name in pd.unique(samples):
         rows = samples == name
         if name not in cell_index:
             tally.add("rows of an unknown sample", rows.sum(), [name])
             continue
+        genes = gene_index[name].get_indexer(gene_names[rows])
+        unknown_gene = genes < 0
+        tally.add("unknown genes", unknown_gene.sum(),
+                  [(name, g) for g in pd.unique(gene_names[rows][unknown_gene])[:5]])
         ids = cell_ids[rows].to_numpy()
         cells = cell_index[name].get_indexer(np.where(np.isnan(ids), -1, ids).astype(np.int64))
         unknown_cell = cells < 0
         tally.add("rows for cell_ids that are not held out in this sample", unknown_cell.sum(),
                   [(name, c) for c in pd.unique(ids[unknown_cell])[:5]])
-        ok = ~unknown_cell & ~unknown_gene[rows]
-        np.add.at(seen[name], (cells[ok], genes[rows][ok]), 1)
+        ok = ~unknown_cell & ~unknown_gene
+        np.add.at(seen[name], (cells[ok], genes[ok]), 1)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission.validate") -> int:
@@ -146,11 +179,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission.valida
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("file", help="submission CSV or Parquet")
     parser.add_argument("--data", required=True, help="a sample zarr or folder of <sample>.zarr")
+    parser.add_argument("--model-dir", help="the model that wrote the file: its genes are expected of samples "
+                                            "without expression (default: those of the samples with expression)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
     def stage() -> int:
-        problems = validate_submission(args.file, open_samples(args.data))
+        genes = None
+        if args.model_dir:
+            from regress.model_dir import ModelDir
+
+            genes = ModelDir(args.model_dir).load_predictor().genes
+        problems = validate_submission(args.file, open_samples(args.data), genes)
         if problems:
             print(f"{args.file}: INVALID")
             for problem in problems:

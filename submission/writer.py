@@ -27,14 +27,15 @@ class InvalidSubmission(NotPublished):
 
 
 def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -> Iterator[pd.DataFrame]:
-    """The long format of one sample, `nuclei_per_block` nuclei (x genes rows) at a time."""
+    """The long format of one sample, `nuclei_per_block` nuclei (x genes rows) at a time; a sample without
+    held-out nuclei gives one empty block, with the columns and dtypes of any other (so it concatenates)."""
     genes = pd.Categorical(predictions.genes, categories=predictions.genes)
     n_genes = len(predictions.genes)
-    for start in range(0, len(predictions.cell_ids), nuclei_per_block):
+    for start in range(0, max(len(predictions.cell_ids), 1), nuclei_per_block):
         ids = predictions.cell_ids[start: start + nuclei_per_block]
         values = predictions.values[start: start + nuclei_per_block]
         yield pd.DataFrame({
-            "cell_id": np.repeat(ids, n_genes),
+            "cell_id": np.repeat(np.asarray(ids, dtype=np.int64), n_genes),
             "gene": pd.Categorical.from_codes(np.tile(np.arange(n_genes), len(ids)), categories=genes.categories),
             "prediction": values.reshape(-1).astype(np.float64).round(DECIMALS),
             "sample": predictions.sample,

@@ -127,3 +127,42 @@ def test_a_pixel_size_is_recorded_for_new_samples_only_where_the_training_sample
         assert embed_settings(store, source)["microns_per_pixel"] is None
     finally:
         entry.group.attrs["sample_microns_per_pixel"] = stored
+
+
+def test_a_fit_warns_before_replacing_a_model_fitted_on_other_data(demo_dir, embedded_cache, tmp_path, caplog):
+    import json
+    import logging
+
+    import joblib
+
+    from regress.__main__ import main as fit_main
+    from regress.model_dir import PREDICTOR, SUMMARY, ModelDir
+    from regress.predictor import ExpressionPredictor
+
+    model_dir = ModelDir(tmp_path / "model")
+    genes = [f"G{i}" for i in range(460)]
+    other = ExpressionPredictor("mean-profile", FeatureSpec(), None, genes, data="/data/her2st")
+    model_dir.save_predictor(other)
+    assert json.loads((model_dir.path / SUMMARY).read_text())["data"] == "/data/her2st"
+    assert "fitted on /data/her2st (460 genes)" in model_dir.replaced_model("/data/her2st/other", genes)
+    assert model_dir.replaced_model("/data/her2st", genes) is None
+    assert "460 genes" in model_dir.replaced_model("/data/her2st", genes[:-1] + ["X"])  # same folder, new panel
+    assert ModelDir(tmp_path / "empty").replaced_model("/data/her2st", genes) is None
+
+    # A model saved before the data was recorded: its genes are read from the model itself.
+    (model_dir.path / SUMMARY).write_text(json.dumps({"model": "mean-profile", "n_genes": 460}))
+    joblib.dump(ExpressionPredictor("mean-profile", FeatureSpec(), None, genes[:-1] + ["X"]),
+                model_dir.path / PREDICTOR)
+    args = ["--data", str(demo_dir), "--cache", str(embedded_cache), "--model-dir", str(model_dir.path),
+            "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--models", "mean-profile"]
+    with caplog.at_level(logging.WARNING, logger="regress.fit"):
+        assert fit_main(args) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.name == "regress.fit"]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "\n" not in warnings[0]
+    assert f"this fit on {demo_dir.resolve()}" in warnings[0]
+    assert json.loads((model_dir.path / SUMMARY).read_text())["data"] == str(demo_dir.resolve())
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="regress.fit"):
+        assert fit_main(args) == 0  # the same data again: nothing to warn about
+    assert not [r for r in caplog.records if r.name == "regress.fit"]

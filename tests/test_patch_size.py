@@ -51,9 +51,30 @@ def test_a_cache_made_at_one_pixel_size_is_not_reused_at_another(demo_dir, tmp_p
         embed_sample(stored, store, encoder, settings, progress=False)
         entry = store.open_entry("demo1", "handcrafted", sizes[0])
         assert entry.attrs["crop_pixels"] == (38 if sizes[0] == "8um" else 24)  # 8 / 0.2125 = 37.6
-        other_scale = open_sample(demo_dir / "demo1.zarr", microns_per_pixel=0.5)
+        other_scale = open_sample(demo_dir / "demo1.zarr", microns_per_pixel=0.5, force_microns_per_pixel=True)
         with pytest.raises(CacheMismatchError, match="microns_per_pixel|crop_pixels"):
             embed_sample(other_scale, store, encoder, settings, progress=False)
+
+
+def test_a_given_pixel_size_that_disagrees_with_the_stored_one_is_refused_unless_forced(demo_dir, tmp_path,
+                                                                                        capsys):
+    from embed.__main__ import main as embed_main
+    from submission.main import train
+
+    path = demo_dir / "demo1.zarr"  # stores 0.2125 um/px
+    with pytest.raises(DataError, match=r"demo1\.zarr.*given pixel size 5 um/px disagrees with the 0\.2125 um/px "
+                                        "stored"):
+        open_sample(path, microns_per_pixel=5)
+    assert open_sample(path, microns_per_pixel=5, force_microns_per_pixel=True).microns_per_pixel == 5
+    assert open_sample(path, microns_per_pixel=0.2126).microns_per_pixel == pytest.approx(0.2126)  # rounding
+
+    cache = tmp_path / "features.zarr"
+    assert embed_main(["--data", str(path), "--cache", str(cache), "--microns-per-pixel", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "5 um/px" in err and "0.2125 um/px" in err
+    assert not cache.exists()  # refused before anything was embedded
+    with pytest.raises(DataError, match="disagrees"):
+        train(str(demo_dir), str(tmp_path / "model"), microns_per_pixel=5)
 
 
 def test_crops_are_resampled_to_the_encoder_scale(demo_dir, tmp_path):

@@ -132,6 +132,24 @@ def test_h5ad_reader_xy_order_scalefactors_and_counts_layer(tmp_path, suffix):
     np.testing.assert_allclose(sample.expression.X, _expected_x(COUNTS[:, [1, 0, 2, 3, 4]]), rtol=1e-6)
 
 
+def test_h5ad_given_pixel_size_must_agree_with_the_stored_one(tmp_path):
+    import anndata as ad
+    from PIL import Image
+
+    table = ad.AnnData(X=COUNTS.astype(np.float32), var=pd.DataFrame(index=GENES))
+    table.obsm["spatial"] = _spot_centres_px()[:, ::-1]
+    table.uns["spatial"] = {"lib": {"scalefactors": {"spot_diameter_fullres": 2 * RADIUS_PX,
+                                                     "pixel_size_um_embedded": 0.5}}}
+    table.write_h5ad(tmp_path / "s.h5ad")
+    Image.fromarray(_he_image((400, 400), _spot_centres_px(), (1, 1, 1, 1))).save(tmp_path / "he.png")
+    with pytest.raises(DataError, match=r"s\.h5ad.*given pixel size 2 um/px disagrees with the 0\.5 um/px stored"):
+        read_h5ad_section(tmp_path / "s.h5ad", tmp_path / "he.png", microns_per_pixel=2.0)
+    assert read_h5ad_section(tmp_path / "s.h5ad", tmp_path / "he.png").microns_per_pixel == 0.5
+    forced = read_h5ad_section(tmp_path / "s.h5ad", tmp_path / "he.png", microns_per_pixel=2.0,
+                               force_microns_per_pixel=True)
+    assert forced.microns_per_pixel == 2.0
+
+
 def test_h5ad_without_pixel_size_is_refused(tmp_path):
     import anndata as ad
 
@@ -154,7 +172,10 @@ def test_gene_panel_ranks_by_depth_free_fractions(tmp_path):
                                                [90, 310, 410, 9, 1], [110, 290, 380, 20, 0]]))
     sections = [read_her2st_section(one), read_her2st_section(two)]
     assert choose_gene_panel(sections, n_genes=3) == ["A", "B", "C"]
-    assert choose_gene_panel(sections, n_genes=10) == ["A", "B", "C", "D"]  # common genes only
+    assert choose_gene_panel(sections, n_genes=4) == ["A", "B", "C", "D"]  # common genes only
+    with pytest.raises(DataError, match=r"S1/counts\.tsv\.gz.*S2/counts\.tsv\.gz.*panel of 10 genes.*only 4 genes "
+                                        "are common"):
+        choose_gene_panel(sections, n_genes=10)  # not silently 4
     assert choose_gene_panel(sections, genes=["D", "A"]) == ["D", "A"]  # explicit list kept in its order
 
 
@@ -246,10 +267,156 @@ def test_cli_her2st(her2st, tmp_path, capsys):
     assert (tmp_path / "out" / "S1.zarr").exists()
 
 
+@pytest.mark.parametrize("n_genes", ["0", "-5"])
+def test_cli_refuses_a_panel_of_no_genes(her2st, tmp_path, capsys, n_genes):
+    with pytest.raises(SystemExit) as exit_:
+        main(["her2st", "--src", str(her2st.parent), "--out", str(tmp_path / "out"), "--n-genes", n_genes])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert exit_.value.code == 2 and len(errors) == 1 and "--n-genes" in errors[0] and n_genes in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_more_genes_than_the_sections_share(her2st, tmp_path, capsys):
+    assert main(["her2st", "--src", str(her2st.parent), "--out", str(tmp_path / "out"), "--n-genes", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "20 genes" in err and "only 5 genes" in err
+    assert not (tmp_path / "out" / "S1.zarr").exists()
+
+
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["her2st", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and "nowhere" in error and error.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------ holding tissue out
+
+GRID = [(x, y) for y in range(1, 7) for x in range(1, 7)]  # 6 x 6 spots, 200 um apart: 1200 x 1200 px at 1 um/px
+
+
+def write_grid_sections(src: Path, names=("S1", "S2"), n_genes: int = 470, seed: int = 0) -> Path:
+    """her2st-like sections of 36 spots with `n_genes` genes (the fit expects 460): a dataset the whole pipeline
+    runs on in seconds."""
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i:03d}" for i in range(n_genes)]
+    levels = rng.gamma(1.0, 3.0, n_genes)
+    for name in names:
+        counts = rng.poisson(levels * rng.gamma(4.0, 0.25, (len(GRID), 1)))
+        write_her2st_folder(src / name, counts=counts, genes=genes, array=GRID, n_nuclei=[2] * len(GRID),
+                            image_shape=(1200, 1200))
+    return src
+
+
+def test_block_hold_out_is_deterministic_whole_blocks_alternately_test_and_validation():
+    from importers.hold_out import HoldOut, assign_spots
+
+    centres = _spot_centres_px(GRID).astype(float) * 0.6875  # um; spots on a pitch sit on block edges
+    rule = HoldOut(block_fraction=0.3, block_um=400 * 0.6875)
+    first = assign_spots("S1", centres, rule)
+    assert np.array_equal(first.group, assign_spots("S1", centres, rule).group)  # deterministic
+    held = first.held_out
+    assert held.sum() == 8  # 2 x 2 spot blocks: two of them (0.3 x 36 = 10.8; a third would overshoot)
+    assert sorted(set(first.group[held])) == ["test", "validation"]
+    for region in set(first.region[held]):
+        spots = first.region == region
+        assert spots.sum() == 4 and len(set(first.group[spots])) == 1  # whole blocks, one group each
+        assert np.ptp(centres[spots], axis=0).max() <= 200 * 0.6875 + 1e-6  # adjacent spots, one block
+    assert set(first.region[~held]) == {""}
+    other_seed = assign_spots("S1", centres, HoldOut(block_fraction=0.3, block_um=400 * 0.6875, seed=1))
+    assert not np.array_equal(other_seed.group, first.group)
+    whole = assign_spots("S2", centres, HoldOut(sections=("S2",)))
+    assert set(whole.group) == {"test"} and set(whole.region) == {"S2"}
+    with pytest.raises(DataError, match="one 5000 um block"):
+        assign_spots("S1", centres, HoldOut(block_fraction=0.3, block_um=5000))
+
+
+def test_held_out_nuclei_are_in_the_mask_not_in_anucleus_and_their_truth_is_kept(tmp_path):
+    import anndata as ad
+
+    from importers.hold_out import HoldOut
+
+    src = write_grid_sections(tmp_path / "src", names=("S1",), n_genes=8)
+    paths = import_sections([read_her2st_section(src / "S1")], tmp_path / "out", cells="nuclei", n_genes=8,
+                            hold_out=HoldOut(block_fraction=0.25, block_um=400))
+    (sample,) = open_samples(paths[0], n_genes=None)
+    spot_of = read_spot_ids(paths[0])
+    held = sample.groups[sample.groups != "train"]
+    assert len(held) and set(held) <= {"validation", "test"}
+    assert set(held.index) <= set(sample.nuclei()["cell_id"])  # in the mask
+    measured = set(sample.expression.obs["cell_id"])
+    assert not measured & set(held.index) and measured == set(sample.groups.index) - set(held.index)
+    for spot in set(spot_of):  # a spot's nuclei share its counts: all held out or none
+        assert len(set(sample.groups[spot_of.index[spot_of == spot]])) == 1
+
+    truth = ad.read_h5ad(tmp_path / "out" / "truth" / "S1.h5ad")
+    assert sorted(truth.obs["cell_id"]) == sorted(held.index)
+    assert (truth.obs.set_index("cell_id")["group"].loc[held.index] == held).all()
+    assert list(truth.var_names) == sample.genes
+    counts = read_her2st_section(src / "S1")
+    spot_counts = pd.DataFrame(counts.counts, index=counts.spot_ids, columns=counts.genes)[sample.genes]
+    expected = _expected_x(spot_counts.loc[spot_of.loc[truth.obs["cell_id"]]].to_numpy())
+    np.testing.assert_allclose(truth.X, expected, rtol=1e-5)  # each nucleus carries its spot's measurement
+
+    import_sections([read_her2st_section(src / "S1")], tmp_path / "out", cells="nuclei", n_genes=8)
+    assert not (tmp_path / "out" / "truth" / "S1.h5ad").exists()  # stale truth of the earlier import is gone
+
+
+def test_a_held_out_section_is_all_test_without_expression(tmp_path):
+    from importers.hold_out import HoldOut
+
+    src = write_grid_sections(tmp_path / "src", n_genes=8)
+    reports = import_sections_report([read_her2st_section(src / n) for n in ("S1", "S2")], tmp_path / "out",
+                                     n_genes=8, hold_out=HoldOut(sections=("S2",)))
+    assert reports[0].held_out == 0 and reports[1].held_out == reports[1].cells > 0
+    one, two = open_samples(tmp_path / "out", n_genes=None)
+    assert set(one.groups) == {"train"} and one.has_expression
+    assert set(two.groups) == {"test"} and not two.has_expression
+    assert sorted(p.name for p in (tmp_path / "out" / "truth").iterdir()) == ["S2.h5ad"]
+
+
+def test_round_trip_import_embed_fit_submit_score(tmp_path, capsys):
+    """Imported tissue, held out in blocks, goes through every stage's command and is scored by the project's
+    own metric: a model's file scores, the truth itself scores 1, a file missing rows is refused."""
+    from embed.__main__ import main as embed_main
+    from regress.__main__ import main as fit_main
+    from submission.__main__ import main as submit_main
+    from submission.score import main as score_main, score_submission
+    from submission.validate import main as validate_main
+    from submission.writer import write_submission
+    from submission.predict import SamplePredictions, finalise
+    from slidedata.truth import read_truth
+
+    src, data, out = write_grid_sections(tmp_path / "src"), tmp_path / "data", tmp_path / "outputs"
+    cache, model, csv = out / "features.zarr", out / "model", out / "submission.csv"
+    assert main(["her2st", "--src", str(src), "--out", str(data), "--hold-out-blocks", "0.25",
+                 "--hold-out-block-um", "400"]) == 0
+    assert "16 cells held out" in capsys.readouterr().out
+    assert embed_main(["--data", str(data), "--cache", str(cache), "--patch-sizes", "32", "64"]) == 0
+    assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(model), "--patch-sizes", "32",
+                     "64", "--models", "mean-profile", "ridge"]) == 0
+    assert submit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(model),
+                        "--out", str(csv)]) == 0
+    assert "S1: 8 held-out nuclei" in capsys.readouterr().out
+    assert validate_main([str(csv), "--data", str(data)]) == 0
+    capsys.readouterr()
+
+    assert score_main(["--submission", str(csv), "--truth", str(data / "truth"), "--data", str(data)]) == 0
+    printed = capsys.readouterr().out
+    assert "S1: 8 held-out nuclei in 2 region(s)" in printed and "official cell-wise Spearman" in printed
+    report = score_submission(csv, data / "truth", data)
+    assert -1 <= report.official <= 1 and report.mean_profile is not None
+
+    truth = read_truth(data / "truth")
+    perfect = [SamplePredictions(name, t.obs["cell_id"].to_numpy(np.int64), list(t.var_names), finalise(t.X))
+               for name, t in truth.items()]
+    write_submission(perfect, tmp_path / "perfect.csv")
+    assert score_submission(tmp_path / "perfect.csv", data / "truth").official > 0.99 > report.mean_profile
+
+    frame = pd.read_csv(csv)
+    frame.iloc[1:].to_csv(tmp_path / "short.csv", index=False)
+    assert score_main(["--submission", str(tmp_path / "short.csv"), "--truth", str(data / "truth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "1 of the" in err and "no prediction" in err
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -158,3 +158,109 @@ def test_anndata_output_and_spatialdata_table(demo_dir, embedded_cache, fitted, 
     assert table.n_obs == report.per_sample["demo1"] and table.n_vars == 460
     stored = sd.read_zarr(data / "demo1.zarr").tables["predicted_expression"]
     np.testing.assert_allclose(stored.X, table.X)
+
+
+# -- the model's panel, the sample's panel, and samples with nothing held out -----------------------------------
+
+def _rewrite_sample(source, folder, genes=None, all_train=False):
+    """`source` rewritten under `folder` (same image, mask and pixel size) with its genes renamed to `genes` and/or
+    every nucleus in group train."""
+    import anndata as ad
+
+    from slidedata import open_sample
+    from slidedata.writer import write_sample
+
+    sample = open_sample(source)
+    groups = pd.DataFrame({"cell_id": sample.groups.index.to_numpy(np.int64),
+                           "group": "train" if all_train else sample.groups.to_numpy()})
+    expression = None
+    if sample.has_expression:
+        names = list(genes or sample.genes)
+        expression = ad.AnnData(X=np.asarray(sample.expression.X), var=pd.DataFrame(index=names),
+                                obs=pd.DataFrame({"cell_id": sample.expression.obs["cell_id"].to_numpy(np.int64)},
+                                                 index=sample.expression.obs_names))
+    return write_sample(folder / f"{sample.name}.zarr", np.asarray(sample.image), np.asarray(sample.mask), groups,
+                        expression, chunk_size=256, microns_per_pixel=sample.microns_per_pixel)
+
+
+@pytest.fixture(scope="module")
+def other_panel(demo_dir, fitted, tmp_path_factory):
+    """demo1 measured on another panel: 403 of the model's 460 genes, and 57 it does not know."""
+    genes = list(fitted[2].genes)
+    renamed = genes[:403] + [f"OTHER{i}" for i in range(57)]
+    return _rewrite_sample(demo_dir / "demo1.zarr", tmp_path_factory.mktemp("other-panel"), renamed)
+
+
+def test_the_model_refuses_a_sample_measured_on_another_panel(other_panel, embedded_cache, fitted, tmp_path,
+                                                              capsys):
+    from slidedata.errors import DataError
+    from submission.__main__ import main as submission_main
+    from submission.main import infer
+
+    model_dir, _, predictor = fitted
+    missing = predictor.genes[403]
+    with pytest.raises(DataError, match=rf"demo1.*57 of the model's genes missing.*'{missing}'.*57 genes here.*"
+                                        r"'OTHER0'"):
+        make_submission(other_panel.parent, embedded_cache, model_dir, tmp_path / "s.csv")
+    with pytest.raises(DataError, match=r"sample demo1's gene panel differs.*'OTHER0'"):
+        infer(str(other_panel), str(model_dir))
+    assert not (tmp_path / "s.csv").exists()
+
+    rc = submission_main(["--data", str(other_panel.parent), "--cache", str(embedded_cache), "--model-dir",
+                          str(model_dir), "--out", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "demo1" in err
+
+
+def test_one_gene_rule_for_writer_and_validator(demo_dir, other_panel, submission_csv, fitted, tmp_path):
+    """The file is checked against the sample's own panel where it has one, the model's otherwise: rows of the
+    model's genes for a sample measured on another panel are invalid, even when the model's genes are passed."""
+    from submission.validate import expected_genes
+
+    model_genes = list(fitted[2].genes)
+    samples = open_samples(other_panel.parent)
+    assert expected_genes(samples, model_genes)["demo1"][-1] == "OTHER56"
+    frame = pd.read_csv(submission_csv)
+    frame[frame["sample"] == "demo1"].to_csv(tmp_path / "demo1.csv", index=False)
+    kinds = {p.kind for p in validate_submission(tmp_path / "demo1.csv", samples, model_genes)}
+    assert {"unknown genes", "missing rows"} <= kinds
+
+    # demo0 has no expression (like DC1): the model's panel is its panel.
+    demo0 = [s for s in open_samples(demo_dir) if s.name == "demo0"]
+    assert expected_genes(demo0, model_genes)["demo0"] == model_genes
+    frame[frame["sample"] == "demo0"].to_csv(tmp_path / "demo0.csv", index=False)
+    assert validate_submission(tmp_path / "demo0.csv", demo0, model_genes) == []
+    reversed_genes = model_genes[::-1]  # the rows name their genes: the order of a panel does not matter
+    assert validate_submission(tmp_path / "demo0.csv", demo0, reversed_genes) == []
+
+
+@pytest.fixture(scope="module")
+def nothing_held_out(demo_dir, tmp_path_factory):
+    """demo1 with every nucleus in train: what the spot importer writes unless told to hold tissue out."""
+    return _rewrite_sample(demo_dir / "demo1.zarr", tmp_path_factory.mktemp("all-train"), all_train=True)
+
+
+def test_no_held_out_nuclei_is_an_empty_valid_submission(nothing_held_out, embedded_cache, fitted, tmp_path, capsys):
+    from submission.__main__ import main as submission_main
+    from submission.main import infer
+
+    model_dir, _, predictor = fitted
+    frame = infer(str(nothing_held_out), str(model_dir))
+    assert frame.empty and list(frame.columns) == ["cell_id", "gene", "prediction"]
+    assert frame["cell_id"].dtype == np.int64 and frame["prediction"].dtype == np.float64
+    assert list(frame["gene"].cat.categories) == list(predictor.genes)
+
+    out = tmp_path / "submission.csv"
+    rc = submission_main(["--data", str(nothing_held_out.parent), "--cache", str(embedded_cache), "--model-dir",
+                          str(model_dir), "--out", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0 and "validation: ok" in printed.out
+    notices = [line for line in printed.err.splitlines() if line.startswith("notice: ")]
+    assert len(notices) == 1 and "no sample has held-out nuclei" in notices[0]
+    assert out.read_text() == ",".join(COLUMNS) + "\n"
+    assert validate_main([str(out), "--data", str(nothing_held_out.parent)]) == 0
+
+    report = make_submission(nothing_held_out.parent, embedded_cache, model_dir, tmp_path / "submission.parquet")
+    assert report.problems == [] and report.rows == 0
+    table = pd.read_parquet(tmp_path / "submission.parquet")
+    assert list(table.columns) == COLUMNS and len(table) == 0 and table["prediction"].dtype == np.float64
