@@ -18,6 +18,7 @@ PATCH_SIZES ?= 32 64 128 224
 MODELS      ?= mean-profile spatial-knn ridge ridge+context lightgbm lightgbm+context
 DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
+SUBMIT_ARGS ?=
 
 .PHONY: install demo embed fit submit test bench bench-embed bench-fit bench-real bench-scale clean
 
@@ -49,7 +50,7 @@ fit: $(STAMP)
 	  --patch-sizes $(PATCH_SIZES) --models $(MODELS)
 
 submit: $(STAMP)
-	$(PY) -m submission --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --out $(SUBMISSION)
+	$(PY) -m submission --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --out $(SUBMISSION) $(SUBMIT_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
     parser.add_argument("--model-dir", default="outputs/model", help="the fitted model (make fit)")
     parser.add_argument("--out", default="outputs/submission.csv", help="the submission file, .csv or .parquet")
     parser.add_argument("--anndata", help="also write one <sample>.h5ad of predictions per sample here")
+    parser.add_argument("--maps", metavar="DIR",
+                        help="also draw each sample's predicted expression on its tissue here (<sample>.png)")
     parser.add_argument("--into-spatialdata", action="store_true",
                         help="also add the predictions as table 'predicted_expression' to each sample zarr")
     add_debug_flag(parser)
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
 
     def stage() -> int:
         report = make_submission(args.data, args.cache, args.model_dir, args.out, args.anndata,
-                                 args.into_spatialdata)
+                                 args.into_spatialdata, args.maps)
         for sample, n in report.per_sample.items():
             print(f"{sample}: {n} held-out nuclei")
         if report.problems:

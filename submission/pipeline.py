@@ -23,16 +23,18 @@ class SubmissionReport:
 
 
 def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, out: str | Path,
-                    anndata_dir: str | Path | None = None, into_spatialdata: bool = False) -> SubmissionReport:
+                    anndata_dir: str | Path | None = None, into_spatialdata: bool = False,
+                    maps_dir: str | Path | None = None) -> SubmissionReport:
     """Predict, write the 4-column file (CSV or Parquet by suffix) and validate it before it is renamed into place
-    (an invalid file never reaches `out`), optionally AnnData too.
+    (an invalid file never reaches `out`), optionally AnnData and maps of the predictions (`maps_dir`) too.
 
     Every output location (`out`, `anndata_dir`, the sample zarrs `into_spatialdata` writes into) is checked before
     any work: one that cannot be written is refused then, not after the predictions.
     """
     check_writable(out, folder=False)
-    if anndata_dir is not None:
-        check_writable(anndata_dir)
+    for folder in (anndata_dir, maps_dir):
+        if folder is not None:
+            check_writable(folder)
     predictor = ModelDir(model_dir).load_predictor()
     store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error, never created
     samples = open_samples(data)
@@ -57,4 +59,8 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
 
         for sample, p in zip(samples, predictions):
             add_to_spatialdata(sample.path, p)
+    if maps_dir is not None:
+        from submission.maps import write_prediction_maps
+
+        write_prediction_maps(predictions, samples, store, maps_dir)
     return SubmissionReport(path, sum(p.n_rows for p in predictions), per_sample, [])

@@ -264,3 +264,30 @@ def test_no_held_out_nuclei_is_an_empty_valid_submission(nothing_held_out, embed
     assert report.problems == [] and report.rows == 0
     table = pd.read_parquet(tmp_path / "submission.parquet")
     assert list(table.columns) == COLUMNS and len(table) == 0 and table["prediction"].dtype == np.float64
+
+
+def test_the_fit_and_the_submission_draw_maps(demo_dir, embedded_cache, fitted, tmp_path):
+    from matplotlib.image import imread
+
+    from submission.pipeline import make_submission
+
+    model_dir = fitted[0]
+    drawn = imread(model_dir / "maps.png")  # measured vs predicted on held-out tissue, H&E beside
+    assert drawn.shape[0] > 200 and drawn.shape[1] > 600
+    report = make_submission(demo_dir, embedded_cache, model_dir, tmp_path / "s.csv", maps_dir=tmp_path / "maps")
+    assert report.problems == []
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["demo0.png", "demo1.png", "demo2.png"]
+    assert imread(tmp_path / "maps" / "demo0.png").shape[1] > 600  # DC1-like: predictions only, still drawn
+
+
+def test_maps_show_the_best_and_worst_predicted_genes_never_a_constant_one():
+    from regress.plots import informative_genes, most_variable_predicted
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((50, 5))
+    truth[:, 3] = 1.0  # constant: no correlation to show
+    predictions = np.c_[truth[:, 0], rng.random(50), -truth[:, 2], rng.random(50), truth[:, 4] + rng.random(50)]
+    chosen = informative_genes(truth, predictions, n=1)
+    assert chosen == [0, 2]  # r = 1 and r = -1
+    assert 3 not in informative_genes(truth, predictions, n=2)
+    assert most_variable_predicted(np.c_[np.zeros(10), np.arange(10), np.arange(10) * 3], 2) == [2, 1]
