@@ -52,8 +52,10 @@ fit: $(STAMP)
 submit: $(STAMP)
 	$(PY) -m submission --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --out $(SUBMISSION) $(SUBMIT_ARGS)
 
+# Both cores (pytest-xdist; TEST_WORKERS=0 runs in one process); tests go to whichever worker is free.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 bench: bench-embed bench-fit
 

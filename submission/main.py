@@ -31,11 +31,12 @@ from submission.writer import long_blocks
 def train(data_directory_path: str, model_directory_path: str, encoder: str | None = None,
           weights: str | None = None, cache_directory_path: str | None = None,
           models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None,
-          force_microns_per_pixel: bool = False) -> None:
+          force_microns_per_pixel: bool = False, patch_sizes: tuple | None = None) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder.
 
     `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
-    unless `force_microns_per_pixel`."""
+    unless `force_microns_per_pixel`. `patch_sizes`: the context sizes (default: DEFAULT_PATCH_SIZES); `infer`
+    embeds new samples at the same ones."""
     model_dir = ModelDir(check_writable(model_directory_path))  # before any work, as the stages check
     if cache_directory_path:
         check_writable(cache_directory_path)
@@ -47,11 +48,12 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
     with _cache(cache_directory_path) as cache:
         module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
         store = FeatureStore(cache)
-        settings = EmbedSettings(patch_sizes=DEFAULT_PATCH_SIZES)
+        settings = EmbedSettings(patch_sizes=patch_sizes or DEFAULT_PATCH_SIZES)
         for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel,
                                    force_microns_per_pixel=force_microns_per_pixel):
             embed_sample(sample, store, module, settings, progress=True)
-        fit_settings = FitSettings(features=replace(default_features(), encoder=encoder),
+        fit_settings = FitSettings(features=replace(default_features(), encoder=encoder,
+                                                    patch_sizes=settings.patch_sizes),
                                    **({"models": tuple(models)} if models else {}))
         fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings)
 

@@ -238,7 +238,11 @@ def test_disk_full_during_embed_is_one_line_and_the_cache_resumes(demo_dir, tmp_
 # ------------------------------------------------------------------------------ 9: a scheduler that is not there
 
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1:9", "notanaddress"])
-def test_unreachable_scheduler_is_one_line_within_seconds(address, demo_dir, embedded_cache, tmp_path, capsys):
+def test_unreachable_scheduler_is_one_line_within_seconds(address, demo_dir, embedded_cache, tmp_path, capsys,
+                                                          monkeypatch):
+    import regress.tasks
+
+    monkeypatch.setattr(regress.tasks, "CONNECT_TIMEOUT_S", 1)  # the default (5 s) only makes the test slower
     start = time.perf_counter()
     argv = ["--data", str(demo_dir), "--cache", str(embedded_cache), "--model-dir", str(tmp_path / "model"),
             "--models", "mean-profile", "--scheduler", address]
@@ -255,7 +259,8 @@ def test_cluster_tasks_send_no_large_graph():
     from regress.tasks import compute
 
     big = np.ones(2_000_000)  # 16 MB, shared by every call like a source with the axes of wide blocks
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    # worker processes: an in-process cluster's event loop sometimes failed to start after other tests' clients
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results = compute(_weighed, [(big, i) for i in range(3)], cluster.scheduler_address, "t", progress=False)

@@ -1,10 +1,12 @@
 """Each damaged or changed input of issue 10, on a copy of the demo fixture: a clear one-line error, or a recompute."""
 
-import os
+import contextlib
+import importlib
+import io
 import shutil
-import subprocess
-import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -32,9 +34,20 @@ def _chunk_with_nuclei(sample_path: Path) -> str:
     return chunks[len(chunks) // 2]
 
 
-def _run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+def _run_cli(module: str, *args: str) -> SimpleNamespace:
+    """`python -m module args` in this process (a fresh interpreter would spend seconds importing torch): its exit
+    status and what it printed; an exception that escapes `main` is printed as the interpreter would."""
+    main = importlib.import_module(f"{module}.__main__").main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_missing_image_chunk_is_named(demo_dir, tmp_path):

@@ -32,7 +32,8 @@ def test_neural_encoder_weights_travel_with_the_model(demo_dir, tmp_path, monkey
     monkeypatch.setitem(ENCODERS, TINY_VIT.name, TINY_VIT)
     weights = _save_hub_layout(_fresh(TINY_VIT, seed=5), tmp_path / "hub", TINY_VIT.architecture)
     model_dir = tmp_path / "model"
-    train(str(demo_dir), str(model_dir), encoder=TINY_VIT.name, weights=str(weights), models=("ridge",))
+    train(str(demo_dir), str(model_dir), encoder=TINY_VIT.name, weights=str(weights), models=("ridge",),
+          patch_sizes=(48,))
     assert (model_dir / "encoder" / "model.safetensors").exists()
 
     import shutil
