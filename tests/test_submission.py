@@ -284,10 +284,13 @@ def test_maps_show_the_best_and_worst_predicted_genes_never_a_constant_one():
     from regress.plots import informative_genes, most_variable_predicted
 
     rng = np.random.default_rng(0)
-    truth = rng.random((50, 5))
+    truth = rng.random((50, 6))
     truth[:, 3] = 1.0  # constant: no correlation to show
-    predictions = np.c_[truth[:, 0], rng.random(50), -truth[:, 2], rng.random(50), truth[:, 4] + rng.random(50)]
+    truth[:, 5] = 0.0
+    truth[:2, 5] = 1.0  # measured in 2 nuclei of 50: no colour scale (its 98th percentile is 0)
+    predictions = np.c_[truth[:, 0], rng.random(50), -truth[:, 2], rng.random(50), truth[:, 4] + rng.random(50),
+                        -truth[:, 5]]
     chosen = informative_genes(truth, predictions, n=1)
-    assert chosen == [0, 2]  # r = 1 and r = -1
-    assert 3 not in informative_genes(truth, predictions, n=2)
+    assert chosen == [0, 2]  # r = 1 and r = -1 (gene 5's r = -1 is not shown: nothing to see)
+    assert not {3, 5} & set(informative_genes(truth, predictions, n=2))
     assert most_variable_predicted(np.c_[np.zeros(10), np.arange(10), np.arange(10) * 3], 2) == [2, 1]
