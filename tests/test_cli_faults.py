@@ -299,6 +299,25 @@ def test_embed_cli_refuses_a_rank_outside_the_world(capsys, monkeypatch):
     usage_error(capsys, embed_main, ["--data", "x"], "rank", "world_size")
 
 
+@pytest.mark.parametrize("value", ["-5", "0"])
+def test_a_context_radius_that_is_not_positive_is_refused(capsys, value):
+    """It used to be accepted and to turn +context into the plain model without a word."""
+    from regress.features import FeatureSpec
+
+    usage_error(capsys, regress_main, ["--data", "x", "--context-radius", value], "--context-radius")
+    with pytest.raises(ValueError, match="context_radius"):
+        FeatureSpec(context_radius=float(value))
+
+
+def test_the_fit_says_which_model_it_saved_and_why(demo_dir, embedded_cache, tmp_path, capsys):
+    argv = ["--data", str(demo_dir), "--cache", str(embedded_cache), "--model-dir", str(tmp_path / "model"),
+            "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--models", "mean-profile", "ridge", "--protocol", "loso"]
+    assert regress_main(argv) == 0
+    saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved: ")]
+    assert len(saved) == 1 and ", because " in saved[0], saved  # e.g. the one-standard-error rule's verdict
+    assert "standard error" in saved[0] or "best held-out score" in saved[0]
+
+
 def test_context_k_zero_with_a_context_model_is_one_line(capsys):
     line = usage_error(capsys, regress_main, ["--data", "x", "--context-k", "0", "--models", "ridge+context"],
                        "+context")
