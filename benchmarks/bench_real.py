@@ -31,6 +31,7 @@ from regress.catalogue import model_inputs
 from regress.engine import HeldOutPredictions, evaluate, select_and_fit
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
 from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson
+from regress.plots import informative_genes, plot_maps
 from regress.settings import FitSettings
 from regress.source import CacheSource
 from slidedata.sample import open_samples
@@ -224,39 +225,6 @@ def plot_scores(results: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_maps(coords: np.ndarray, truth: np.ndarray, predictions: np.ndarray, genes: list[str], section: str,
-              path: Path, n: int = 3) -> None:
-    """Measured (top) and predicted (bottom) expression of the n best and n worst predicted genes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    per_gene = genewise_pearson(truth, predictions)
-    variable = truth.std(0) > 0
-    order = np.argsort(np.where(variable, per_gene, np.nan))
-    order = order[~np.isnan(np.where(variable, per_gene, np.nan)[order])]
-    chosen = list(order[::-1][:n]) + list(order[:n])
-    fig, axes = plt.subplots(2, len(chosen), figsize=(2.6 * len(chosen), 5.4))
-    for column, gene in enumerate(chosen):
-        low, high = np.percentile(truth[:, gene], [2, 98])
-        for row, (values, label) in enumerate(((truth, "measured"), (predictions, "predicted"))):
-            ax = axes[row, column]
-            ax.scatter(coords[:, 1], coords[:, 0], c=values[:, gene], s=6, cmap="magma", vmin=low, vmax=high)
-            ax.set_aspect("equal")
-            ax.invert_yaxis()
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"{genes[gene]}\nr = {per_gene[gene]:.2f}", fontsize=9)
-            if column == 0:
-                ax.set_ylabel(label)
-    fig.suptitle(f"held-out section {section}: best and worst predicted genes (selected model)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--her2st", type=Path, default=Path(os.environ.get("HER2ST_DIR", DEFAULT_HER2ST)))
@@ -290,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     plot_scores(results, args.out / "scores.png")
     for mode in args.modes:
         if args.map_section in maps_by_mode[mode]:
-            plot_maps(*maps_by_mode[mode][args.map_section], args.map_section, args.out / f"maps-{mode}.png")
+            coords, truth, predictions, genes = maps_by_mode[mode][args.map_section]
+            plot_maps(coords, predictions, genes, informative_genes(truth, predictions), args.out / f"maps-{mode}.png",
+                      f"held-out section {args.map_section}: best and worst predicted genes (selected model)",
+                      truth=truth)
     with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200,
                            "display.max_rows", 500):
         print("\nper held-out section:")

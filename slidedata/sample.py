@@ -112,7 +112,7 @@ class Sample:
         row_of = pd.Index(self.expression.obs["cell_id"].to_numpy(np.int64))
         rows = row_of.get_indexer(cell_ids)
         measured = rows >= 0
-        out[measured] = _dense(self.expression.X[rows[measured]])
+        out[measured] = dense(self.expression.X[rows[measured]])
         return out, measured
 
     def group_of(self, cell_ids: np.ndarray) -> np.ndarray:
@@ -394,7 +394,7 @@ def _expression(sdata, path: Path, n_genes: int | None) -> ad.AnnData | None:
         raise DataError(path, EXPRESSION, "obs has no 'cell_id' column")
     if n_genes is not None and table.n_vars != n_genes:
         raise DataError(path, EXPRESSION, f"expected {n_genes} genes, found {table.n_vars}")
-    values = _dense(table.X)
+    values = dense(table.X)
     if np.isnan(values).any():
         raise DataError(path, EXPRESSION, f"X holds {int(np.isnan(values).sum())} NaN value(s)")
     if (values < 0).any():
@@ -421,7 +421,7 @@ def _check_normalisation(path: Path, values: np.ndarray, counts) -> None:
     unit = f"log1p(counts / total * {SCALE_FACTOR})"
     if counts is not None:
         rows = np.unique(np.linspace(0, values.shape[0] - 1, min(ROWS_CHECKED, values.shape[0])).astype(np.int64))
-        raw = _dense(counts[rows]).astype(np.float64)
+        raw = dense(counts[rows]).astype(np.float64)
         if (raw < 0).any():
             raise DataError(path, EXPRESSION, f"layers['counts'] holds negative values (e.g. {raw[raw < 0][0]:g}); "
                                               "counts cannot be negative")
@@ -483,10 +483,11 @@ def _block_description(array: da.Array, block: tuple[int, ...], files: ChunkFile
     return f"the chunk at rows {y0}:{y1}, columns {x0}:{x1}"
 
 
-def _dense(matrix) -> np.ndarray:
+def dense(matrix, dtype=np.float32) -> np.ndarray:
+    """A table's X (or a layer), sparse or not, as a dense array."""
     if hasattr(matrix, "toarray"):
         matrix = matrix.toarray()
-    return np.asarray(matrix, dtype=np.float32)
+    return np.asarray(matrix, dtype=dtype)
 
 
 def _read_padded(array: da.Array, y0: int, y1: int, x0: int, x1: int, pad_mode: str, constant: int) -> np.ndarray:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from regress.metrics import cellwise_spearman, official_score
 from slidedata.errors import DataError
-from slidedata.sample import open_samples
+from slidedata.sample import dense, open_samples
 from slidedata.truth import REGION, read_truth
 from submission.predict import finalise
 from submission.writer import read_submission_blocks
@@ -57,7 +57,7 @@ def score_submission(submission: str | Path, truth: str | Path, data: str | Path
     profile = _mean_profile(data) if data is not None else None
     rows, per_nucleus, mean_per_nucleus, samples, regions = [], [], [], [], []
     for name, table in tables.items():
-        truth_values = _dense(table.X)
+        truth_values = dense(table.X, np.float64)
         score = cellwise_spearman(truth_values, predicted[name])
         region = table.obs[REGION].astype(str).to_numpy()
         row = {"sample": name, "nuclei": len(score), "regions": len(set(region)),
@@ -104,19 +104,13 @@ def _mean_profile(data: str | Path) -> pd.Series:
         if not sample.has_expression:
             continue
         train = sample.expression.obs["cell_id"].map(sample.groups).to_numpy() == "train"
-        values = _dense(sample.expression.X)[train]
+        values = dense(sample.expression.X, np.float64)[train]
         total = values.sum(axis=0, dtype=np.float64) + (0 if total is None else total)
         count += len(values)
         genes = sample.genes
     if not count:
         raise DataError(data, "anucleus", "no measured training nucleus to take a mean profile from")
     return pd.Series(total / count, index=genes)
-
-
-def _dense(matrix) -> np.ndarray:
-    if hasattr(matrix, "toarray"):
-        matrix = matrix.toarray()
-    return np.asarray(matrix, dtype=np.float64)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission.score") -> int:
