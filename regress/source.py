@@ -17,7 +17,7 @@ from regress.features import REDUCER_ROWS, FeatureReducer, FeatureSpec, sample_f
 from regress.tasks import compute
 from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
-from slidedata.sample import EXPRESSION, GROUPS, open_sample, sample_paths
+from slidedata.sample import EXPRESSION, GROUPS, check_panel, open_sample, sample_paths
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,15 @@ class CacheSource:
         """Check every sample in turn (never two at once) against the first, then fit the principal axes of the
         wide feature blocks (`reducer`, unless given) from a bounded subsample of every sample's rows."""
         store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error
-        samples, genes, settings, first = [], None, None, None
+        samples, genes, settings, first, first_file = [], None, None, None, None
         for path in sample_paths(data):
             sample = open_sample(path)
             if not sample.has_expression:  # like DC1: can neither train nor score a model
                 continue
-            if genes is None:
-                genes, first = sample.genes, sample.name
-            elif sample.genes != genes:
-                raise DataError(sample.path, EXPRESSION, f"genes differ from {first}'s (names or order)")
+            if genes is None:  # the panel comes from the data: the first sample with expression sets it
+                genes, first, first_file = sample.genes, sample.name, sample.path.name
+            else:
+                check_panel(sample, genes, first_file)
             nuclei = store.nuclei(sample, if_changed="raise")
             if settings is None:
                 settings = store.settings(sample.name, spec.keys)
@@ -126,7 +126,7 @@ class CacheSource:
         return replace(self, samples=[replace(s, code=i) for i, s in enumerate(chosen)])
 
     def matrix(self, info: SampleInfo) -> SampleMatrix:
-        sample = open_sample(info.path, n_genes=None)
+        sample = open_sample(info.path)
         store = FeatureStore(self.cache, create=False)
         nuclei = store.nuclei(sample, if_changed="raise")
         cell_ids = nuclei["cell_id"].to_numpy(np.int64)

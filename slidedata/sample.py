@@ -25,7 +25,9 @@ IMAGE = "HE_original"
 MASK = "HE_nuc_original"
 EXPRESSION = "anucleus"
 GROUPS = "cell_id-group"
-N_GENES = 460
+# The challenge's panel (10x Xenium, Crunch 1): the demo's default and the spot importer's default panel size. Nothing
+# requires it: a sample's panel is whatever its `anucleus` holds.
+CHALLENGE_N_GENES = 460
 GROUP_NAMES = ("train", "validation", "test")
 HELD_OUT_GROUPS = ("validation", "test")
 SAMPLE_SUFFIX = ".zarr"
@@ -191,9 +193,10 @@ class Sample:
                         self.path, int(unlisted.sum()), GROUPS)
 
 
-def open_sample(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None,
+def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel: float | None = None,
                 force_microns_per_pixel: bool = False) -> Sample:
-    """Open and validate one sample zarr. `n_genes=None` accepts any gene panel size.
+    """Open and validate one sample zarr. Its gene panel is the one its `anucleus` holds, of any size; `n_genes`
+    demands a panel of exactly that many genes (a DataError naming the file otherwise).
 
     The pixel size is the one stored with the sample (a 'microns' coordinate system); `microns_per_pixel` gives it
     for samples that store none. A given size that disagrees with a stored one is refused (DataError naming both)
@@ -260,10 +263,11 @@ def sample_paths(path: str | Path) -> list[Path]:
     return found
 
 
-def open_samples(path: str | Path, n_genes: int | None = N_GENES, microns_per_pixel: float | None = None,
+def open_samples(path: str | Path, n_genes: int | None = None, microns_per_pixel: float | None = None,
                  force_microns_per_pixel: bool = False) -> list[Sample]:
     """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name (all held open: the fit stage
-    opens one at a time instead, see `regress.source.CacheSource`)."""
+    opens one at a time instead, see `regress.source.CacheSource`). The samples with expression must share one
+    panel (`check_same_genes`); `n_genes` as in `open_sample`."""
     samples = [open_sample(p, n_genes, microns_per_pixel, force_microns_per_pixel) for p in sample_paths(path)]
     check_same_genes(samples)
     return samples
@@ -273,17 +277,34 @@ def check_same_genes(samples: list[Sample]) -> None:
     """Every sample with expression has the same genes in the same order (before any stage spends time on them)."""
     measured = [s for s in samples if s.has_expression]
     for sample in measured[1:]:
-        reference, genes = measured[0].genes, sample.genes
-        if genes == reference:
-            continue
-        if sorted(genes) == sorted(reference):
-            first = next(i for i, (a, b) in enumerate(zip(genes, reference)) if a != b)
-            problem = (f"the same genes as {measured[0].path.name} but in another order (position {first}: "
-                       f"'{genes[first]}' here, '{reference[first]}' there)")
-        else:
-            only_here = sorted(set(genes) - set(reference))[:5]
-            problem = f"genes differ from {measured[0].path.name}'s (e.g. only here: {only_here})"
+        check_panel(sample, measured[0].genes, measured[0].path.name)
+
+
+def check_panel(sample: Sample, reference: list[str], reference_name: str) -> None:
+    """`sample`'s genes are `reference` (the panel of `reference_name`, e.g. the first training sample), in the same
+    order: the fit stacks samples column by column, so a reordered panel would train every gene on another's
+    values. A DataError naming the sample's file and the first difference otherwise."""
+    problem = _panel_difference(sample.genes, reference, reference_name)
+    if problem is not None:
         raise DataError(sample.path, EXPRESSION, problem)
+
+
+def _panel_difference(genes: list[str], reference: list[str], reference_name: str) -> str | None:
+    """What differs between the panel `genes` and `reference` (the panel of `reference_name`), from the first
+    position where they differ; None where they are the same genes in the same order."""
+    genes, reference = list(genes), list(reference)
+    if genes == reference:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(genes, reference)) if a != b), min(len(genes), len(reference)))
+    here = f"'{genes[first]}'" if first < len(genes) else "no gene"
+    there = f"'{reference[first]}'" if first < len(reference) else "no gene"
+    where = f"first difference at position {first}: {here} here, {there} in {reference_name}"
+    if sorted(genes) == sorted(reference):
+        return f"the same genes as {reference_name} but in another order ({where})"
+    only_here, only_there = sorted(set(genes) - set(reference)), sorted(set(reference) - set(genes))
+    return (f"gene panel differs from {reference_name}'s: {len(genes)} genes here, {len(reference)} there ({where}; "
+            f"{len(only_here)} only here, e.g. {only_here[:5]}; {len(only_there)} only there, e.g. {only_there[:5]}). "
+            "Every sample with expression needs the same genes in the same order: import them with one panel")
 
 
 def _check_missing_image_chunks(path: Path, image_files: ChunkFiles | None, mask_files: ChunkFiles | None) -> None:

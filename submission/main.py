@@ -64,7 +64,7 @@ def infer(data_file_path: str, model_directory_path: str, cache_directory_path: 
     predictor = model_dir.load_predictor()
     recorded = predictor.embed_settings
     # The pixel size the model was trained with serves samples that store none (sizes in microns need it).
-    sample = open_sample(data_file_path, n_genes=None)
+    sample = open_sample(data_file_path)
     check_gene_panel(predictor.genes, sample)  # before any embedding
     if not sample.groups.isin(HELD_OUT_GROUPS).any():  # nothing to predict, so nothing to embed
         return _long_frame(predict_held_out(predictor, None, sample))

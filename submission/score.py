@@ -100,7 +100,7 @@ def _fill(block: pd.DataFrame, wanted: dict, predicted: dict) -> None:
 def _mean_profile(data: str | Path) -> pd.Series:
     """The mean expression of every measured training nucleus of the samples under `data` (the mean-profile model)."""
     total, count, genes = None, 0, None
-    for sample in open_samples(data, n_genes=None):
+    for sample in open_samples(data):
         if not sample.has_expression:
             continue
         train = sample.expression.obs["cell_id"].map(sample.groups).to_numpy() == "train"
