@@ -37,7 +37,7 @@ from importers.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
 from importers.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
 from slidedata.cli import positive_float, positive_int
 from slidedata.errors import DataError
-from slidedata.sample import GROUP_NAMES, GROUPS, N_GENES, SAMPLE_SUFFIX
+from slidedata.sample import CHALLENGE_N_GENES, GROUP_NAMES, GROUPS, SAMPLE_SUFFIX
 from slidedata.truth import REGION, TRUTH_FOLDER, remove_truth, write_truth
 from slidedata.writer import anucleus_table, write_sample
 
@@ -87,8 +87,9 @@ def choose_gene_panel(sections: Sequence[SpotSection], genes: Sequence[str] | No
                       n_genes: int | None = None, ranked: Sequence[SpotSection] | None = None) -> list[str]:
     """The given gene list (every entry checked in every section), else the `n_genes` most expressed genes common
     to all sections. Asking for more genes than they have in common is an error naming both numbers (a silently
-    smaller panel than asked would only be found later); by default (None) the panel is the N_GENES (460, the
-    challenge's) most expressed, or every common gene where there are fewer.
+    smaller panel than asked would only be found later); by default (None) the panel is the CHALLENGE_N_GENES
+    (460) most expressed, or every common gene where there are fewer: the pipeline takes any panel, but spot data
+    covers the whole transcriptome (~20,000 genes), which would multiply the fit's memory and time.
 
     Rank: mean over sections (`ranked`, default all; the importer passes the training spots only, so held-out
     measurements do not choose the genes) of each section's mean per-spot expression fraction (count / spot total).
@@ -110,7 +111,7 @@ def choose_gene_panel(sections: Sequence[SpotSection], genes: Sequence[str] | No
     if not common:
         raise DataError(files, "genes", "no gene is common to all sections")
     if n_genes is None:
-        n_genes = min(N_GENES, len(common))
+        n_genes = min(CHALLENGE_N_GENES, len(common))
     elif n_genes > len(common):
         raise DataError(files, "genes", f"a panel of {n_genes} genes was asked for (--n-genes), but only "
                                         f"{len(common)} genes are common to all sections: ask for at most that many")
@@ -312,9 +313,9 @@ def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
                               "h5ad: one that disagrees with a stored size is refused)")
         sub.add_argument("--genes-file", type=Path, help="gene panel, one name per line (default: most expressed)")
         sub.add_argument("--n-genes", type=positive_int,
-                         help=f"panel size when no --genes-file (default: the {N_GENES} most expressed, what the fit "
-                              "expects, or every common gene where fewer); asking for more genes than the sections "
-                              "have in common is an error")
+                         help=f"panel size when no --genes-file (default: the {CHALLENGE_N_GENES} most expressed, the "
+                              "challenge's panel size, or every common gene where fewer); asking for more genes than "
+                              "the sections have in common is an error")
         sub.add_argument("--min-counts", type=non_negative_int, default=DEFAULT_MIN_COUNTS,
                          help="drop spots with fewer counts over all genes (defective array positions)")
         sub.add_argument("--group", choices=GROUP_NAMES, default="train", help="group of every imported cell")

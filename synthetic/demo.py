@@ -25,7 +25,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from tqdm.auto import tqdm
 
-from slidedata.sample import N_GENES
+from slidedata.sample import CHALLENGE_N_GENES
 from slidedata.writer import anucleus_table, write_sample_tables_after
 from synthetic.tissue import CELL_TYPES, LYMPHOCYTE, Scene, demo_shape, make_scene, render_image, render_mask
 
@@ -40,6 +40,9 @@ RENDER_TILE = 1024  # px: a chunk is rendered in tiles of at most this edge (bou
 EXPRESSION_BLOCK = 4096  # nuclei per seeded block of expression noise: any subset of rows gets the same values
 # The smallest slides the CLI writes: with fewer nuclei or a smaller slide the simulation fails (5 nuclei, 64 px did).
 MIN_NUCLEI, MIN_EDGE = 20, 256
+# Each cell type's markers and the inflammation programme are drawn as at least 3 distinct genes
+# (`_gene_programmes`): a smaller panel cannot hold them.
+MIN_GENES = 3
 
 
 def _gene_programmes(rng: np.random.Generator, n_genes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,7 +68,7 @@ def lymphocyte_fraction(scene: Scene, rows: np.ndarray) -> np.ndarray:
     return (scene.types[neighbours[:, 1:]] == LYMPHOCYTE).mean(axis=1)
 
 
-def simulate_counts(scene: Scene, rows: np.ndarray, n_genes: int = N_GENES) -> np.ndarray:
+def simulate_counts(scene: Scene, rows: np.ndarray, n_genes: int = CHALLENGE_N_GENES) -> np.ndarray:
     """Sparse counts (len(rows), n_genes) int32: type markers + an inflammation programme driven by the lymphocyte
     fraction around each cell. Drawn in fixed seeded blocks of nuclei, so memory is bounded and a nucleus's counts
     do not depend on which other rows are asked for."""
@@ -92,7 +95,7 @@ def simulate_counts(scene: Scene, rows: np.ndarray, n_genes: int = N_GENES) -> n
     return out
 
 
-def simulate_tissue(n_nuclei: int, seed: int, n_genes: int = N_GENES) -> dict:
+def simulate_tissue(n_nuclei: int, seed: int, n_genes: int = CHALLENGE_N_GENES) -> dict:
     """Image, mask, per-nucleus types and counts of one small synthetic sample, rendered in one piece in memory."""
     scene = make_scene(demo_shape(n_nuclei), n_nuclei, seed)
     height, width = scene.shape
@@ -132,7 +135,7 @@ def real_density_nuclei(height: int, width: int) -> int:
 
 
 def make_sample(path: str | Path, seed: int, height: int = REAL_SHAPE[0], width: int = REAL_SHAPE[1],
-                n_nuclei: int | None = None, with_expression: bool = True, n_genes: int = N_GENES,
+                n_nuclei: int | None = None, with_expression: bool = True, n_genes: int = CHALLENGE_N_GENES,
                 unmeasured_train_fraction: float = 0.02, chunk_size: int = REAL_CHUNK,
                 progress: bool = False) -> Path:
     """Simulate and write one sample of any size, chunk by chunk (peak memory independent of the slide's size but
@@ -210,7 +213,7 @@ def expression_table(cell_ids: np.ndarray, counts: np.ndarray, y: np.ndarray, x:
 
 
 def make_demo_sample(path: str | Path, seed: int, n_nuclei: int = 3000, with_expression: bool = True,
-                     n_genes: int = N_GENES, unmeasured_train_fraction: float = 0.02,
+                     n_genes: int = CHALLENGE_N_GENES, unmeasured_train_fraction: float = 0.02,
                      chunk_size: int = 512) -> Path:
     """One demo sample: the demo's tissue geometry (17 px between nucleus sites) for about `n_nuclei` nuclei."""
     height, width = demo_shape(n_nuclei)
@@ -222,11 +225,13 @@ DEMO_SAMPLES = (("demo1", 1, True), ("demo2", 2, True), ("demo0", 3, False))
 
 
 def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, chunk_size: int = 512,
-                      progress: bool = False) -> list[Path]:
-    """Two samples with expression and one without (like DC1), deterministic from `seed`."""
+                      progress: bool = False, n_genes: int = CHALLENGE_N_GENES) -> list[Path]:
+    """Two samples with expression and one without (like DC1), deterministic from `seed`, sharing one panel of
+    `n_genes` genes (GENE000...)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return [make_demo_sample(folder / f"{name}.zarr", seed * 1000 + offset, n_nuclei, with_expr, chunk_size=chunk_size)
+    return [make_demo_sample(folder / f"{name}.zarr", seed * 1000 + offset, n_nuclei, with_expr, n_genes,
+                             chunk_size=chunk_size)
             for name, offset, with_expr in tqdm(DEMO_SAMPLES, desc="demo samples", disable=not progress)]
 
 
@@ -250,6 +255,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m synthetic.demo") 
                         help="--size real: slide width, px")
     parser.add_argument("--name", default="UC1_I", help="--size real: the sample's name")
     parser.add_argument("--no-expression", action="store_true", help="--size real: no anucleus table (like DC1)")
+    parser.add_argument("--n-genes", type=int_at_least(MIN_GENES), default=CHALLENGE_N_GENES,
+                        help="genes in the panel (GENE000...), the same in every sample")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="the same seed writes the same data")
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help=f"zarr chunk edge of image and mask, px (demo: 512; real: {REAL_CHUNK})")
@@ -260,11 +267,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m synthetic.demo") 
         check_writable(args.out)  # before minutes of rendering
         if args.size == "real":
             print(make_sample(Path(args.out) / f"{args.name}.zarr", args.seed, args.height, args.width, args.n_nuclei,
-                              with_expression=not args.no_expression, chunk_size=args.chunk_size or REAL_CHUNK,
-                              progress=True))
+                              with_expression=not args.no_expression, n_genes=args.n_genes,
+                              chunk_size=args.chunk_size or REAL_CHUNK, progress=True))
             return 0
         for path in make_demo_dataset(args.out, args.n_nuclei or 3000, args.seed, args.chunk_size or 512,
-                                      progress=True):
+                                      progress=True, n_genes=args.n_genes):
             print(path)
         return 0
 

@@ -327,7 +327,7 @@ def test_context_k_zero_with_a_context_model_is_one_line(capsys):
 @pytest.mark.parametrize("argv, option", [
     (["--n-nuclei", "0"], "--n-nuclei"), (["--n-nuclei", "5"], "--n-nuclei"), (["--seed", "-1"], "--seed"),
     (["--chunk-size", "0"], "--chunk-size"), (["--size", "real", "--height", "0"], "--height"),
-    (["--size", "real", "--width", "64"], "--width")])
+    (["--size", "real", "--width", "64"], "--width"), (["--n-genes", "2"], "--n-genes")])
 def test_demo_cli_refuses_numbers_out_of_range(argv, option, tmp_path, capsys):
     from synthetic.demo import main
 

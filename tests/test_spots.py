@@ -250,7 +250,7 @@ def test_nuclei_mode_inherits_spot_counts_and_spot_id(her2st, tmp_path):
 def test_imported_sample_embeds_with_the_handcrafted_encoder(tmp_path):
     from embed.pipeline import EmbedSettings, embed_dataset
 
-    # The pipeline expects the challenge's 460 genes by default: a section with 470, the panel takes 460.
+    # The importer's default panel is the challenge's size: a section with 470 genes, the panel takes 460.
     genes = [f"G{i:03d}" for i in range(470)]
     counts = np.random.default_rng(0).poisson(3.0, (len(ARRAY), len(genes)))
     folder = write_her2st_folder(tmp_path / "S1", counts=counts, genes=genes)
@@ -295,8 +295,8 @@ GRID = [(x, y) for y in range(1, 7) for x in range(1, 7)]  # 6 x 6 spots, 200 um
 
 
 def write_grid_sections(src: Path, names=("S1", "S2"), n_genes: int = 470, seed: int = 0) -> Path:
-    """her2st-like sections of 36 spots with `n_genes` genes (the fit expects 460): a dataset the whole pipeline
-    runs on in seconds."""
+    """her2st-like sections of 36 spots with `n_genes` genes (the import keeps 460 by default): a dataset the whole
+    pipeline runs on in seconds."""
     rng = np.random.default_rng(seed)
     genes = [f"G{i:03d}" for i in range(n_genes)]
     levels = rng.gamma(1.0, 3.0, n_genes)
