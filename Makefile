@@ -20,7 +20,7 @@ DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 SUBMIT_ARGS ?=
 
-.PHONY: install demo embed fit submit test bench bench-embed bench-fit bench-real bench-scale clean
+.PHONY: install demo embed fit submit test bench bench-embed bench-fit bench-real bench-cell bench-scale clean
 
 install: $(STAMP)
 
@@ -69,6 +69,13 @@ bench-fit: $(STAMP)
 HER2ST      ?= ../shared/data/her2st
 bench-real: $(STAMP)
 	$(PY) benchmarks/bench_real.py --her2st $(HER2ST) --out $(OUT)/bench-real
+
+# Real single cells (four 10x Xenium pancreas crops, 377 genes, leave one crop out) between the mean profile and the
+# expression-state oracle; says so and exits 0 when the data is absent.
+XENIUM      ?= ../shared/data/xenium-pancreas
+BENCH_CELL_ARGS ?=
+bench-cell: $(STAMP)
+	$(PY) benchmarks/bench_cell.py --data $(XENIUM) --out $(OUT)/bench-cell $(BENCH_CELL_ARGS)
 
 # The challenge's real size: time and peak RSS of every stage on a 20,000 x 22,000 px slide and on a synthetic
 # feature cache of all 8 samples (1.67 M nuclei, ~10 GB) under outputs/bench-scale/. SCALE=0.05: a quick run.

@@ -20,8 +20,9 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,8 @@ class ModeConfig:
     input_size: dict[str, int | None]  # encoder -> resampled edge (None: the encoder's own)
     models: tuple[str, ...]
     context_k: int = 0
-    context_radius_um: float | None = None
+    context_radius_um: tuple[float, ...] = ()
+    context_pool: tuple[str, ...] = ("mean",)
 
 
 MODES = {
@@ -59,7 +61,7 @@ MODES = {
     # A nucleus, its neighbours, and about a spot; EfficientNet at 64 px and no LightGBM keep the CPU run short.
     "nuclei": ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), EFFICIENTNET: ("48um",)},
                          input_size={HANDCRAFTED: None, EFFICIENTNET: 64}, models=MODELS[:3],
-                         context_radius_um=50.0),
+                         context_radius_um=(50.0,)),
 }
 
 
@@ -107,16 +109,16 @@ def prepare(mode: str, her2st: Path, out: Path, encoders: set[str]) -> ModeData:
     return ModeData(mode, folder, cache, open_samples(folder))
 
 
-def fit_settings(mode: str, features: FeatureSet, samples: list, models: tuple[str, ...]) -> FitSettings:
-    config = MODES[mode]
+def fit_settings(config: ModeConfig, features: FeatureSet, samples: list, models: tuple[str, ...],
+                 morphology: bool) -> FitSettings:
     first, *others = features.encoders
     extra = tuple((e, s) for e in others for s in config.patch_sizes[e])
-    radius = None
-    if config.context_radius_um:  # the cache's coordinates are pixels
-        radius = config.context_radius_um / float(np.median([s.microns_per_pixel for s in samples]))
+    pixel = float(np.median([s.microns_per_pixel for s in samples]))
+    radii = tuple(r / pixel for r in config.context_radius_um) or None  # the cache's coordinates are pixels
     spec = FeatureSpec(encoder=first, patch_sizes=config.patch_sizes[first], extra_keys=extra,
-                       morphology=mode == "nuclei", standardize_per_sample=features.standardize_per_sample,
-                       context_k=config.context_k or DEFAULT_CONTEXT_K, context_radius=radius)
+                       morphology=morphology, standardize_per_sample=features.standardize_per_sample,
+                       context_k=config.context_k or DEFAULT_CONTEXT_K, context_radius=radii,
+                       context_pool=config.context_pool)
     return FitSettings(features=spec, models=models, protocol="loso")
 
 
@@ -145,13 +147,18 @@ def most_variable_genes(Y: np.ndarray, n: int = 50) -> np.ndarray:
 
 
 def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple[str, ...],
-             selection_set: str) -> tuple[pd.DataFrame, dict]:
-    """Leave-one-section-out for every (feature set, model), plus the nested `selected` model of one feature set."""
+             selection_set: str, config: ModeConfig | None = None, selection_models: tuple[str, ...] | None = None,
+             each: Callable[[str, dict], list[dict]] | None = None) -> tuple[pd.DataFrame, dict]:
+    """Leave-one-section-out for every (feature set, model), plus the nested `selected` model of one feature set.
+
+    `config`: the mode's (default MODES[data.mode]); `selection_models`: the candidates of the nested selection
+    (default `models`); `each(features, truth by section)`: more rows per feature set (a benchmark's ceiling)."""
+    config = config or MODES[data.mode]
     samples = {s.name: s for s in data.samples}
     rows, maps = [], {}
     for features in feature_sets:
         start = time.perf_counter()
-        settings = fit_settings(data.mode, features, data.samples, models)
+        settings = fit_settings(config, features, data.samples, models, morphology=data.mode != "spot")
         source = CacheSource.open(data.folder, data.cache, settings.gathered_features, progress=False)
         held: list[HeldOutPredictions] = []
         evaluation = evaluate(source, settings, progress=False, sink=held.append)
@@ -166,11 +173,15 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
             for h in sorted((h for h in held if h.model == model), key=lambda h: h.split):
                 rows.append({"mode": data.mode, "features": features.name, "model": model, "section": h.sample,
                              **section_scores(h.truth, h.predictions, top[h.sample], spots(h.sample, h.cell_id))})
+        if each is not None:
+            rows += [{"mode": data.mode, "features": features.name, **row} for row in each(features.name, truth)]
         print(f"[{data.mode}] {features.name:<28} {'all models':<18} {time.perf_counter() - start:6.1f} s",
               flush=True)
         if features.name != selection_set:
             continue
         start = time.perf_counter()
+        if selection_models:
+            settings = replace(settings, models=tuple(selection_models))
         for info in source.samples:  # nested: the choice is made without the section it is scored on
             section = info.name
             chosen = select_and_fit(source.subset([s for s in sections if s != section]), settings, progress=False)
@@ -200,7 +211,7 @@ def summary(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
-def plot_scores(results: pd.DataFrame, path: Path) -> None:
+def plot_scores(results: pd.DataFrame, path: Path, dataset: str = "her2st") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +229,7 @@ def plot_scores(results: pd.DataFrame, path: Path) -> None:
         ax.set_yticks(range(len(pivot)), [f"{f} | {m}" for f, m in pivot.index], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("cell-wise Spearman on the held-out section (dotted: mean profile)")
-        ax.set_title(f"her2st, leave one section out, {mode} mode")
+        ax.set_title(f"{dataset}, leave one section out, {mode} mode")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

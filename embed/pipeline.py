@@ -129,7 +129,9 @@ def entry_attrs(encoder: PatchEncoder, plan: PatchPlan, sample: Sample, n_nuclei
         "encoder_microns_per_pixel": spec.microns_per_pixel,
         "mean": list(spec.mean), "std": list(spec.std), "pooling": spec.pooling,
         "stain_normalization": settings.stain_normalization or "none", "use_mask": spec.use_mask,
-        "pad_mode": settings.pad_mode, "tta": settings.tta, "dim": spec.dim,
+        "pad_mode": settings.pad_mode, "dim": spec.dim,
+        # Only when on: without it the features are what every earlier version made, so their caches stay valid.
+        **({"tta": True} if settings.tta else {}),
         "chunk_nuclei": int(settings.chunk_nuclei),
         "code_version": CODE_VERSION, "encoder_code_version": encoder_code_version(encoder),
     }

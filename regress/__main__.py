@@ -14,7 +14,7 @@ from slidedata.patch_size import PatchSize, patch_size_arg
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
-    from regress.features import FeatureSpec
+    from regress.features import CONTEXT_POOLS, FeatureSpec
     from regress.fit import fit_and_evaluate
     from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
     from regress.tasks import SchedulerUnreachable
@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
                         help=f"models to evaluate, the best one saved: {', '.join(BASELINES + MODELS)}")
     parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
                         help="neighbours averaged by the +context models (0: none, then give --context-radius)")
-    parser.add_argument("--context-radius", type=positive_float,
-                        help="px: +context models average all nuclei within this radius instead of the k nearest")
+    parser.add_argument("--ridge-criterion", choices=["mse", "spearman"], default=defaults.ridge_criterion,
+                        help="what ridge's alpha is chosen by: the held-out squared error or cell-wise Spearman")
+    parser.add_argument("--context-radius", type=positive_float, nargs="+",
+                        help="px: +context models pool all nuclei within this radius (or each of several) instead of "
+                             "the k nearest")
+    parser.add_argument("--context-pool", nargs="+", choices=CONTEXT_POOLS, default=list(feature_defaults.context_pool),
+                        help="how the neighbours' features are pooled: one block per pool and neighbourhood")
     parser.add_argument("--protocol", default=defaults.protocol, choices=list(PROTOCOLS),
                         help="how models are scored on held-out tissue (auto: the validation group where it has "
                              "expression, else leave one sample out with two or more samples, else spatial blocks)")
@@ -72,10 +77,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
             features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
                                  extra_keys=tuple(extra_key(k) for k in args.extra_features),
                                  morphology=not args.no_morphology, context_k=args.context_k,
-                                 context_radius=args.context_radius, standardize_per_sample=args.standardize_per_sample,
+                                 context_radius=args.context_radius, context_pool=args.context_pool,
+                                 standardize_per_sample=args.standardize_per_sample,
                                  block_components=args.pca or None),
             models=tuple(args.models), protocol=args.protocol, tuning_folds=args.tuning_folds,
-            ridge_components=args.pca or None, sample_rows=args.sample_rows, scheduler=args.scheduler)
+            ridge_components=args.pca or None, ridge_criterion=args.ridge_criterion, sample_rows=args.sample_rows,
+            scheduler=args.scheduler)
     except ValueError as exc:
         parser.error(str(exc))
     start = time.perf_counter()

@@ -35,6 +35,7 @@ from regress.splits import (NO_BLOCK, choose_protocol, evaluation_splits, needs_
 from regress.tasks import compute
 
 PREDICT_BLOCK = 20000  # rows predicted and scored at a time
+ALPHA_SCORING_ROWS = 3000  # rows per tuning fold on which ridge's alphas are scored by the cell-wise Spearman
 SCORE_COLUMNS = ["model", "spearman_official", "spearman_mean", "mse", "gene_pearson", "fit_seconds", "n_eval"]
 
 
@@ -215,13 +216,28 @@ def fit_model(name: str, gathered: Gathered, strata: frozenset, settings: FitSet
         labels = tuning_labels(keys, by_sample)
         fold_of = ridge_fold_of(labels, estimator.n_folds, estimator.random_state)
         folds: dict = {}
-        for part, label in zip(stats, labels.tolist()):
+        fold_keys: dict = {}
+        for part, key, label in zip(stats, keys, labels.tolist()):
             folds.setdefault(fold_of[label], []).append(part)
-        return estimator.fit_statistics([MomentStats.combine(folds[k]) for k in sorted(folds)])
+            fold_keys.setdefault(fold_of[label], []).append(key)
+        held = None
+        if estimator.criterion == "spearman":  # scored on each fold's rows of the bounded subsample
+            held = [_scoring_rows(name, gathered, frozenset(fold_keys[k])) for k in sorted(folds)]
+        return estimator.fit_statistics([MomentStats.combine(folds[k]) for k in sorted(folds)], held)
     rows = gathered.rows.take(strata)
     inputs = model_inputs(name, rows.X, rows.coords, rows.codes, source.base_dim)
     labels = tuning_labels(rows.strata, by_sample)
     return estimator.fit(inputs, rows.Y, groups=pd.factorize(labels)[0] if by_sample else labels)
+
+
+def _scoring_rows(name: str, gathered: Gathered, strata: frozenset, max_rows: int = ALPHA_SCORING_ROWS
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs of model `name`, expression) of at most `max_rows` subsample rows of `strata`, evenly spread."""
+    rows = gathered.rows.take(strata)
+    keep = np.unique(np.linspace(0, len(rows.Y) - 1, min(max_rows, len(rows.Y))).round().astype(int)) \
+        if len(rows.Y) else np.zeros(0, int)
+    inputs = model_inputs(name, rows.X[keep], rows.coords[keep], rows.codes[keep], gathered.source.base_dim)
+    return inputs, rows.Y[keep]
 
 
 def evaluate(source: Source, settings: FitSettings, progress: bool = True,

@@ -29,7 +29,11 @@ class FeatureSpec:
     morphology: bool = True  # nucleus area and ellipse axes from the mask
     context_k: int = 0  # append the mean features of the k nearest nuclei (0 = none)
     context_weighted: bool = False  # weight neighbours by a Gaussian of their distance instead of equally
-    context_radius: float | None = None  # px: average all nuclei within this radius instead of the k nearest
+    # px: pool all nuclei within this radius (or each of several radii: one block per radius) instead of the k nearest
+    context_radius: float | tuple[float, ...] | None = None
+    # how neighbours' features are pooled, one block per pool and neighbourhood: 'mean', 'max' (DeepSets: a set of
+    # neighbours summarised by permutation-invariant pools)
+    context_pool: tuple[str, ...] = ("mean",)
     # z-score every feature within each sample: removes what differs between slides as a whole (stain, scanner,
     # section thickness) and keeps what differs between the nuclei of one slide
     standardize_per_sample: bool = False
@@ -43,8 +47,12 @@ class FeatureSpec:
     def __post_init__(self):
         if int(self.context_k) < 0:
             raise ValueError(f"context_k must be 0 (no context) or a positive number of neighbours, got {self.context_k}")
-        if self.context_radius is not None and not self.context_radius > 0:
-            raise ValueError(f"context_radius must be a positive number of pixels, got {self.context_radius}")
+        object.__setattr__(self, "context_radius", _radii(self.context_radius))
+        if any(not r > 0 for r in self.context_radius or ()):
+            raise ValueError(f"context_radius must be positive numbers of pixels, got {self.context_radius}")
+        object.__setattr__(self, "context_pool", tuple(self.context_pool))
+        if not self.context_pool or any(p not in CONTEXT_POOLS for p in self.context_pool):
+            raise ValueError(f"context_pool must be one or more of {', '.join(CONTEXT_POOLS)}, got {self.context_pool}")
         if self.block_components is not None and self.block_components < 1:
             raise ValueError(f"block_components must be positive or None, got {self.block_components}")
         object.__setattr__(self, "patch_sizes", patch_sizes(self.patch_sizes))
@@ -55,9 +63,16 @@ class FeatureSpec:
     def has_context(self) -> bool:
         return bool(self.context_radius or self.context_k)
 
+    @property
+    def n_context_blocks(self) -> int:
+        """Context blocks after the base features: one per (neighbourhood, pool)."""
+        neighbourhoods = len(self.context_radius) if self.context_radius else int(bool(self.context_k))
+        return neighbourhoods * len(self.context_pool)
+
     def __setstate__(self, state: dict) -> None:
         # Models pickled before patch sizes were typed hold them as text.
-        object.__setattr__(self, "__dict__", dict(state))
+        object.__setattr__(self, "__dict__", {"context_pool": ("mean",), **state})
+        object.__setattr__(self, "context_radius", _radii(self.context_radius))
         object.__setattr__(self, "patch_sizes", patch_sizes(self.patch_sizes))
         object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s)) for e, s in self.extra_keys))
         object.__setattr__(self, "keys", tuple((e, PatchSize.parse(s)) for e, s in self.keys))
@@ -70,7 +85,20 @@ class FeatureSpec:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "keys"}
         out["patch_sizes"] = [s.key for s in self.patch_sizes]
         out["extra_keys"] = [f"{e}:{s.key}" for e, s in self.extra_keys]
+        out["context_radius"] = list(self.context_radius) if self.context_radius else None
+        out["context_pool"] = list(self.context_pool)
         return out
+
+
+CONTEXT_POOLS = ("mean", "max")
+
+
+def _radii(value) -> tuple[float, ...] | None:
+    """One radius or several, as a tuple of floats (None: no radius)."""
+    if value is None:
+        return None
+    values = tuple(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
+    return values or None
 
 
 @dataclass
@@ -141,7 +169,7 @@ def scale_sets(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer
         sets += list(range(next_id, next_id + len(MORPHOLOGY_COLUMNS)))
         next_id += len(MORPHOLOGY_COLUMNS)
     base = np.asarray(sets, dtype=np.int64)
-    return np.r_[base, base + next_id] if spec.has_context else base  # context columns mirror their block
+    return np.concatenate([base + i * next_id for i in range(1 + spec.n_context_blocks)])  # context mirrors its block
 
 
 def knn_weights(coords: np.ndarray, k: int, weighted: bool = False) -> sparse.csr_matrix:
@@ -169,6 +197,23 @@ def radius_weights(coords: np.ndarray, radius: float) -> sparse.csr_matrix:
     rows, cols = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
     counts = np.bincount(rows, minlength=n)
     return sparse.csr_matrix((1.0 / counts[rows], (rows, cols)), shape=(n, n))
+
+
+def neighbour_max(weights: sparse.csr_matrix, features: np.ndarray, block: int = 32) -> np.ndarray:
+    """Per row, the column-wise maximum of the features of its neighbours (the non-zeros of `weights`' row); 0 for
+    a nucleus without neighbours. A block of columns at a time: memory is the output plus neighbours x block."""
+    weights = weights.tocsr()
+    counts = np.diff(weights.indptr)
+    has = counts > 0
+    out = np.zeros(features.shape, dtype=features.dtype)
+    if not has.any():
+        return out
+    starts = weights.indptr[:-1][has]
+    for start in range(0, features.shape[1], block):
+        columns = slice(start, start + block)
+        gathered = np.asarray(features[weights.indices, columns], dtype=np.float32)
+        out[has, columns] = np.maximum.reduceat(gathered, starts, axis=0)
+    return out
 
 
 def apply_weights(weights: sparse.csr_matrix, features: np.ndarray, block: int = 256) -> np.ndarray:
@@ -212,7 +257,7 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
     widths = {key: reducer.width(key, entry.features.shape[1]) if reducer else entry.features.shape[1]
               for key, entry in entries.items()}
     base_width = sum(widths.values()) + (len(MORPHOLOGY_COLUMNS) if spec.morphology else 0)
-    out = np.empty((len(nuclei), base_width * (2 if spec.has_context else 1)), dtype=FEATURE_DTYPE)
+    out = np.empty((len(nuclei), base_width * (1 + spec.n_context_blocks)), dtype=FEATURE_DTYPE)
     offset = 0
     for key, entry in entries.items():
         columns = slice(offset, offset + widths[key])
@@ -231,7 +276,13 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
         standardize_columns(out[:, :base_width])
     if spec.has_context:
         coords = nuclei[["y", "x"]].to_numpy(np.float64)
-        weights = radius_weights(coords, spec.context_radius) if spec.context_radius else \
-            knn_weights(coords, spec.context_k, spec.context_weighted)
-        out[:, base_width:] = apply_weights(weights, out[:, :base_width])
+        neighbourhoods = [radius_weights(coords, r) for r in spec.context_radius] if spec.context_radius else \
+            [knn_weights(coords, spec.context_k, spec.context_weighted)]
+        offset = base_width
+        for weights in neighbourhoods:
+            for pool in spec.context_pool:
+                pooled = apply_weights(weights, out[:, :base_width]) if pool == "mean" else \
+                    neighbour_max(weights, out[:, :base_width])
+                out[:, offset: offset + base_width] = pooled
+                offset += base_width
     return out

@@ -16,6 +16,8 @@ import numpy as np
 from scipy.spatial import cKDTree
 from sklearn.base import BaseEstimator, RegressorMixin
 
+from regress.metrics import cellwise_spearman
+
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 6, 17))  # penalty on the sum of squares: grows with n
 
 
@@ -173,6 +175,9 @@ def sum_squared_error(coef: np.ndarray, intercept: np.ndarray, stats: MomentStat
                  + stats.n * offset @ offset)
 
 
+ALPHA_CRITERIA = ("mse", "spearman")
+
+
 def ridge_fold_of(groups: np.ndarray, n_folds: int, random_state: int = 0) -> dict:
     """{group label: fold}: whole groups (samples, spatial blocks) are assigned to folds at random."""
     unique = np.unique(groups)
@@ -189,19 +194,25 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     """
 
     def __init__(self, alphas=DEFAULT_ALPHAS, n_folds: int = 5, standardize: bool = True,
-                 n_components: int | None = None, scale_sets: np.ndarray | None = None, random_state: int = 0):
+                 n_components: int | None = None, scale_sets: np.ndarray | None = None, random_state: int = 0,
+                 criterion: str = "mse"):
         self.alphas, self.n_folds, self.standardize = alphas, n_folds, standardize
         self.n_components, self.scale_sets, self.random_state = n_components, scale_sets, random_state
+        self.criterion = criterion  # 'mse' | 'spearman': what alpha is chosen by (ALPHA_CRITERIA)
 
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
         folds = self._folds(len(X), groups)
-        self.fit_statistics(list(MomentStats.by_group(X, Y, folds).values()))
+        labels = np.unique(folds)
+        rows = [(X[folds == k], Y[folds == k]) for k in labels] if self.criterion == "spearman" else None
+        self.fit_statistics([MomentStats.of(X[folds == k], Y[folds == k]) for k in labels], rows)
         return self
 
-    def fit_statistics(self, folds: list[MomentStats]):
+    def fit_statistics(self, folds: list[MomentStats], held_rows: list[tuple[np.ndarray, np.ndarray]] | None = None):
         """Fit from the statistics of each cross-validation fold (whole samples or blocks): alpha minimises the
-        summed held-out error over the folds, then ridge is solved on all of them. The streamed fit stage calls this
-        with statistics gathered sample by sample; `fit` with those of in-memory rows.
+        summed held-out error over the folds (criterion 'mse'), or maximises the held-out cell-wise Spearman of
+        `held_rows` (criterion 'spearman': some rows (X, Y) of each fold, in the folds' order), then ridge is solved
+        on all of them. The streamed fit stage calls this with statistics gathered sample by sample and rows from
+        its bounded subsample; `fit` with those of in-memory rows.
 
         With `n_components`, the principal axes of the standardised features come from the covariance of all the
         folds' rows (exact, and from the statistics alone: no pass over the rows), and every fold's statistics are
@@ -217,14 +228,32 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
             total = MomentStats.combine(folds)
             standardize, sets = False, None  # components keep their variances: ridge shrinks the small ones
         alphas = np.asarray(self.alphas, dtype=float)
-        sse = np.zeros(len(alphas))
+        sse, spearman, scored = np.zeros(len(alphas)), np.zeros(len(alphas)), 0
+        by_score = self.criterion == "spearman" and held_rows is not None
+        if self.criterion not in ALPHA_CRITERIA:
+            raise ValueError(f"criterion must be one of {', '.join(ALPHA_CRITERIA)}, got {self.criterion!r}")
         if len(folds) > 1:
             for k, held in enumerate(folds):
                 train = MomentStats.combine(folds[:k] + folds[k + 1:])
+                if by_score:
+                    rows_x, rows_y = held_rows[k]
+                    rows_x = np.asarray(rows_x, np.float64) - centre
+                    rows_x = rows_x @ basis if basis is not None else rows_x
+                    scored += len(rows_y)
                 for i, (coef, intercept) in enumerate(ridge_path(train, alphas, standardize, sets)):
                     sse[i] += sum_squared_error(coef, intercept, held)
+                    if by_score and len(rows_y):
+                        predicted = np.clip(rows_x @ coef + intercept + (centre @ coef if basis is None else 0), 0,
+                                            None)
+                        spearman[i] += cellwise_spearman(rows_y, predicted).sum()
         self.cv_mse_ = sse / (total.n * len(total.mean_y))
-        self.alpha_ = float(alphas[int(np.argmin(sse))]) if len(folds) > 1 else float(alphas[len(alphas) // 2])
+        self.cv_spearman_ = spearman / scored if by_score and scored else None
+        if len(folds) < 2:
+            self.alpha_ = float(alphas[len(alphas) // 2])
+        elif self.cv_spearman_ is not None:
+            self.alpha_ = float(alphas[int(np.argmax(self.cv_spearman_))])
+        else:
+            self.alpha_ = float(alphas[int(np.argmin(sse))])
         coef, intercept = ridge_path(total, [self.alpha_], standardize, sets)[0]
         # prediction = shifted_intercept + (x - centre) @ coef: subtracting the training mean first keeps the
         # precision of features far from zero in float32 (components are centred already)
@@ -272,17 +301,12 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.x_mean_ = X.mean(0)
         self.x_scale_ = (column_scale(X.var(0), self.scale_sets) + 1e-6).astype(np.float32)
         Xs = (X - self.x_mean_) / self.x_scale_
-        self.x_components_ = _top_components(Xs, self.n_feature_components)
+        self.x_components_ = top_components(Xs, self.n_feature_components)
         Z = Xs @ self.x_components_ if self.x_components_ is not None else Xs
         self.y_mean_ = Y.mean(0)
-        self.y_components_ = _top_components(Y - self.y_mean_, self.n_target_components)
+        self.y_components_ = top_components(Y - self.y_mean_, self.n_target_components)
         T = (Y - self.y_mean_) @ self.y_components_
-        rng = np.random.default_rng(self.random_state)
-        if groups is not None:
-            unique = np.unique(groups)
-            valid = np.isin(groups, rng.choice(unique, size=max(len(unique) // 5, 1), replace=False))
-        else:
-            valid = rng.random(len(X)) < 0.2
+        valid = tuning_split(len(X), groups, self.random_state)
         self.boosters_ = []
         for j in range(T.shape[1]):
             model = lgb.LGBMRegressor(n_estimators=self.n_estimators, learning_rate=self.learning_rate,
@@ -308,6 +332,16 @@ class LightGBMRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
 ROWS_PER_THREAD = 20_000
 
 
+def tuning_split(n_rows: int, groups: np.ndarray | None, random_state: int = 0) -> np.ndarray:
+    """Rows held out to tune a row-trained model (early stopping, a grid): a fifth of the groups (whole samples or
+    blocks, at least one) when `groups` is given, else a random fifth of the rows."""
+    rng = np.random.default_rng(random_state)
+    if groups is not None:
+        unique = np.unique(groups)
+        return np.isin(groups, rng.choice(unique, size=max(len(unique) // 5, 1), replace=False))
+    return rng.random(n_rows) < 0.2
+
+
 def lightgbm_threads(n_rows: int) -> int:
     """Threads for LightGBM: the cores this process may use, but one per ROWS_PER_THREAD rows at most. On small data
     a second OpenMP thread only waits: on a loaded 2-core machine a 2,400-row fit took 108 s with 2 threads and
@@ -316,7 +350,34 @@ def lightgbm_threads(n_rows: int) -> int:
     return max(1, min(cores, n_rows // ROWS_PER_THREAD))
 
 
-def _top_components(M: np.ndarray, k: int | None) -> np.ndarray | None:
+@dataclass
+class ComponentInputs:
+    """What a row-trained network or classifier reads: the standardised features (a reduced block scaled as one,
+    `column_scale`) projected onto their top principal axes, all divided by one common scale so that a penalty or a
+    learning rate means the same on any data."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    axes: np.ndarray | None
+    common_scale: float
+
+    @classmethod
+    def fit(cls, X: np.ndarray, n_components: int | None, scale_sets: np.ndarray | None = None
+            ) -> "ComponentInputs":
+        X = np.asarray(X, dtype=np.float32)
+        mean = X.mean(0)
+        scale = (column_scale(X.var(0), scale_sets) + 1e-6).astype(np.float32)
+        standardised = (X - mean) / scale
+        axes = top_components(standardised, n_components)
+        projected = standardised @ axes if axes is not None else standardised
+        return cls(mean, scale, axes, float(projected.std() + 1e-6))
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        Z = (np.asarray(X, dtype=np.float32) - self.mean) / self.scale
+        return ((Z @ self.axes if self.axes is not None else Z) / np.float32(self.common_scale)).astype(np.float32)
+
+
+def top_components(M: np.ndarray, k: int | None) -> np.ndarray | None:
     """Top-k right singular vectors (columns) of a centred matrix, via the d x d covariance."""
     if k is None or k >= M.shape[1]:
         return None if k is None else np.eye(M.shape[1], dtype=np.float32)

@@ -5,10 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
-from regress.models import DEFAULT_ALPHAS
+from regress.models import ALPHA_CRITERIA, DEFAULT_ALPHAS
 
 BASELINES = ("mean-profile", "spatial-knn")
-MODELS = ("ridge", "ridge+context", "lightgbm", "lightgbm+context")
+MODELS = ("ridge", "ridge+context", "lightgbm", "lightgbm+context", "states", "states+context", "deepsets")
+# The neighbourhood-set head reads the neighbourhood by definition: its pooled neighbours are its input.
+ALWAYS_WITH_CONTEXT = ("deepsets",)
+
+
+def reads_context(name: str) -> bool:
+    """Whether model `name` reads the features' neighbourhood (context) blocks."""
+    return name.endswith("+context") or name in ALWAYS_WITH_CONTEXT
 PROTOCOLS = ("auto", "validation", "spatial-kfold", "loso")
 TUNING_FOLDS = ("auto", "samples", "blocks")
 
@@ -37,10 +44,15 @@ class FitSettings:
     # all features (see the README's real-tissue benchmark).
     ridge_components: int | None = 256
     ridge_alphas: tuple[float, ...] = DEFAULT_ALPHAS  # penalties tried by ridge's own cross-validation
+    # What ridge's alpha is chosen by: 'mse' (the held-out squared error, from the statistics alone) or 'spearman'
+    # (the held-out cell-wise Spearman, the challenge's metric, on each tuning fold's rows of the row subsample)
+    ridge_criterion: str = "mse"
     # Folds of the models' own tuning (ridge's alpha, LightGBM's early stopping): 'samples' tunes for unseen slides,
     # 'blocks' for unseen places of seen slides; 'auto' is 'samples' when three or more samples train the model.
     tuning_folds: str = "auto"
-    lightgbm: dict = field(default_factory=dict)
+    lightgbm: dict = field(default_factory=dict)  # LightGBMRegressor's parameters beyond the defaults
+    states: dict = field(default_factory=dict)  # ExpressionStates' (regress.states)
+    deepsets: dict = field(default_factory=dict)  # DeepSetsRegressor's (regress.deepsets), e.g. {'device': 'cuda'}
     # LightGBM and the spatial baseline train on at most this many rows, drawn in proportion from every sample, role
     # (train / validation) and spatial block; ridge and the mean profile always see every row (their statistics).
     sample_rows: int = 100_000
@@ -56,6 +68,8 @@ class FitSettings:
                              f"choose from {', '.join(BASELINES + MODELS)}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol '{self.protocol}'; choose from {', '.join(PROTOCOLS)}")
+        if self.ridge_criterion not in ALPHA_CRITERIA:
+            raise ValueError(f"unknown ridge_criterion '{self.ridge_criterion}'; choose from {', '.join(ALPHA_CRITERIA)}")
         if self.tuning_folds not in TUNING_FOLDS:
             raise ValueError(f"unknown tuning_folds '{self.tuning_folds}'; choose from {', '.join(TUNING_FOLDS)}")
         for name in ("n_folds", "n_blocks", "sample_rows"):
@@ -63,18 +77,18 @@ class FitSettings:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.ridge_components is not None and self.ridge_components < 1:
             raise ValueError(f"ridge_components must be positive or None, got {self.ridge_components}")
-        if any(m.endswith("+context") for m in self.models) and not self.features.has_context:
-            raise ValueError("a +context model needs a neighbourhood: context_k > 0 (--context-k; "
+        if any(reads_context(m) for m in self.models) and not self.features.has_context:
+            raise ValueError("a +context or deepsets model needs a neighbourhood: context_k > 0 (--context-k; "
                              f"FeatureSpec(context_k={DEFAULT_CONTEXT_K}) as default_features() has) or a "
                              "context_radius (--context-radius)")
 
     def model_features(self, name: str) -> FeatureSpec:
         """The features model `name` reads: with the context block for +context models, without it otherwise."""
-        return self.features if name.endswith("+context") else self.features.without_context()
+        return self.features if reads_context(name) else self.features.without_context()
 
     @property
     def gathered_features(self) -> FeatureSpec:
         """What the fit reads from the cache: the context block too when any model uses it."""
-        if any(m.endswith("+context") for m in self.models):
+        if any(reads_context(m) for m in self.models):
             return self.features
         return self.features.without_context()

@@ -117,7 +117,7 @@ class CacheSource:
     @property
     def base_dim(self) -> int:
         """Width of the features without the context block."""
-        return len(self.scale_sets) // 2 if self.spec.has_context else len(self.scale_sets)
+        return len(self.scale_sets) // (1 + self.spec.n_context_blocks)
 
     def subset(self, names: list[str]) -> "CacheSource":
         """The same source restricted to some samples (renumbered), with the same principal axes."""

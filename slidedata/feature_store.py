@@ -335,10 +335,12 @@ class FeatureStore:
         for names, cached in zip((IDENTITY_KEYS, SAMPLE_KEYS), recorded_keys(stored, entry.path)):
             cached, asked = set(cached), set(attrs[names])
             if cached != asked:
-                raise CacheMismatchError(entry.path, names, f"cached with {names} that differ from this version's "
-                                                            f"(only cached: {sorted(cached - asked)}; only now: "
-                                                            f"{sorted(asked - cached)}); refusing to mix them. Use "
-                                                            "another --cache folder or delete this entry")
+                only_cached = [f"{k}={stored.get(k)!r}" for k in sorted(cached - asked)]
+                only_now = [f"{k}={attrs.get(k)!r}" for k in sorted(asked - cached)]
+                raise CacheMismatchError(entry.path, names, f"cached with {names} that differ from this request's "
+                                                            f"(only cached: {only_cached}; only now: {only_now}); "
+                                                            "refusing to mix them. Use another --cache folder or "
+                                                            "delete this entry")
         for key in attrs[IDENTITY_KEYS]:
             if _normalise(stored.get(key)) != _normalise(attrs.get(key)):
                 raise CacheMismatchError(entry.path, key, f"cached with {key}={stored.get(key)!r}, now asked for "

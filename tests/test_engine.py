@@ -282,3 +282,39 @@ def test_models_that_train_on_rows_see_the_same_share_of_every_sample_role_and_b
         lookup = {tuple(c): y for c, y in zip(matrix.coords.round(6).tolist(), matrix.Y)}
         for c, y in zip(rows.coords[mine].round(6).tolist(), rows.Y[mine]):
             np.testing.assert_array_equal(lookup[tuple(c)], y)
+
+
+def test_ridge_chooses_its_alpha_by_the_held_out_cellwise_spearman_when_asked():
+    """ridge_criterion='spearman': the alpha with the best summed cell-wise Spearman of leave-one-sample-out
+    (scikit-learn's LeaveOneGroupOut and Ridge, predictions clipped at 0 as the challenge requires) is refitted."""
+    from sklearn.model_selection import LeaveOneGroupOut
+
+    from regress.metrics import cellwise_spearman
+
+    matrices = [planted_sample(n, s, signal=0.4, validation_patches=True) for n, s in (("a", 1), ("b", 2), ("c", 3))]
+    matrices = [replace(m, X=np.c_[m.X, np.random.default_rng(10 + i).normal(0, 1, (len(m), 40))].astype(np.float32))
+                for i, m in enumerate(matrices)]
+    alphas = (0.1, 30.0, 300.0, 3000.0, 30000.0)
+    settings = FitSettings(features=FeatureSpec(), models=("ridge",), protocol="validation", ridge_alphas=alphas,
+                           ridge_components=None, tuning_folds="samples", ridge_criterion="spearman")
+    held = []
+    evaluate(ArraySource(matrices, genes()), settings, progress=False, sink=collect(held))
+    train = [m.measured & (m.group == "train") for m in matrices]
+    assert max(t.sum() for t in train) <= 3000  # every row of each fold is scored (ALPHA_SCORING_ROWS)
+    X = np.concatenate([m.X[t] for m, t in zip(matrices, train)])
+    Y = np.concatenate([m.Y[t] for m, t in zip(matrices, train)])
+    groups = np.concatenate([np.full(t.sum(), i) for i, t in enumerate(train)])
+
+    def fitted(alpha, rows):
+        return make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(X[rows], Y[rows])
+
+    scores = [sum(cellwise_spearman(Y[te], np.clip(fitted(a, tr).predict(X[te]), 0, None)).sum()
+                  for tr, te in LeaveOneGroupOut().split(X, Y, groups)) for a in alphas]
+    best = alphas[int(np.argmax(scores))]
+    assert best == 30.0  # the squared error picks 300 on the same data: the criterion decides
+    reference = fitted(best, np.arange(len(X)))
+    for matrix in matrices:
+        part = next(h for h in held if h.sample == matrix.name)
+        rows = np.flatnonzero(matrix.measured & (matrix.group == "validation"))
+        np.testing.assert_allclose(part.predictions, np.clip(reference.predict(matrix.X[rows]), 0, Y.max(0)),
+                                   rtol=1e-4, atol=1e-4)
