@@ -54,6 +54,16 @@ def model_inputs(name: str, X: np.ndarray, coords: np.ndarray, code, base_dim: i
     return X if reads_context(name) else X[:, :base_dim]
 
 
+def statistics_width(models: tuple[str, ...], base_dim: int) -> int | None:
+    """How many leading feature columns the gathered statistics must cover (None: all): the d x d statistics grow
+    with the square of the width, and a run without a statistics-trained model reading the context need not pay
+    for its blocks."""
+    readers = [m for m in models if family(m) in FROM_STATISTICS and family(m) != "mean-profile"]
+    if any(input_width(m, base_dim) is None for m in readers):
+        return None
+    return base_dim if readers else 0
+
+
 def input_width(name: str, base_dim: int) -> int | None:
     """How many leading feature columns model `name` reads (None: all of them)."""
     return None if reads_context(name) else base_dim

@@ -6,7 +6,8 @@ it independent of their order and number; `FeatureSpec(context_radius=(r1, r2), 
 per-gene standardised targets, MSE, dropout, and several MLPs combined by the median.
 
 Each member trains with torch in mini-batches on a CPU or a GPU and stops early on its own whole-sample tuning fold
-(member i holds out the i-th fold, so the ensemble sees every training sample held out once), by the held-out
+(the groups, whole samples or spatial blocks, are split into as many folds as there are members, at most one per
+group, and member i holds out fold i modulo their number: every group is held out by some member), by the held-out
 cell-wise Spearman. The fitted weights are kept as numpy arrays: prediction is numpy alone, and a saved model loads
 without torch.
 """
@@ -29,9 +30,7 @@ def _folds(n_rows: int, groups: np.ndarray | None, n_members: int, random_state:
     rng = np.random.default_rng(random_state)
     if groups is None or len(np.unique(groups)) < 2:
         return [rng.random(n_rows) < 0.2 for _ in range(n_members)]
-    unique = rng.permutation(np.unique(groups))
-    per_fold = max(1, len(unique) // 5)
-    chunks = [unique[i: i + per_fold] for i in range(0, len(unique), per_fold)]
+    chunks = np.array_split(rng.permutation(np.unique(groups)), min(n_members, len(np.unique(groups))))
     return [np.isin(groups, chunks[m % len(chunks)]) for m in range(n_members)]
 
 
@@ -122,7 +121,7 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
             layers = self._layers(network)
             score = float(cellwise_spearman(Y[held], self._destandardise(mlp_forward(layers, Z[held]))).mean()) \
                 if len(held) else -float(loss)
-            if score > best:
+            if best_layers is None or score > best:  # a member always keeps some weights
                 best, best_layers, best_epoch, stale = score, layers, epoch, 0
             else:
                 stale += 1

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from regress.catalogue import FROM_STATISTICS, family, input_width, make_estimator, model_inputs
+from regress.catalogue import FROM_STATISTICS, family, input_width, make_estimator, model_inputs, statistics_width
 from regress.metrics import (cellwise_mse, cellwise_spearman, default_region_radius, gene_moments, held_out_regions,
                              official_score, pearson_from_moments)
 from regress.models import MomentStats, ridge_fold_of
@@ -69,7 +69,7 @@ class Gathered:
     protocol: str  # resolved, never 'auto'
     with_blocks: bool
     n_blocks: int
-    stats: dict  # stratum key -> MomentStats of the full feature matrix
+    stats: dict  # stratum key -> MomentStats of the leading columns the statistics models read (statistics_width)
     rows: RowSample
 
     @property
@@ -126,16 +126,17 @@ def _strata_of(matrix, info: SampleInfo, n_blocks: int, with_blocks: bool) -> tu
 
 
 def gather_sample(source: Source, info: SampleInfo, n_blocks: int, with_blocks: bool, max_rows: int,
-                  random_state: int = 0) -> tuple[dict, RowSample]:
-    """Ridge statistics per stratum and a subsample of `max_rows` rows at most, the same share of every role and
-    spatial block."""
+                  random_state: int = 0, width: int | None = None) -> tuple[dict, RowSample]:
+    """Ridge statistics per stratum (of the first `width` feature columns; None: all) and a subsample of `max_rows`
+    rows at most, the same share of every role and spatial block."""
     matrix = source.matrix(info)
     keys, blocks = _strata_of(matrix, info, n_blocks, with_blocks)
     rows_of: dict = {}
     for row, key in enumerate(keys):
         if key is not None:
             rows_of.setdefault(key, []).append(row)
-    stats = {key: MomentStats.of(matrix.X[rows], matrix.Y[rows]) for key, rows in rows_of.items()}
+    columns = slice(None) if width is None else slice(0, width)
+    stats = {key: MomentStats.of(matrix.X[rows, columns], matrix.Y[rows]) for key, rows in rows_of.items()}
     measured = np.flatnonzero([key is not None for key in keys])
     if len(measured) > max_rows:
         rng = np.random.default_rng(random_state + info.code)
@@ -190,8 +191,9 @@ def gather(source: Source, settings: FitSettings, progress: bool = True) -> Gath
     protocol = choose_protocol(settings.protocol, any(s.n_validation for s in samples), n_training)
     with_blocks = needs_blocks(protocol, n_training, settings.tuning_folds)
     total = sum(s.n_measured for s in samples)
+    width = statistics_width(settings.models, source.base_dim)
     parts = compute(gather_sample, [(source, s, settings.n_blocks, with_blocks,
-                                     max(1, int(round(settings.sample_rows * s.n_measured / total))))
+                                     max(1, int(round(settings.sample_rows * s.n_measured / total))), 0, width)
                                     for s in samples], settings.scheduler, "statistics", progress)
     stats = {}
     for part, _ in parts:

@@ -50,7 +50,8 @@ class FeatureSpec:
         object.__setattr__(self, "context_radius", _radii(self.context_radius))
         if any(not r > 0 for r in self.context_radius or ()):
             raise ValueError(f"context_radius must be positive numbers of pixels, got {self.context_radius}")
-        object.__setattr__(self, "context_pool", tuple(self.context_pool))
+        pools = (self.context_pool,) if isinstance(self.context_pool, str) else tuple(self.context_pool)
+        object.__setattr__(self, "context_pool", tuple(dict.fromkeys(pools)))  # a pool named twice is one block
         if not self.context_pool or any(p not in CONTEXT_POOLS for p in self.context_pool):
             raise ValueError(f"context_pool must be one or more of {', '.join(CONTEXT_POOLS)}, got {self.context_pool}")
         if self.block_components is not None and self.block_components < 1:
@@ -78,7 +79,7 @@ class FeatureSpec:
         object.__setattr__(self, "keys", tuple((e, PatchSize.parse(s)) for e, s in self.keys))
 
     def without_context(self) -> "FeatureSpec":
-        return replace(self, context_k=0, context_radius=None)
+        return replace(self, context_k=0, context_radius=None, context_pool=("mean",), context_weighted=False)
 
     def as_dict(self) -> dict:
         """Plain values (patch sizes written as their keys), for JSON summaries."""

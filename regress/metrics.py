@@ -111,9 +111,12 @@ def score_table(y_true: np.ndarray, y_pred: np.ndarray, samples: np.ndarray, coo
     }
 
 
+DISTANCE_BLOCK_VALUES = 50_000_000  # float32 distances per block of the oracle's queries (200 MB)
+
+
 def expression_state_oracle(train_Y: np.ndarray, test_Y: np.ndarray, k: int = 30, n_components: int = 50,
                             block: int = 1000) -> np.ndarray:
-    """A ceiling no image model can pass: each test cell predicted as the mean measured expression of its `k`
+    """A reference ceiling for image models: each test cell predicted as the mean measured expression of its `k`
     nearest training cells in the principal-component space of the training cells' measured expression.
 
     It knows each test cell's measured expression (where the cell lies among the states real cells take), so the
@@ -128,6 +131,7 @@ def expression_state_oracle(train_Y: np.ndarray, test_Y: np.ndarray, k: int = 30
     norms = (points * points).sum(1)
     k = min(k, len(train_Y))
     out = np.empty(np.shape(test_Y), dtype=np.float32)
+    block = max(1, min(block, DISTANCE_BLOCK_VALUES // len(points)))  # distance rows held at once stay bounded
     for start in range(0, len(out), block):  # brute force in blocks: in 50 dimensions a KD-tree is slower
         query = ((np.asarray(test_Y[start: start + block], dtype=np.float64) - centre) @ basis).astype(np.float32)
         distances = norms[None, :] - 2.0 * query @ points.T  # + |query|^2, the same for every candidate

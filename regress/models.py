@@ -200,6 +200,8 @@ class RidgeCVRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.n_components, self.scale_sets, self.random_state = n_components, scale_sets, random_state
         self.criterion = criterion  # 'mse' | 'spearman': what alpha is chosen by (ALPHA_CRITERIA)
 
+    criterion = "mse"  # what models pickled before the choice existed were fitted with
+
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
         folds = self._folds(len(X), groups)
         labels = np.unique(folds)
@@ -336,7 +338,7 @@ def tuning_split(n_rows: int, groups: np.ndarray | None, random_state: int = 0) 
     """Rows held out to tune a row-trained model (early stopping, a grid): a fifth of the groups (whole samples or
     blocks, at least one) when `groups` is given, else a random fifth of the rows."""
     rng = np.random.default_rng(random_state)
-    if groups is not None:
+    if groups is not None and len(np.unique(groups)) > 1:  # one group cannot be both trained on and held out
         unique = np.unique(groups)
         return np.isin(groups, rng.choice(unique, size=max(len(unique) // 5, 1), replace=False))
     return rng.random(n_rows) < 0.2

@@ -49,8 +49,9 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
 
         n_states = min(n_states, len(Y))
         kmeans = KMeans(n_clusters=n_states, n_init=2, random_state=self.random_state).fit(Y)
-        labels = kmeans.labels_
-        profiles = np.stack([Y[labels == s].mean(0) for s in range(n_states)]).astype(np.float32)
+        # fewer distinct cells than states leaves some empty: keep the states that hold cells, numbered 0..m-1
+        present, labels = np.unique(kmeans.labels_, return_inverse=True)
+        profiles = np.stack([Y[labels == s].mean(0) for s in range(len(present))]).astype(np.float32)
         return labels, profiles
 
     def _classifier(self, Z: np.ndarray, labels: np.ndarray, C: float):
