@@ -15,6 +15,7 @@ from slidedata.patch_size import PatchSize, patch_size_arg
 
 def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     from regress.features import CONTEXT_POOLS, FeatureSpec
+    from regress.models import ALPHA_CRITERIA
     from regress.fit import fit_and_evaluate
     from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
     from regress.tasks import SchedulerUnreachable
@@ -32,12 +33,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
                         metavar="MODEL",
                         help=f"models to evaluate, the best one saved: {', '.join(BASELINES + MODELS)}")
     parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
-                        help="neighbours averaged by the +context models (0: none, then give --context-radius)")
-    parser.add_argument("--ridge-criterion", choices=["mse", "spearman"], default=defaults.ridge_criterion,
+                        help="neighbours pooled for the +context models and deepsets (0: none, then give --context-radius)")
+    parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=defaults.ridge_criterion,
                         help="what ridge's alpha is chosen by: the held-out squared error or cell-wise Spearman")
     parser.add_argument("--context-radius", type=positive_float, nargs="+",
-                        help="px: +context models pool all nuclei within this radius (or each of several) instead of "
-                             "the k nearest")
+                        help="px: the +context models and deepsets pool all nuclei within this radius (or each of "
+                             "several) instead of the k nearest")
     parser.add_argument("--context-pool", nargs="+", choices=CONTEXT_POOLS, default=list(feature_defaults.context_pool),
                         help="how the neighbours' features are pooled: one block per pool and neighbourhood")
     parser.add_argument("--protocol", default=defaults.protocol, choices=list(PROTOCOLS),

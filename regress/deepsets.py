@@ -14,6 +14,7 @@ without torch.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -79,10 +80,12 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         Z = self.inputs_.transform(X)
         self.y_mean_, self.y_scale_ = Y.mean(0), np.maximum(Y.std(0), 1e-3).astype(np.float32)
         T = ((Y - self.y_mean_) / self.y_scale_).astype(np.float32)
-        self.members_, self.epochs_, self.tuning_scores_ = [], [], []
+        self.members_, self.epochs_, self.tuning_scores_, self.epoch_seconds_ = [], [], [], []
         with _torch_threads(self.torch_threads):
             for member, valid in enumerate(_folds(len(Z), groups, self.n_members, self.random_state)):
-                layers, epochs, score = self._train_member(Z, T, Y, valid, self.random_state + member)
+                start = time.perf_counter()
+                layers, epochs, score, ran = self._train_member(Z, T, Y, valid, self.random_state + member)
+                self.epoch_seconds_.append((time.perf_counter() - start) / ran)  # training and scoring one epoch
                 self.members_.append(layers)
                 self.epochs_.append(epochs)
                 self.tuning_scores_.append(score)
@@ -90,8 +93,9 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         return self
 
     def _train_member(self, Z: np.ndarray, T: np.ndarray, Y: np.ndarray, valid: np.ndarray, seed: int
-                      ) -> tuple[list, int, float]:
-        """One MLP, stopped where its held-out cell-wise Spearman peaked: (layers as numpy, epochs, score)."""
+                      ) -> tuple[list, int, float, int]:
+        """One MLP, stopped where its held-out cell-wise Spearman peaked: (layers as numpy, its epochs, its score,
+        the epochs run)."""
         import torch
         from torch import nn
 
@@ -127,7 +131,7 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
                 stale += 1
                 if stale >= self.patience:
                     break
-        return best_layers, best_epoch, best
+        return best_layers, best_epoch, best, epoch
 
     @staticmethod
     def _layers(network) -> list[tuple[np.ndarray, np.ndarray]]:

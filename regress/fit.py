@@ -50,13 +50,6 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     out.save_scores(scores, pd.DataFrame(evaluation.gene_scores, index=source.genes).rename_axis("gene"))
     out.save_plot(lambda path: plot_scores(scores, evaluation.gene_scores, best, path,
                                            f"held-out: {evaluation.protocol}", evaluation.split_scores))
-    if best in maps.kept:
-        held = maps.kept[best]
-        sample = open_sample(next(s.path for s in source.samples if s.name == held.sample))
-        out.save_maps(lambda path: plot_maps(
-            held.coords, held.predictions, source.genes, informative_genes(held.truth, held.predictions), path,
-            f"{held.sample}, held out ({evaluation.protocol}): {best}, best and worst predicted genes",
-            truth=held.truth, he=he_thumbnail(sample, held.coords)))
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=settings.model_features(best), estimator=selection.estimator,
         genes=source.genes, embed_settings=embed_settings(FeatureStore(cache, create=False), source),
@@ -64,7 +57,14 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                 **scores.set_index("model").loc[best].to_dict()},
         feature_settings=source.feature_settings, reducer=source.reducer, data=str(Path(data).resolve()),
     )
-    out.save_predictor(predictor)
+    out.save_predictor(predictor)  # before the maps: a figure that fails must not lose the fitted model
+    if best in maps.kept:
+        held = maps.kept[best]
+        sample = open_sample(next(s.path for s in source.samples if s.name == held.sample))
+        out.save_maps(lambda path: plot_maps(
+            held.coords, held.predictions, source.genes, informative_genes(held.truth, held.predictions), path,
+            f"{held.sample}, held out ({evaluation.protocol}): {best}, best and worst predicted genes",
+            truth=held.truth, he=he_thumbnail(sample, held.coords)))
     return scores.assign(protocol=evaluation.protocol), predictor
 
 

@@ -64,12 +64,16 @@ def map_window(coords: np.ndarray, size: int = MAP_WINDOW_PX) -> np.ndarray:
     return (np.abs(coords - centre) <= size / 2).all(axis=1)
 
 
-def he_thumbnail(sample, coords: np.ndarray, max_edge: int = MAP_IMAGE_EDGE) -> tuple[np.ndarray, tuple]:
-    """The H&E under `coords` (y, x), downsampled while read (memory of one chunk), and its extent for imshow."""
-    y0, x0 = np.floor(coords.min(0)).astype(int)
+def he_thumbnail(sample, coords: np.ndarray, max_edge: int = MAP_IMAGE_EDGE) -> tuple[np.ndarray, tuple] | None:
+    """The H&E under `coords` (y, x), downsampled while read (memory of one chunk), and its extent for imshow;
+    None where the window holds no pixel of the image (positions beyond it: the maps are drawn without it)."""
+    y0, x0 = np.maximum(np.floor(coords.min(0)).astype(int), 0)
     y1, x1 = np.ceil(coords.max(0)).astype(int) + 1
     step = max(1, int(np.ceil(max(y1 - y0, x1 - x0) / max_edge)))
     image = np.asarray(sample.image[:, y0:y1:step, x0:x1:step]).transpose(1, 2, 0)
+    if not image.size:
+        return None
+    y1, x1 = min(y1, y0 + image.shape[0] * step), min(x1, x0 + image.shape[1] * step)
     return image, (x0, x1, y1, y0)
 
 

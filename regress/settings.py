@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
+from regress.deepsets import DeepSetsRegressor
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
-from regress.models import ALPHA_CRITERIA, DEFAULT_ALPHAS
+from regress.models import ALPHA_CRITERIA, DEFAULT_ALPHAS, LightGBMRegressor
+from regress.states import ExpressionStates
 
 BASELINES = ("mean-profile", "spatial-knn")
 MODELS = ("ridge", "ridge+context", "lightgbm", "lightgbm+context", "states", "states+context", "deepsets")
 # The neighbourhood-set head reads the neighbourhood by definition: its pooled neighbours are its input.
 ALWAYS_WITH_CONTEXT = ("deepsets",)
+PROTOCOLS = ("auto", "validation", "spatial-kfold", "loso")
+TUNING_FOLDS = ("auto", "samples", "blocks")
 
 
 def reads_context(name: str) -> bool:
     """Whether model `name` reads the features' neighbourhood (context) blocks."""
     return name.endswith("+context") or name in ALWAYS_WITH_CONTEXT
-PROTOCOLS = ("auto", "validation", "spatial-kfold", "loso")
-TUNING_FOLDS = ("auto", "samples", "blocks")
 
 
 def default_features() -> FeatureSpec:
@@ -68,6 +71,13 @@ class FitSettings:
                              f"choose from {', '.join(BASELINES + MODELS)}")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol '{self.protocol}'; choose from {', '.join(PROTOCOLS)}")
+        for name, estimator in (("lightgbm", LightGBMRegressor), ("states", ExpressionStates),
+                                ("deepsets", DeepSetsRegressor)):
+            known = set(inspect.signature(estimator.__init__).parameters) - {"self", "scale_sets"}
+            unknown = sorted(set(getattr(self, name)) - known)
+            if unknown:  # caught here, not after the first pass over the data
+                raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}; choose from "
+                                 f"{', '.join(sorted(known))}")
         if self.ridge_criterion not in ALPHA_CRITERIA:
             raise ValueError(f"unknown ridge_criterion '{self.ridge_criterion}'; choose from {', '.join(ALPHA_CRITERIA)}")
         if self.tuning_folds not in TUNING_FOLDS:

@@ -143,3 +143,50 @@ def test_cell_families_save_select_and_infer(demo_dir, tmp_path):
     frame = infer(str(demo_dir / "demo2.zarr"), str(model_dir))
     wide = frame.pivot(index="cell_id", columns="gene", values="prediction").loc[expected.cell_ids, predictor.genes]
     np.testing.assert_allclose(wide.to_numpy(), expected.values, atol=1e-6)
+
+
+def test_expression_states_never_predict_from_an_empty_state():
+    """Fewer distinct cells than states: k-means leaves states empty, and an empty state's profile must not exist
+    (its mean would be NaN, and NaN spreads to every prediction through the posterior)."""
+    from regress.states import ExpressionStates
+
+    rng = np.random.default_rng(1)
+    Y = np.repeat(np.array([[0, 1, 2], [3, 0, 0], [1, 1, 0]], np.float32), [70, 70, 60], axis=0)
+    X = rng.normal(size=(200, 4)).astype(np.float32)
+    model = ExpressionStates(n_states=(8,), C=(0.1,), power=(1.0,)).fit(X, Y)
+    assert len(model.profiles_) == 3 and np.isfinite(model.predict(X)).all()
+
+
+def test_one_tuning_group_still_leaves_rows_to_train_on():
+    from regress.models import tuning_split
+
+    held = tuning_split(1000, np.zeros(1000, int), random_state=0)
+    assert 100 < held.sum() < 300  # a random fifth of the rows, not the whole (only) group
+
+
+def test_feature_specs_pickled_before_pools_load_as_one_mean_block():
+    import pickle
+
+    from regress.features import FeatureSpec
+
+    spec = FeatureSpec(context_radius=50.0)
+    old = spec.__dict__.copy()
+    old.pop("context_pool")
+    old["context_radius"] = 50.0  # as pickles before several radii stored it
+    restored = FeatureSpec.__new__(FeatureSpec)
+    restored.__setstate__(old)
+    assert restored.context_radius == (50.0,) and restored.context_pool == ("mean",)
+    assert restored == pickle.loads(pickle.dumps(spec)) and restored.n_context_blocks == 1
+
+
+def test_the_map_window_beyond_the_image_draws_no_he(demo_dir):
+    """Positions beyond the image (a placeholder image, as the synthetic whole-challenge cache has) give no H&E
+    thumbnail instead of an empty array that failed the fit after the model was fitted."""
+    from regress.plots import he_thumbnail
+    from slidedata import open_sample
+
+    sample = open_sample(demo_dir / "demo1.zarr")
+    height, width = sample.image.shape[1:]
+    assert he_thumbnail(sample, np.array([[height + 10.0, width + 10.0], [height + 900.0, width + 50.0]])) is None
+    image, extent = he_thumbnail(sample, np.array([[5.0, 5.0], [40.0, 60.0]]))
+    assert image.shape[2] == 3 and extent == (5, 61, 41, 5)
