@@ -21,7 +21,7 @@ def _python(code: str) -> list[str]:
 
 @pytest.fixture()
 def stub_stages(monkeypatch, tmp_path):
-    """The six stages replaced by small programs with known behaviour."""
+    """The seven stages replaced by small programs with known behaviour."""
     out = tmp_path / "made"
 
     def stages(work, scale, python=sys.executable):
@@ -36,6 +36,7 @@ def stub_stages(monkeypatch, tmp_path):
                 "    blocks.append(numpy.ones(2**24)); time.sleep(0.05)\ntime.sleep(30)"), out / "none"),
             bench_scale.Stage("e", "too slow", _python("import time; time.sleep(30)"), out / "none"),
             bench_scale.Stage("f", "ok", _python("pass"), out / "none"),
+            bench_scale.Stage("g", "ok too", _python("pass"), out / "none"),
         ]
 
     out.mkdir()
@@ -55,11 +56,11 @@ def test_every_stage_is_reported_and_runaway_stages_are_killed(stub_stages):
     assert table.loc["c", "peak_rss_gb"] < 0.2  # its own memory, not the bench's (or pytest's)
     assert table.loc["d", "status"].startswith("killed: RSS") and table.loc["d", "wall_s"] < 10
     assert table.loc["e", "status"].startswith("killed: timeout") and 3 <= table.loc["e", "wall_s"] < 10
-    assert table.loc["f", "status"] == "ok"
+    assert table.loc["f", "status"] == "ok" and table.loc["g", "status"] == "ok"
     written = pd.read_csv(work / "bench_scale.csv")
     assert list(written["stage"]) == list(bench_scale.STAGES)
     markdown = (work / "bench_scale.md").read_text().splitlines()
-    assert markdown[0].startswith("| scale | stage |") and len(markdown) == 2 + 6
+    assert markdown[0].startswith("| scale | stage |") and len(markdown) == 2 + 7
 
 
 def test_a_subset_of_stages_updates_its_rows_of_the_table(stub_stages):
