@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from regress.metrics import cellwise_spearman
-from regress.models import ClippedRegressorMixin, ComponentInputs
+from regress.models import ClippedRegressorMixin, ComponentInputs, scored_rows
 
 TUNING_ROWS = 3000  # held-out rows scored after each epoch
 
@@ -108,9 +108,7 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         network = nn.Sequential(*blocks, nn.Linear(widths[-1], T.shape[1])).to(device)
         optimiser = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         train = np.flatnonzero(~valid)
-        rng = np.random.default_rng(seed)
-        held = np.flatnonzero(valid)
-        held = np.sort(rng.choice(held, size=min(TUNING_ROWS, len(held)), replace=False))
+        held = scored_rows(np.flatnonzero(valid), TUNING_ROWS, seed)
         inputs, targets = torch.from_numpy(Z[train]).to(device), torch.from_numpy(T[train]).to(device)
         generator = torch.Generator().manual_seed(seed)
         best, best_layers, best_epoch, stale = -np.inf, None, 0, 0

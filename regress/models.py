@@ -344,6 +344,13 @@ def tuning_split(n_rows: int, groups: np.ndarray | None, random_state: int = 0) 
     return rng.random(n_rows) < 0.2
 
 
+def scored_rows(candidates: np.ndarray, max_rows: int, random_state: int = 0) -> np.ndarray:
+    """At most `max_rows` of the row indices `candidates`, drawn at random and sorted: the held-out rows a tuning
+    step scores by the cell-wise Spearman (ranking every gene of every row costs)."""
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(candidates, size=min(max_rows, len(candidates)), replace=False))
+
+
 def lightgbm_threads(n_rows: int) -> int:
     """Threads for LightGBM: the cores this process may use, but one per ROWS_PER_THREAD rows at most. On small data
     a second OpenMP thread only waits: on a loaded 2-core machine a 2,400-row fit took 108 s with 2 threads and

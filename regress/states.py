@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
 
 from regress.metrics import cellwise_spearman
-from regress.models import ClippedRegressorMixin, ComponentInputs, tuning_split
+from regress.models import ClippedRegressorMixin, ComponentInputs, scored_rows, tuning_split
 
 TUNING_ROWS = 4000  # held-out rows on which each candidate is scored (ranking 377-460 genes per row costs)
 
@@ -86,9 +86,7 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         if len(grid) == 1:
             return {grid[0]: float("nan")}
         valid = tuning_split(len(Z), groups, self.random_state)
-        rng = np.random.default_rng(self.random_state)
-        scored = np.flatnonzero(valid)
-        scored = np.sort(rng.choice(scored, size=min(TUNING_ROWS, len(scored)), replace=False))
+        scored = scored_rows(np.flatnonzero(valid), TUNING_ROWS, self.random_state)
         scores = {}
         for k in self.n_states:
             labels, profiles = self._states(Y[~valid], int(k))
