@@ -15,7 +15,8 @@ SUBMISSION  ?= $(OUT)/submission.csv
 ENCODER     ?= handcrafted
 WEIGHTS     ?=
 PATCH_SIZES ?= 32 64 128 224
-MODELS      ?= mean-profile spatial-knn ridge ridge+context states+context lightgbm lightgbm+context
+# empty: regress.settings.FitSettings' default candidates, the ones measured on the real-tissue benchmarks
+MODELS      ?=
 DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 SUBMIT_ARGS ?=
@@ -47,7 +48,7 @@ embed: $(STAMP)
 
 fit: $(STAMP)
 	$(PY) -m regress --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --encoder $(ENCODER) \
-	  --patch-sizes $(PATCH_SIZES) --models $(MODELS)
+	  --patch-sizes $(PATCH_SIZES) $(if $(MODELS),--models $(MODELS))
 
 submit: $(STAMP)
 	$(PY) -m submission --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --out $(SUBMISSION) $(SUBMIT_ARGS)

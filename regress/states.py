@@ -28,6 +28,35 @@ def sharpen(posterior: np.ndarray, power: float) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def expression_states(Y: np.ndarray, n_states: int, random_state: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(state of each row, mean profile of each state): k-means on the measured expression. Fewer distinct cells than
+    states leave some states empty: only those that hold cells are kept, numbered 0..m-1."""
+    from sklearn.cluster import KMeans
+
+    n_states = min(n_states, len(Y))
+    kmeans = KMeans(n_clusters=n_states, n_init=2, random_state=random_state).fit(Y)
+    present, labels = np.unique(kmeans.labels_, return_inverse=True)
+    profiles = np.stack([Y[labels == s].mean(0) for s in range(len(present))]).astype(np.float32)
+    return labels, profiles
+
+
+def state_oracle(train_Y: np.ndarray, test_Y: np.ndarray, n_states: int = 32, random_state: int = 0,
+                 block: int = 4096) -> np.ndarray:
+    """The ceiling of the state-space family: a perfect classifier. Each test cell is predicted as the profile of the
+    state (k-means of the training cells' measured expression, as `ExpressionStates` makes them) nearest to its own
+    measured expression. It knows the answer, like `regress.metrics.expression_state_oracle`, but only at the
+    resolution of the states: the gap between the two is variation within a state, which no choice of state, however
+    well the image shows it, can predict."""
+    train_Y = np.asarray(train_Y, dtype=np.float32)
+    _, profiles = expression_states(train_Y, n_states, random_state)
+    norms = (profiles * profiles).sum(1)
+    out = np.empty(np.shape(test_Y), dtype=np.float32)
+    for start in range(0, len(out), block):
+        query = np.asarray(test_Y[start: start + block], dtype=np.float32)
+        out[start: start + block] = profiles[np.argmin(norms[None, :] - 2.0 * query @ profiles.T, axis=1)]
+    return out
+
+
 class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
     """Features -> posterior over k-means states of the measured expression -> posterior-weighted state profiles.
 
@@ -43,17 +72,6 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.scale_sets, self.random_state = scale_sets, random_state
 
     # -- pieces ----------------------------------------------------------------------------------------------------
-    def _states(self, Y: np.ndarray, n_states: int) -> tuple[np.ndarray, np.ndarray]:
-        """(label of each row, profile of each state): k-means on the measured expression."""
-        from sklearn.cluster import KMeans
-
-        n_states = min(n_states, len(Y))
-        kmeans = KMeans(n_clusters=n_states, n_init=2, random_state=self.random_state).fit(Y)
-        # fewer distinct cells than states leaves some empty: keep the states that hold cells, numbered 0..m-1
-        present, labels = np.unique(kmeans.labels_, return_inverse=True)
-        profiles = np.stack([Y[labels == s].mean(0) for s in range(len(present))]).astype(np.float32)
-        return labels, profiles
-
     def _classifier(self, Z: np.ndarray, labels: np.ndarray, C: float):
         from sklearn.linear_model import LogisticRegression
 
@@ -75,7 +93,7 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.tuning_ = self._tune(Z, Y, groups)
         best = max(self.tuning_, key=self.tuning_.get)
         self.n_states_, self.C_, self.power_ = best
-        labels, self.profiles_ = self._states(Y, self.n_states_)
+        labels, self.profiles_ = expression_states(Y, self.n_states_, self.random_state)
         self.classifier_ = self._classifier(Z, labels, self.C_)
         self._set_clip(Y)
         return self
@@ -89,7 +107,7 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         scored = scored_rows(np.flatnonzero(valid), TUNING_ROWS, self.random_state)
         scores = {}
         for k in self.n_states:
-            labels, profiles = self._states(Y[~valid], int(k))
+            labels, profiles = expression_states(Y[~valid], int(k), self.random_state)
             for c in self.C:
                 classifier = self._classifier(Z[~valid], labels, float(c))
                 for p in self.power:

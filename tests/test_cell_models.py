@@ -79,6 +79,18 @@ def test_oracle_on_fixed_numbers():
     assert expression_state_oracle(train, test, k=1, n_components=2)[2].tolist() == [0, 0, 2]
 
 
+def test_state_oracle_on_fixed_numbers():
+    """Two well-separated states: each test cell gets the mean profile of the state nearest its measured expression,
+    whatever cells it is in, and never a blend of states (the 30-nearest oracle's resolution is finer)."""
+    from regress.states import state_oracle
+
+    train = np.array([[0, 0, 1], [0, 0, 3], [5, 5, 0], [7, 5, 0]], dtype=float)
+    test = np.array([[0, 0, 9], [6, 6, 0], [4, 4, 1]], dtype=float)
+    np.testing.assert_allclose(state_oracle(train, test, n_states=2), [[0, 0, 2], [6, 5, 0], [6, 5, 0]])
+    # as many states as distinct cells: the oracle is the nearest training cell itself
+    np.testing.assert_allclose(state_oracle(train, test, n_states=4)[0], [0, 0, 3])
+
+
 def test_headroom_share_on_fixed_numbers():
     assert headroom_share(0.28, 0.23, 0.33) == pytest.approx(0.5)
     assert headroom_share(0.33, 0.23, 0.33) == pytest.approx(1.0)
