@@ -10,6 +10,9 @@ embedded (resumable), and every (features, model) pair is trained on three crops
   mean measured expression of its 30 nearest training cells in the principal-component space of the measured
   expression; it knows the answer, so no image model can be expected to pass it),
 and every model gets the share of that headroom it captures (`headroom_share`: 0 at the floor, 1 at the ceiling).
+The row `state oracle` (`regress.states.state_oracle`) is a perfect classifier into the state-space family's own
+states (k-means of the training crops' expression): it shows how much of the headroom lies within the states, where
+no choice of state reaches.
 The row `selected` is what `make fit` would save: chosen by leave-one-crop-out among the training crops alone,
 refitted on them, then scored on the held-out crop. Writes `results.csv`, `scores.png` and `maps-cell.png` under
 --out. Exits 0 with a message when the data folder is absent.
@@ -34,6 +37,7 @@ from bench_real import (EFFICIENTNET, HANDCRAFTED, FeatureSet, ModeConfig, ModeD
 from embed.pipeline import EmbedSettings, embed_dataset  # noqa: E402
 from regress.metrics import cellwise_spearman, expression_state_oracle, headroom_share  # noqa: E402
 from regress.plots import informative_genes, plot_maps  # noqa: E402
+from regress.states import ExpressionStates, state_oracle  # noqa: E402
 from slidedata.sample import open_samples  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xenium-pancreas"
@@ -46,6 +50,7 @@ CELL = ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), EFFICIENTN
 FEATURE_SETS = (FeatureSet("handcrafted", (HANDCRAFTED,)), FeatureSet("efficientnet", (EFFICIENTNET,)),
                 FeatureSet("both", (HANDCRAFTED, EFFICIENTNET)))
 ORACLE_K, ORACLE_COMPONENTS = 30, 50
+STATES = max(ExpressionStates().n_states)  # the finest states the state-space family tries
 
 
 def prepare(data: Path, out: Path, encoders: set[str]) -> ModeData:
@@ -60,18 +65,24 @@ def prepare(data: Path, out: Path, encoders: set[str]) -> ModeData:
     return ModeData("cell", data, cache, open_samples(data))
 
 
-_ORACLE: dict[str, float] = {}  # crop -> the oracle's score: the same truth whatever the features
+_ORACLES: dict[tuple[str, str], float] = {}  # (oracle, crop) -> its score: the same truth whatever the features
 
 
 def oracle_rows(features: str, truth: dict[str, np.ndarray]) -> list[dict]:
-    """The expression-state oracle on each held-out crop, trained on the others' measured expression."""
+    """Two ceilings on each held-out crop, both built from the other crops' measured expression: the
+    expression-state oracle (the headroom's top) and the state oracle (a perfect classifier into the state-space
+    family's own states: what choosing the right state, and nothing finer, can reach)."""
     rows = []
     for section, held in truth.items():
-        if section not in _ORACLE:
-            train = np.concatenate([t for other, t in truth.items() if other != section])
-            predictions = expression_state_oracle(train, held, k=ORACLE_K, n_components=ORACLE_COMPONENTS)
-            _ORACLE[section] = float(cellwise_spearman(held, predictions).mean())
-        rows.append({"model": "oracle", "section": section, "spearman": _ORACLE[section]})
+        train = None
+        for name in ("oracle", "state oracle"):
+            if (name, section) not in _ORACLES:
+                if train is None:
+                    train = np.concatenate([t for other, t in truth.items() if other != section])
+                predictions = expression_state_oracle(train, held, k=ORACLE_K, n_components=ORACLE_COMPONENTS) \
+                    if name == "oracle" else state_oracle(train, held, n_states=STATES)
+                _ORACLES[name, section] = float(cellwise_spearman(held, predictions).mean())
+            rows.append({"model": name, "section": section, "spearman": _ORACLES[name, section]})
     return rows
 
 
@@ -111,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                              selection_models=tuple(args.selection_models), each=oracle_rows)
     results = with_headroom(results)
     results.to_csv(args.out / "results.csv", index=False)
-    plot_scores(results[results["model"] != "oracle"], args.out / "scores.png", "Xenium pancreas")
+    plot_scores(results[~results["model"].isin(["oracle", "state oracle"])], args.out / "scores.png", "Xenium pancreas")
     if args.map_section in maps:
         coords, truth, predictions, genes = maps[args.map_section]
         plot_maps(coords, predictions, genes, informative_genes(truth, predictions), args.out / "maps-cell.png",
