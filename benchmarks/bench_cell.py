@@ -32,9 +32,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared leave-one-out machinery of bench_real
 
-from bench_real import (EFFICIENTNET, HANDCRAFTED, FeatureSet, ModeConfig, ModeData, plot_scores,  # noqa: E402
-                        run_mode, summary)
-from embed.pipeline import EmbedSettings, embed_dataset  # noqa: E402
+from bench_real import (CNN, CNN_CHOICES, EFFICIENTNET, HANDCRAFTED, Encoders, FeatureSet,  # noqa: E402
+                        ModeConfig, ModeData, plot_scores, run_mode, summary)
+from embed.pipeline import embed_dataset  # noqa: E402
 from regress.metrics import cellwise_spearman, expression_state_oracle, headroom_share  # noqa: E402
 from regress.plots import informative_genes, plot_maps  # noqa: E402
 from regress.states import ExpressionStates, state_oracle  # noqa: E402
@@ -44,25 +44,24 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xenium
 MODELS = ("mean-profile", "ridge", "ridge+context", "lightgbm+context", "states+context", "deepsets")
 SELECTION_MODELS = ("mean-profile", "ridge", "ridge+context", "states+context", "deepsets")
 # A cell, its neighbours, its niche; neighbours pooled by mean and max within 15 and 30 um (DeepSets).
-CELL = ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), EFFICIENTNET: ("48um",)},
-                  input_size={HANDCRAFTED: None, EFFICIENTNET: 64}, models=MODELS,
+CELL = ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), CNN: ("48um",)},
+                  input_size={HANDCRAFTED: None, CNN: 64}, models=MODELS,
                   context_radius_um=(15.0, 30.0), context_pool=("mean", "max"))
-FEATURE_SETS = (FeatureSet("handcrafted", (HANDCRAFTED,)), FeatureSet("efficientnet", (EFFICIENTNET,)),
-                FeatureSet("both", (HANDCRAFTED, EFFICIENTNET)))
+FEATURE_SETS = (FeatureSet("handcrafted", (HANDCRAFTED,)), FeatureSet("efficientnet", (CNN,)),
+                FeatureSet("both", (HANDCRAFTED, CNN)))
 ORACLE_K, ORACLE_COMPONENTS = 30, 50
 STATES = max(ExpressionStates().n_states)  # the finest states the state-space family tries
 
 
-def prepare(data: Path, out: Path, encoders: set[str]) -> ModeData:
-    """Embed (resumable: a re-run reads the cache) every crop with every encoder the feature sets need."""
-    cache = out / "features.zarr"
-    for encoder in sorted(encoders):
+def prepare(data: Path, out: Path, roles: set[str], encoders: Encoders = Encoders()) -> ModeData:
+    """Embed (resumable: a re-run reads the cache) every crop with the encoder of every role the feature sets need."""
+    cache = out / f"features{encoders.cache_suffix}.zarr"
+    for role in sorted(roles):
         start = time.perf_counter()
-        settings = EmbedSettings(patch_sizes=CELL.patch_sizes[encoder], input_size=CELL.input_size[encoder],
-                                 batch_size=64)
-        embed_dataset(data, cache, encoder, settings=settings, device="cpu", progress=False)
-        print(f"[cell] {encoder} embedded in {time.perf_counter() - start:.0f} s", flush=True)
-    return ModeData("cell", data, cache, open_samples(data))
+        settings = encoders.settings(role, CELL.patch_sizes[role], CELL.input_size[role])
+        embed_dataset(data, cache, encoders.name(role), settings=settings, device="cpu", progress=False)
+        print(f"[cell] {encoders.name(role)} embedded in {time.perf_counter() - start:.0f} s", flush=True)
+    return ModeData("cell", data, cache, open_samples(data), encoders)
 
 
 _ORACLES: dict[tuple[str, str], float] = {}  # (oracle, crop) -> its score: the same truth whatever the features
@@ -108,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the candidates of the nested selection ('selected'), as `make fit` would try them")
     parser.add_argument("--selection-set", default="both", help="feature set whose nested selection is reported")
     parser.add_argument("--map-section", default="XP1", help="held-out crop drawn in maps-cell.png")
+    parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
+                        "named efficientnet and both")
+    parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
+                        "views of each crop (cached apart, in features-tta.zarr)")
     args = parser.parse_args(argv)
 
     if not args.data.is_dir():
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     feature_sets = tuple(f for f in FEATURE_SETS if f.name in args.feature_sets)
     args.out.mkdir(parents=True, exist_ok=True)
-    data = prepare(args.data, args.out, {e for f in feature_sets for e in f.encoders})
+    data = prepare(args.data, args.out, {e for f in feature_sets for e in f.encoders}, Encoders(args.cnn, args.tta))
     results, maps = run_mode(data, feature_sets, tuple(args.models), args.selection_set, config=CELL,
                              selection_models=tuple(args.selection_models), each=oracle_rows)
     results = with_headroom(results)

