@@ -32,13 +32,11 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared leave-one-out machinery of bench_real
 
-from bench_real import (CNN, CNN_CHOICES, EFFICIENTNET, HANDCRAFTED, Encoders, FeatureSet,  # noqa: E402
-                        ModeConfig, ModeData, plot_scores, run_mode, summary)
+from bench_real import (CNN, HANDCRAFTED, Encoders, FeatureSet, ModeConfig, ModeData,  # noqa: E402
+                        add_choice_arguments, plot_scores, run_mode, summary)
 from embed.pipeline import embed_dataset  # noqa: E402
 from regress.metrics import cellwise_spearman, expression_state_oracle, headroom_share  # noqa: E402
-from regress.models import ALPHA_CRITERIA  # noqa: E402
 from regress.plots import informative_genes, plot_maps  # noqa: E402
-from regress.settings import FitSettings  # noqa: E402
 from regress.states import ExpressionStates, state_oracle  # noqa: E402
 from slidedata.sample import open_samples  # noqa: E402
 
@@ -107,15 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help="models compared on every feature set")
     parser.add_argument("--selection-models", nargs="+", default=list(SELECTION_MODELS),
                         help="the candidates of the nested selection ('selected'), as `make fit` would try them")
-    parser.add_argument("--selection-set", default="both", choices=[f.name for f in FEATURE_SETS] + ["none"],
-                        help="feature set whose nested selection is reported (none: no selection)")
     parser.add_argument("--map-section", default="XP1", help="held-out crop drawn in maps-cell.png")
-    parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
-                        "named efficientnet and both")
-    parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
-                        "views of each crop (cached apart, in features-tta.zarr)")
-    parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=FitSettings().ridge_criterion,
-                        help="how ridge chooses its alpha: held-out squared error or cell-wise Spearman")
+    add_choice_arguments(parser, FEATURE_SETS, tta_cache="features-tta.zarr")
     args = parser.parse_args(argv)
 
     if not args.data.is_dir():

