@@ -15,11 +15,16 @@ import warnings
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
+from threadpoolctl import threadpool_limits
 
 from regress.metrics import cellwise_spearman
 from regress.models import ClippedRegressorMixin, ComponentInputs, scored_rows, tuning_split
 
 TUNING_ROWS = 4000  # held-out rows on which each candidate is scored (ranking 377-460 genes per row costs)
+# BLAS and OpenMP threads for k-means and the classifier. Their products are small (64 components, 16-32 states),
+# and on a loaded machine a second OpenBLAS thread waits more than it works: fitting states+context on the demo
+# took 256 s with two threads beside another job, 8 s with one.
+THREADS = 1
 
 
 def sharpen(posterior: np.ndarray, power: float) -> np.ndarray:
@@ -87,6 +92,10 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
 
     # -- estimator API ---------------------------------------------------------------------------------------------
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
+        with threadpool_limits(limits=THREADS):
+            return self._fit(X, Y, groups)
+
+    def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None):
         X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
         self.inputs_ = ComponentInputs.fit(X, self.n_feature_components, self.scale_sets)
         Z = self.inputs_.transform(X)
@@ -116,4 +125,6 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         return scores
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self._clip(self._expected(self.classifier_, self.profiles_, self.inputs_.transform(X), self.power_))
+        with threadpool_limits(limits=THREADS):
+            return self._clip(self._expected(self.classifier_, self.profiles_, self.inputs_.transform(X),
+                                             self.power_))
