@@ -64,24 +64,25 @@ def prepare(data: Path, out: Path, roles: set[str], encoders: Encoders = Encoder
     return ModeData("cell", data, cache, open_samples(data), encoders)
 
 
-_ORACLES: dict[tuple[str, str], float] = {}  # (oracle, crop) -> its score: the same truth whatever the features
+# Two ceilings, each built from the other crops' measured expression: the expression-state oracle (the headroom's
+# top) and the state oracle (a perfect classifier into the state-space family's own states: what choosing the right
+# state, and nothing finer, can reach).
+ORACLES = {
+    "oracle": lambda train, held: expression_state_oracle(train, held, k=ORACLE_K, n_components=ORACLE_COMPONENTS),
+    "state oracle": lambda train, held: state_oracle(train, held, n_states=STATES),
+}
+_SCORES: dict[tuple[str, str], float] = {}  # (oracle, crop) -> its score: the same truth whatever the features
 
 
 def oracle_rows(features: str, truth: dict[str, np.ndarray]) -> list[dict]:
-    """Two ceilings on each held-out crop, both built from the other crops' measured expression: the
-    expression-state oracle (the headroom's top) and the state oracle (a perfect classifier into the state-space
-    family's own states: what choosing the right state, and nothing finer, can reach)."""
+    """Every oracle on each held-out crop (computed once per crop, whatever the feature set)."""
     rows = []
     for section, held in truth.items():
-        train = None
-        for name in ("oracle", "state oracle"):
-            if (name, section) not in _ORACLES:
-                if train is None:
-                    train = np.concatenate([t for other, t in truth.items() if other != section])
-                predictions = expression_state_oracle(train, held, k=ORACLE_K, n_components=ORACLE_COMPONENTS) \
-                    if name == "oracle" else state_oracle(train, held, n_states=STATES)
-                _ORACLES[name, section] = float(cellwise_spearman(held, predictions).mean())
-            rows.append({"model": name, "section": section, "spearman": _ORACLES[name, section]})
+        if any((name, section) not in _SCORES for name in ORACLES):
+            train = np.concatenate([t for other, t in truth.items() if other != section])
+            for name, oracle in ORACLES.items():
+                _SCORES[name, section] = float(cellwise_spearman(held, oracle(train, held)).mean())
+        rows += [{"model": name, "section": section, "spearman": _SCORES[name, section]} for name in ORACLES]
     return rows
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                              ridge_criterion=args.ridge_criterion)
     results = with_headroom(results)
     results.to_csv(args.out / "results.csv", index=False)
-    plot_scores(results[~results["model"].isin(["oracle", "state oracle"])], args.out / "scores.png", "Xenium pancreas")
+    plot_scores(results[~results["model"].isin(list(ORACLES))], args.out / "scores.png", "Xenium pancreas")
     if args.map_section in maps:
         coords, truth, predictions, genes = maps[args.map_section]
         plot_maps(coords, predictions, genes, informative_genes(truth, predictions), args.out / "maps-cell.png",

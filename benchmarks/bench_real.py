@@ -211,7 +211,7 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
                              **section_scores(h.truth, h.predictions, top[h.sample], spots(h.sample, h.cell_id))})
         if each is not None:
             rows += [{"mode": data.mode, "features": label, **row} for row in each(features.name, truth)]
-        print(f"[{data.mode}] {features.name:<28} {'all models':<18} {time.perf_counter() - start:6.1f} s",
+        print(f"[{data.mode}] {label:<28} {'all models':<18} {time.perf_counter() - start:6.1f} s",
               flush=True)
         if features.name != selection_set:
             continue
@@ -229,7 +229,7 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
                          "section": section, **section_scores(matrix.Y[test], predictions, top[section],
                                                               spots(section, matrix.cell_id[test]))})
             maps[section] = (matrix.coords[test], matrix.Y[test], predictions, source.genes)
-        print(f"[{data.mode}] {features.name:<28} {'selected (nested)':<18} {time.perf_counter() - start:6.1f} s",
+        print(f"[{data.mode}] {label:<28} {'selected (nested)':<18} {time.perf_counter() - start:6.1f} s",
               flush=True)
     return pd.DataFrame(rows), maps
 

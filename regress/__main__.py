@@ -15,8 +15,8 @@ from slidedata.patch_size import PatchSize, patch_size_arg
 
 def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     from regress.features import CONTEXT_POOLS, FeatureSpec
-    from regress.models import ALPHA_CRITERIA
     from regress.fit import fit_and_evaluate
+    from regress.models import ALPHA_CRITERIA
     from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
     from regress.tasks import SchedulerUnreachable
 
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
                         metavar="MODEL",
                         help=f"models to evaluate, the best one saved: {', '.join(BASELINES + MODELS)}")
     parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
-                        help="neighbours pooled for the +context models and deepsets (0: none, then give --context-radius)")
+                        help="neighbours pooled for the +context models and deepsets (0: none, then give "
+                             "--context-radius)")
     parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=defaults.ridge_criterion,
                         help="what ridge's alpha is chosen by: the held-out squared error or cell-wise Spearman")
     parser.add_argument("--context-radius", type=positive_float, nargs="+",
