@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from embed.encoders import PatchEncoder
 from embed.pipeline import EmbedSettings, entry_attrs, patch_plans
 from embed.registry import get_spec
 from slidedata.feature_store import FeatureStore
 from slidedata.nuclei import NUCLEI_COLUMNS
+from slidedata.progress import progress_bar
 from slidedata.sample import log_normalise, open_sample
 from slidedata.writer import write_sample
 from synthetic.demo import MICRONS_PER_PIXEL, REAL_SHAPE, sample_tables, simulate_counts
@@ -88,8 +88,8 @@ def write_sample_features(store: FeatureStore, sample, nuclei: pd.DataFrame, exp
         entry = store.create_entry(sample.name, entry_attrs(encoder, plan, sample, len(nuclei), settings,
                                                             sample.input_digest()))
         to_signal, lift = maps[key]
-        for unit in tqdm(entry.pending_units(), desc=f"{sample.name}: {ENCODER}:{key}", unit="unit",
-                         disable=not progress):
+        for unit in progress_bar(entry.pending_units(), desc=f"{sample.name}: {ENCODER}:{key}", unit="unit",
+                                 enabled=progress):
             rows = entry.unit_rows(int(unit))
             rng = np.random.default_rng([seed, index, int(unit)])
             signal = ((expression[rows] - mean) / sd) @ to_signal

@@ -6,7 +6,6 @@ chunks of every sample into the same cache.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -14,8 +13,8 @@ import time
 import pandas as pd
 
 from embed.pipeline import MAX_CPU_WORKERS, EmbedSettings
-from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, non_negative_int, positive_float, positive_int,
-                           run_reporting_input_errors)
+from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, non_negative_int, positive_float,
+                           positive_int, run_reporting_input_errors)
 from slidedata.patch_size import patch_size_arg
 
 
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
 
     defaults = EmbedSettings()
 
-    parser = argparse.ArgumentParser(prog=prog, description="Embed every nucleus into the cache.",
+    parser = StageParser(prog=prog, description="Embed every nucleus into the cache.",
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the zarr feature cache")
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     parser.add_argument("--list-encoders", action="store_true",
                         help="the registry: dimensions, licences, where the weights come from (offline or not)")
     parser.add_argument("--list", action="store_true", help="list the cache's entries")
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     if args.list_encoders:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
             print(FeatureStore(args.cache, create=False).entries().to_string(index=False))
             return 0
 
-        return run_reporting_input_errors(listing, args.debug)
+        return run_reporting_input_errors(listing, args)
     if not args.data:
         parser.error("--data is required")
 
@@ -121,7 +120,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
         print(f"embed: {time.perf_counter() - start:.1f} s, cache {args.cache}")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug, (EncoderLoadError,))
+    return run_reporting_input_errors(stage, args, (EncoderLoadError,),
+                                      interrupted="every finished unit is kept in the cache: run the same command "
+                                                  "again to resume")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from embed import handcrafted
 from slidedata import locks
@@ -31,6 +30,7 @@ from embed.registry import encoder_input_size
 from embed.tta import mean_over_views, views
 from slidedata.feature_store import FeatureEntry, FeatureStore, identity_attrs
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
+from slidedata.progress import progress_bar
 from slidedata.publish import check_writable, is_disk_full
 from slidedata.sample import Sample, open_samples
 from slidedata.tiles import DEFAULT_MAX_TILE
@@ -224,8 +224,8 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     threads = cpu_threads(settings, encoder) if device.type == "cpu" else torch.get_num_threads()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    bar = tqdm(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}", unit="nucleus",
-               disable=not progress)
+    bar = progress_bar(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}",
+                       unit="nucleus", enabled=progress)
     computed = 0
     try:
         for item in loader:

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from tqdm.auto import tqdm
+
+from slidedata.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -127,8 +128,8 @@ def segment_spot_nuclei(image: np.ndarray, centres: np.ndarray, radius_px: float
     spot_of_cell: list[int] = []
     half = radius_px + settings.margin_um / microns_per_pixel
     windows = list(_windows(image.shape[:2], centres, half))
-    for spot, (centre, (y0, y1, x0, x1)) in enumerate(tqdm(list(zip(centres, windows)), desc=desc,
-                                                          disable=not progress, leave=False)):
+    for spot, (centre, (y0, y1, x0, x1)) in enumerate(progress_bar(list(zip(centres, windows)), desc=desc,
+                                                                  enabled=progress, leave=False)):
         labels = segment_window(image[y0:y1, x0:x1], threshold, microns_per_pixel, settings)
         n = int(labels.max())
         if n == 0:

@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from tqdm.auto import tqdm
 
 from importers.hold_out import DEFAULT_BLOCK_UM, HoldOut, assign_spots
 from importers.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
 from importers.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
-from slidedata.cli import positive_float, positive_int
+from slidedata.cli import StageParser, positive_float, positive_int
 from slidedata.errors import DataError
+from slidedata.progress import progress_bar
 from slidedata.sample import CHALLENGE_N_GENES, GROUP_NAMES, GROUPS, SAMPLE_SUFFIX
 from slidedata.truth import REGION, TRUTH_FOLDER, remove_truth, write_truth
 from slidedata.writer import anucleus_table, write_sample
@@ -210,7 +210,7 @@ def import_sections_report(sections: Sequence[SpotSection], out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = []
     for (section, dropped), original, assignment in zip(
-            tqdm(filtered, desc=f"import ({cells})", disable=not progress), sections, assignments):
+            progress_bar(filtered, desc=f"import ({cells})", enabled=progress), sections, assignments):
         image = section.load_image()  # one section's pixels in memory at a time
         mask, spot_of_cell = section_cells(section, image, cells, segmentation, progress)
         cell_ids = np.arange(1, len(spot_of_cell) + 1, dtype=np.int64)
@@ -292,7 +292,7 @@ def her2st_sections(src: str | Path, names: Sequence[str] | None = None,
 def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
     from slidedata.cli import DefaultsHelpFormatter, non_negative_int
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
     layouts = parser.add_subparsers(dest="layout", required=True)
     her2st = layouts.add_parser("her2st", help="her2st section folders (HE.jpg, counts.tsv.gz, spots.tsv)",
                                 formatter_class=DefaultsHelpFormatter)
@@ -346,11 +346,11 @@ def _fraction(text: str) -> float:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m importers.spots") -> int:
-    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+    from slidedata.cli import SAMPLES_KEPT, add_output_flags, run_reporting_input_errors
     from slidedata.publish import check_writable
 
     parser = _parser(prog)
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
     if args.layout == "h5ad" and len(args.h5ad) != len(args.image):
         parser.error(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m importers.spots")
             print(f"{held} cells held out; their measured expression: {args.out / TRUTH_FOLDER}")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug)
+    return run_reporting_input_errors(stage, args, interrupted=SAMPLES_KEPT)
 
 
 if __name__ == "__main__":

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import pandas as pd
 
-from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, non_negative_int, positive_float, positive_int,
-                           run_reporting_input_errors)
+from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, non_negative_int, positive_float,
+                           positive_int, run_reporting_input_errors)
 from slidedata.patch_size import PatchSize, patch_size_arg
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     from regress.features import CONTEXT_POOLS, FeatureSpec
     from regress.fit import fit_and_evaluate
+    from regress.model_dir import ModelDir
     from regress.models import ALPHA_CRITERIA
     from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
     from regress.tasks import SchedulerUnreachable
 
     defaults, feature_defaults = FitSettings(), default_features()
-    parser = argparse.ArgumentParser(prog=prog, description="Fit and evaluate expression regressors.",
+    parser = StageParser(prog=prog, description="Fit and evaluate expression regressors.",
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     parser.add_argument("--tuning-folds", default=defaults.tuning_folds, choices=list(TUNING_FOLDS),
                         help="what the folds of ridge's alpha CV and LightGBM's early stopping are made of "
                              "(auto: whole samples when three or more train the model, else spatial blocks)")
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     def extra_key(key: str) -> tuple[str, PatchSize]:
@@ -94,11 +94,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
         with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
             print(scores.to_string(index=False))
         print(f"saved: {predictor.model_name}, because {predictor.scores['verdict']}")
-        print(f"  -> {args.model_dir}/predictor.joblib (scores.csv, scores.png beside it); "
-              f"fit stage {time.perf_counter() - start:.1f} s")
+        print(f"  -> {args.model_dir}/predictor.joblib ({', '.join(ModelDir(args.model_dir).reports())} beside "
+              f"it); fit stage {time.perf_counter() - start:.1f} s")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug, (SchedulerUnreachable,))
+    return run_reporting_input_errors(stage, args, (SchedulerUnreachable,),
+                                      interrupted="no model was saved; the feature cache is as it was")
 
 
 if __name__ == "__main__":

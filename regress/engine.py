@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from regress.catalogue import FROM_STATISTICS, family, input_width, make_estimator, model_inputs, statistics_width
 from regress.metrics import (cellwise_mse, cellwise_spearman, default_region_radius, gene_moments, held_out_regions,
@@ -33,6 +32,7 @@ from regress.source import SampleInfo, Source
 from regress.splits import (NO_BLOCK, choose_protocol, evaluation_splits, needs_blocks, region_labels, roles,
                             spatial_blocks, strata_table, tunes_by_sample, tuning_labels)
 from regress.tasks import compute
+from slidedata.progress import progress_bar
 
 PREDICT_BLOCK = 20000  # rows predicted and scored at a time
 ALPHA_SCORING_ROWS = 3000  # rows per tuning fold on which ridge's alphas are scored by the cell-wise Spearman
@@ -256,7 +256,7 @@ def evaluate(source: Source, settings: FitSettings, progress: bool = True,
               for a, b in evaluation_splits(strata, protocol, settings.n_folds, names)]
     fitted, fit_seconds = {}, {m: 0.0 for m in settings.models}
     jobs = [(i, train, name) for i, (train, _) in enumerate(splits) for name in settings.models]
-    for i, train, name in tqdm(jobs, desc="fitting", unit="model", disable=not progress):
+    for i, train, name in progress_bar(jobs, desc="fitting", unit="model", enabled=progress):
         start = time.perf_counter()
         fitted[i, name] = fit_model(name, gathered, train, settings)
         fit_seconds[name] += time.perf_counter() - start

@@ -43,6 +43,10 @@ class ModelDir:
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r})"
 
+    def reports(self) -> list[str]:
+        """The names of the files that report on the fit (scores, per-gene Pearson, plots) present here."""
+        return [name for name in (SCORES, GENE_PEARSON, PLOT, MAPS) if (self.path / name).is_file()]
+
     # -- the model ------------------------------------------------------------------------------------------------
     def save_predictor(self, predictor: ExpressionPredictor) -> Path:
         """The predictor, then its summary (which is only for people: nothing loads it)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from tqdm.auto import tqdm
+from slidedata.progress import progress_bar
 
 # Seconds to reach the scheduler: a live one answers at once; dask's own 30 s default only delays the error.
 CONNECT_TIMEOUT_S = 5
@@ -32,7 +32,7 @@ def compute(function: Callable, calls: list[tuple], scheduler: str | None, desc:
     """
     each = each or (lambda result: result)
     if scheduler is None:
-        return [each(function(*args)) for args in tqdm(calls, desc=desc, unit="sample", disable=not progress)]
+        return [each(function(*args)) for args in progress_bar(calls, desc=desc, unit="sample", enabled=progress)]
     from distributed import as_completed
 
     with client_of(scheduler) as client:
@@ -44,8 +44,8 @@ def compute(function: Callable, calls: list[tuple], scheduler: str | None, desc:
         futures_of = dict(zip(shared, client.scatter(list(shared.values()), hash=False))) if shared else {}
         futures = [client.submit(function, *[futures_of.get(id(a), a) for a in args], pure=False) for args in calls]
         results = {}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="sample",
-                           disable=not progress):
+        for future in progress_bar(as_completed(futures), total=len(futures), desc=desc, unit="sample",
+                                  enabled=progress):
             results[future.key] = each(future.result())
             future.release()
         return [results[future.key] for future in futures]

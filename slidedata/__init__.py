@@ -1,12 +1,13 @@
-"""Shared data layer: Crunch-format samples, their validation and writer, nucleus geometry, the feature cache."""
+"""Shared data layer: Crunch-format samples, their validation and writer, nucleus geometry, the feature cache.
 
-from slidedata.errors import DataError
-from slidedata.nuclei import nuclei_from_mask
-from slidedata.sample import (
-    EXPRESSION, GROUPS, HELD_OUT_GROUPS, IMAGE, MASK, CHALLENGE_N_GENES, Sample, open_sample, open_samples,
-)
+The names below are imported when first used, so that `import slidedata.cli` stays light."""
 
-__all__ = [
-    "DataError", "EXPRESSION", "GROUPS", "HELD_OUT_GROUPS", "IMAGE", "MASK", "CHALLENGE_N_GENES", "Sample",
-    "nuclei_from_mask", "open_sample", "open_samples",
-]
+from slidedata.lazy import lazy_exports
+
+_EXPORTS = {
+    "DataError": "slidedata.errors", "nuclei_from_mask": "slidedata.nuclei",
+    **{name: "slidedata.sample" for name in ("EXPRESSION", "GROUPS", "HELD_OUT_GROUPS", "IMAGE", "MASK",
+                                               "CHALLENGE_N_GENES", "Sample", "open_sample", "open_samples")},
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

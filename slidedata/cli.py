@@ -9,6 +9,19 @@ from typing import Callable
 from slidedata.errors import DataError
 
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+# What a stage that writes whole samples (the demo, the importers) keeps when interrupted.
+SAMPLES_KEPT = ("every sample written so far is complete (each appears only when whole); the one being written was "
+                "removed")
+
+
+class StageParser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors start their line with `error:` like every other error of a command (a
+    log read with `grep ^error` finds them too); exit status 2 as before."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(USER_ERROR_STATUS, f"error: {self.prog}: {message}\n")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -25,21 +38,38 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """--debug and --quiet, which every command takes; `run_reporting_input_errors` applies them."""
     parser.add_argument("--debug", action="store_true", help="show the full traceback of input errors too")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress lines (errors and "
+                                                             "results are still printed)")
 
 
-def run_reporting_input_errors(stage: Callable[[], int], debug: bool = False,
-                               input_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run `stage`; a DataError (or one of `input_errors`) becomes `error: ...` on stderr and exit status 2,
-    unless `debug` asks for the traceback. Any other exception is a bug and propagates with its traceback."""
+def run_reporting_input_errors(stage: Callable[[], int], args: argparse.Namespace,
+                               input_errors: tuple[type[BaseException], ...] = (),
+                               interrupted: str = "nothing was written under a final name") -> int:
+    """Run `stage` under the flags of `add_output_flags`. A DataError (or one of `input_errors`) becomes one
+    `error: ...` line on stderr and exit status 2, unless --debug asks for the traceback; Ctrl-C becomes one
+    `interrupted: ...` line saying what is kept (`interrupted`) and exit status 130, the shell's for SIGINT. Any other
+    exception is a bug and propagates with its traceback."""
+    from slidedata.progress import close_bars, set_quiet
+
+    debug = bool(getattr(args, "debug", False))
+    set_quiet(getattr(args, "quiet", False))
     try:
         return stage()
     except (DataError, *input_errors) as exc:
         if debug:
             raise
+        close_bars()
         print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR_STATUS
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        close_bars()
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return INTERRUPTED_STATUS
 
 
 def positive_int(text: str) -> int:

@@ -12,7 +12,8 @@ from typing import TypeVar
 import dask.array as da
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+
+from slidedata.progress import progress_bar
 
 NUCLEI_COLUMNS = ("cell_id", "y", "x", "area", "y_min", "y_max", "x_min", "x_max",
                   "major_axis", "minor_axis", "eccentricity")
@@ -41,12 +42,16 @@ def ellipse_from_moments(cyy: Moments, cxx: Moments, cxy: Moments) -> tuple[Mome
     return 4 * lam1**0.5, 4 * lam2**0.5, eccentricity
 
 
+class BadCellIds(ValueError):
+    """Mask pixel values that cannot be cell ids: every table, cache and submission holds ids as int64."""
+
+
 def block_moments(block: np.ndarray, y_offset: int, x_offset: int) -> pd.DataFrame:
     """Per-id partial moments of one mask block (ids > 0), in slide coordinates."""
     ys, xs = np.nonzero(block)
     if len(ys) == 0:
         return pd.DataFrame(columns=("cell_id",) + _SUMS + ("y_min", "y_max", "x_min", "x_max"))
-    ids = block[ys, xs].astype(np.int64)
+    ids = _as_cell_ids(block[ys, xs], y_offset, x_offset)
     ys = ys.astype(np.float64) + y_offset
     xs = xs.astype(np.float64) + x_offset
     order = np.argsort(ids, kind="stable")
@@ -62,6 +67,19 @@ def block_moments(block: np.ndarray, y_offset: int, x_offset: int) -> pd.DataFra
         "y_min": np.minimum.reduceat(ys, starts), "y_max": np.maximum.reduceat(ys, starts),
         "x_min": np.minimum.reduceat(xs, starts), "x_max": np.maximum.reduceat(xs, starts),
     })
+
+
+def _as_cell_ids(values: np.ndarray, y_offset: int, x_offset: int) -> np.ndarray:
+    """`values` as int64, refusing what int64 cannot hold as a positive id (uint64 from 2**63 would wrap to negative
+    ids, and negative ones are no ids): a wrapped id would be written to the submission and match nothing."""
+    where = f"the mask chunk at row {y_offset}, column {x_offset}"
+    if values.dtype.kind == "u" and values.dtype.itemsize >= 8 and values.max() > np.iinfo(np.int64).max:
+        raise BadCellIds(f"{where} holds cell_id {int(values.max())}, above the largest supported id "
+                         f"{np.iinfo(np.int64).max} (2**63 - 1): renumber the nuclei")
+    if values.dtype.kind == "i" and values.min() < 0:
+        raise BadCellIds(f"{where} holds the negative value {int(values.min())}; cell ids are positive integers "
+                         "(0 = background)")
+    return values.astype(np.int64)
 
 
 def merge_moments(partials: list[pd.DataFrame]) -> pd.DataFrame:
@@ -94,7 +112,7 @@ def nuclei_from_mask(mask: da.Array | np.ndarray, progress: bool = False, desc: 
     x_starts = np.r_[0, np.cumsum(mask.chunks[1])[:-1]]
     partials = []
     blocks = list(np.ndindex(*mask.numblocks))
-    for by, bx in tqdm(blocks, desc=desc, unit="chunk", disable=not progress):
+    for by, bx in progress_bar(blocks, desc=desc, unit="chunk", enabled=progress):
         block = np.asarray(mask.blocks[by, bx].compute(scheduler="synchronous"))
         partials.append(block_moments(block, int(y_starts[by]), int(x_starts[bx])))
     return merge_moments(partials)

@@ -1,16 +1,15 @@
-"""python -m submission --data DIR --cache DIR --model-dir DIR --out FILE[.csv|.parquet] [--anndata DIR]"""
+"""python -m submission --data DIR --cache DIR --model-dir DIR --out FILE[.csv|.csv.gz|.parquet] [--anndata DIR]"""
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission") -> int:
-    from slidedata.cli import DefaultsHelpFormatter, add_debug_flag, run_reporting_input_errors
+    from slidedata.cli import DefaultsHelpFormatter, StageParser, add_output_flags, run_reporting_input_errors
 
-    parser = argparse.ArgumentParser(prog=prog, description="Write and validate the submission.",
+    parser = StageParser(prog=prog, description="Write and validate the submission.",
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
@@ -21,7 +20,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
                         help="also draw each sample's predicted expression on its tissue here (<sample>.png)")
     parser.add_argument("--into-spatialdata", action="store_true",
                         help="also add the predictions as table 'predicted_expression' to each sample zarr")
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     from submission.pipeline import make_submission
@@ -46,7 +45,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
         print("validation: ok")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug)
+    return run_reporting_input_errors(stage, args, interrupted="no submission file was written; the cache and the "
+                                                                  "model are as they were")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ mean profile of their training nuclei is scored beside it, rounded as a submissi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from slidedata.errors import DataError
 from slidedata.sample import dense, open_samples
 from slidedata.truth import REGION, read_truth
 from submission.predict import finalise
-from submission.writer import read_submission_blocks
+from submission.writer import cell_ids_of, read_submission_blocks
 
 
 @dataclass
@@ -43,7 +42,9 @@ def score_submission(submission: str | Path, truth: str | Path, data: str | Path
     predicted = {name: np.full((len(cells), len(genes)), np.nan) for name, (cells, genes) in wanted.items()}
     try:
         for block in read_submission_blocks(submission):
-            _fill(block, wanted, predicted)
+            _fill(submission, block, wanted, predicted)
+    except DataError:
+        raise
     except (OSError, ValueError, KeyError, pd.errors.ParserError) as exc:
         raise DataError(submission, "-", f"not a readable submission ({type(exc).__name__}: {exc})") from exc
     for name, values in predicted.items():
@@ -83,15 +84,20 @@ def score_submission(submission: str | Path, truth: str | Path, data: str | Path
     return ScoreReport(official, mean, pd.DataFrame(rows))
 
 
-def _fill(block: pd.DataFrame, wanted: dict, predicted: dict) -> None:
-    """Put a block's predictions of truth nuclei in place; rows of other samples or nuclei are not scored."""
+def _fill(submission: Path, block: pd.DataFrame, wanted: dict, predicted: dict) -> None:
+    """Put a block's predictions of truth nuclei in place; rows of other samples or nuclei are not scored, and a
+    cell_id that is no id (1.5, -3) is refused rather than truncated into one."""
+    cell_ids, not_an_id = cell_ids_of(block["cell_id"])
+    if not_an_id.any():
+        raise DataError(submission, "cell_id", f"{int(not_an_id.sum())} row(s) hold a cell_id that is not a positive "
+                                               f"whole number, e.g. {block['cell_id'][not_an_id].iloc[0]!r}")
     samples = block["sample"].astype(str).to_numpy()
     for name in pd.unique(samples):
         if name not in wanted:
             continue
         rows = block[samples == name]
         cells, genes = wanted[name]
-        i = cells.get_indexer(pd.to_numeric(rows["cell_id"]).to_numpy(np.int64))
+        i = cells.get_indexer(cell_ids[samples == name])
         j = genes.get_indexer(rows["gene"].astype(str).to_numpy())
         ok = (i >= 0) & (j >= 0)
         predicted[name][i[ok], j[ok]] = pd.to_numeric(rows["prediction"]).to_numpy(np.float64)[ok]
@@ -114,13 +120,13 @@ def _mean_profile(data: str | Path) -> pd.Series:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission.score") -> int:
-    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+    from slidedata.cli import StageParser, add_output_flags, run_reporting_input_errors
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--submission", required=True, help="submission CSV or Parquet")
     parser.add_argument("--truth", required=True, help="folder of <sample>.h5ad truth tables (<import out>/truth)")
     parser.add_argument("--data", help="the samples the model was fitted on: also score their mean profile")
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     def stage() -> int:
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission.score"
         print(f"official cell-wise Spearman (nuclei, then regions, then samples): {report.official:.4f}{beside}")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug)
+    return run_reporting_input_errors(stage, args)
 
 
 if __name__ == "__main__":

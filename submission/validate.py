@@ -11,7 +11,6 @@ problem is reported with a count and examples, and the exit status is non-zero i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,15 @@ import numpy as np
 import pandas as pd
 
 from slidedata.errors import DataError
-from slidedata.sample import EXPRESSION, HELD_OUT_GROUPS, Sample, open_samples
-from submission.writer import COLUMNS, read_submission_blocks
+from slidedata.sample import (EXPRESSION, HELD_OUT_GROUPS, MAX_LOG_EXPRESSION, SCALE_FACTOR, Sample,
+                              open_samples)
+from submission.predict import DECIMALS
+from submission.writer import COLUMNS, cell_ids_of, file_format, read_submission_blocks
 
 
 NOT_FLOAT = "prediction column is not float"
+# The largest valid prediction: log1p(100) clipped, then rounded to DECIMALS as the writer rounds (4.6151 -> 4.62).
+MAX_PREDICTION = float(np.ceil(MAX_LOG_EXPRESSION * 10 ** DECIMALS) / 10 ** DECIMALS)
 
 
 @dataclass
@@ -113,7 +116,7 @@ def validate_submission(path: str | Path, samples: list[Sample], genes: list[str
 
 def _columns(path: Path) -> list[str]:
     """The file's columns, read from its header (a file of no rows has one too)."""
-    if path.suffix == ".parquet":
+    if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(path).schema_arrow.names)
@@ -122,7 +125,7 @@ def _columns(path: Path) -> list[str]:
 
 def _check_prediction_type(path: Path, tally: _Tally) -> None:
     """Parquet stores the column's type: it must be a float, whatever the values look like as text."""
-    if path.suffix != ".parquet":
+    if file_format(path) != "parquet":
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -147,12 +150,18 @@ def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tall
     tally.add("infinite predictions", inf.sum(), block.loc[inf, ["sample", "cell_id", "gene"]].head(5).values.tolist())
     negative = values < 0
     tally.add("negative predictions", negative.sum(), values[negative][:5].tolist())
+    too_high = values > MAX_PREDICTION
+    tally.add(f"predictions above log1p({SCALE_FACTOR}) = {MAX_LOG_EXPRESSION:.4f} (the most a log1p(counts / total "
+              f"* {SCALE_FACTOR}) value can hold; {MAX_PREDICTION} after rounding)", too_high.sum(),
+              values[too_high][:5].tolist())
     finite = np.isfinite(values)
     scaled = np.where(finite, values, 0.0) * 100
     decimals = finite & (np.abs(scaled - np.round(scaled)) > 1e-6)
     tally.add("more than 2 decimals", decimals.sum(), values[decimals][:5].tolist())
 
-    cell_ids = pd.to_numeric(block["cell_id"], errors="coerce")
+    cell_ids, not_an_id = cell_ids_of(block["cell_id"])
+    tally.add("cell_ids that are not positive whole numbers", not_an_id.sum(),
+              pd.unique(block["cell_id"][not_an_id].astype(str))[:5].tolist())
     samples = block["sample"].astype(str).to_numpy()
     gene_names = block["gene"].astype(str).to_numpy()
     for name in pd.unique(samples):
@@ -164,24 +173,24 @@ def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tall
         unknown_gene = genes < 0
         tally.add("unknown genes", unknown_gene.sum(),
                   [(name, g) for g in pd.unique(gene_names[rows][unknown_gene])[:5]])
-        ids = cell_ids[rows].to_numpy()
-        cells = cell_index[name].get_indexer(np.where(np.isnan(ids), -1, ids).astype(np.int64))
+        ids = cell_ids[rows]
+        cells = cell_index[name].get_indexer(ids)
         unknown_cell = cells < 0
-        tally.add("rows for cell_ids that are not held out in this sample", unknown_cell.sum(),
-                  [(name, c) for c in pd.unique(ids[unknown_cell])[:5]])
+        tally.add("rows for cell_ids that are not held out in this sample", (unknown_cell & (ids > 0)).sum(),
+                  [(name, c) for c in pd.unique(ids[unknown_cell & (ids > 0)])[:5]])
         ok = ~unknown_cell & ~unknown_gene
         np.add.at(seen[name], (cells[ok], genes[ok]), 1)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission.validate") -> int:
-    from slidedata.cli import add_debug_flag, run_reporting_input_errors
+    from slidedata.cli import StageParser, add_output_flags, run_reporting_input_errors
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("file", help="submission CSV or Parquet")
     parser.add_argument("--data", required=True, help="a sample zarr or folder of <sample>.zarr")
     parser.add_argument("--model-dir", help="the model that wrote the file: its genes are expected of samples "
                                             "without expression (default: those of the samples with expression)")
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     def stage() -> int:
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission.valida
         print(f"{args.file}: valid")
         return 0
 
-    return run_reporting_input_errors(stage, args.debug)
+    return run_reporting_input_errors(stage, args)
 
 
 if __name__ == "__main__":

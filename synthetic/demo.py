@@ -13,7 +13,6 @@ so that the task is learnable in the same ways as on real colon tissue:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 from pathlib import Path
@@ -23,8 +22,8 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
-from tqdm.auto import tqdm
 
+from slidedata.progress import progress_bar
 from slidedata.sample import CHALLENGE_N_GENES
 from slidedata.writer import anucleus_table, write_sample_tables_after
 from synthetic.tissue import CELL_TYPES, LYMPHOCYTE, Scene, demo_shape, make_scene, render_image, render_mask
@@ -148,7 +147,7 @@ def make_sample(path: str | Path, seed: int, height: int = REAL_SHAPE[0], width:
     n_blocks = -(-height // chunk_size) * -(-width // chunk_size)
     present: dict[tuple[int, int], np.ndarray] = {}
     lock = threading.Lock()
-    bar = tqdm(total=2 * n_blocks, desc=f"{Path(path).stem}: render", unit="chunk", disable=not progress)
+    bar = progress_bar(total=2 * n_blocks, desc=f"{Path(path).stem}: render", unit="chunk", enabled=progress)
 
     def mask_done(corner: tuple[int, int], block: np.ndarray) -> None:
         ids = np.unique(block)
@@ -232,15 +231,15 @@ def make_demo_dataset(folder: str | Path, n_nuclei: int = 3000, seed: int = 0, c
     folder.mkdir(parents=True, exist_ok=True)
     return [make_demo_sample(folder / f"{name}.zarr", seed * 1000 + offset, n_nuclei, with_expr, n_genes,
                              chunk_size=chunk_size)
-            for name, offset, with_expr in tqdm(DEMO_SAMPLES, desc="demo samples", disable=not progress)]
+            for name, offset, with_expr in progress_bar(DEMO_SAMPLES, desc="demo samples", enabled=progress)]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m synthetic.demo") -> int:
-    from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, int_at_least, non_negative_int, positive_int,
-                               run_reporting_input_errors)
+    from slidedata.cli import (SAMPLES_KEPT, DefaultsHelpFormatter, StageParser, add_output_flags, int_at_least,
+                               non_negative_int, positive_int, run_reporting_input_errors)
     from slidedata.publish import check_writable
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    parser = StageParser(prog=prog, description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--out", default="data/demo", help="folder for the <sample>.zarr files")
     parser.add_argument("--size", choices=("demo", "real"), default="demo",
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m synthetic.demo") 
     parser.add_argument("--seed", type=non_negative_int, default=0, help="the same seed writes the same data")
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help=f"zarr chunk edge of image and mask, px (demo: 512; real: {REAL_CHUNK})")
-    add_debug_flag(parser)
+    add_output_flags(parser)
     args = parser.parse_args(argv)
 
     def stage() -> int:
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m synthetic.demo") 
             print(path)
         return 0
 
-    return run_reporting_input_errors(stage, args.debug)
+    return run_reporting_input_errors(stage, args, interrupted=SAMPLES_KEPT)
 
 
 if __name__ == "__main__":
