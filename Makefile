@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(DEMO_DATA)/demo1.zarr: | $(STAMP)
-	$(PY) -m synthetic.demo --out $(DEMO_DATA) --n-nuclei $(DEMO_NUCLEI)
+	$(PY) -m synthetic.demo --out "$(DEMO_DATA)" --n-nuclei $(DEMO_NUCLEI)
 
 # Each stage prints its own time; a second run reuses the cache (embed), so it is much faster.
 demo: $(STAMP) $(DEMO_DATA)/demo1.zarr
@@ -43,15 +43,15 @@ demo: $(STAMP) $(DEMO_DATA)/demo1.zarr
 	@$(MAKE) --no-print-directory submit DATA=$(DEMO_DATA)
 
 embed: $(STAMP)
-	$(PY) -m embed --data $(DATA) --cache $(CACHE) --encoder $(ENCODER) --patch-sizes $(PATCH_SIZES) \
-	  $(if $(WEIGHTS),--weights $(WEIGHTS)) $(EMBED_ARGS)
+	$(PY) -m embed --data "$(DATA)" --cache "$(CACHE)" --encoder $(ENCODER) --patch-sizes $(PATCH_SIZES) \
+	  $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(EMBED_ARGS)
 
 fit: $(STAMP)
-	$(PY) -m regress --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --encoder $(ENCODER) \
+	$(PY) -m regress --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" --encoder $(ENCODER) \
 	  --patch-sizes $(PATCH_SIZES) $(if $(MODELS),--models $(MODELS))
 
 submit: $(STAMP)
-	$(PY) -m submission --data $(DATA) --cache $(CACHE) --model-dir $(MODEL_DIR) --out $(SUBMISSION) $(SUBMIT_ARGS)
+	$(PY) -m submission --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" --out "$(SUBMISSION)" $(SUBMIT_ARGS)
 
 # Both cores (pytest-xdist; TEST_WORKERS=0 runs in one process); tests go to whichever worker is free.
 TEST_WORKERS ?= auto
@@ -61,7 +61,7 @@ test: $(STAMP)
 bench: bench-embed bench-fit
 
 bench-embed: $(STAMP) $(if $(filter $(DATA),$(DEMO_DATA)),$(DEMO_DATA)/demo1.zarr)
-	$(PY) benchmarks/bench_embed.py --data $(DATA)
+	$(PY) benchmarks/bench_embed.py --data "$(DATA)"
 
 bench-fit: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
@@ -69,14 +69,14 @@ bench-fit: $(STAMP)
 # Real tissue (four her2st sections, leave one section out); says so and exits 0 when the data is absent.
 HER2ST      ?= ../shared/data/her2st
 bench-real: $(STAMP)
-	$(PY) benchmarks/bench_real.py --her2st $(HER2ST) --out $(OUT)/bench-real
+	$(PY) benchmarks/bench_real.py --her2st "$(HER2ST)" --out "$(OUT)"/bench-real
 
 # Real single cells (four 10x Xenium pancreas crops, 377 genes, leave one crop out) between the mean profile and the
 # expression-state oracle; says so and exits 0 when the data is absent.
 XENIUM      ?= ../shared/data/xenium-pancreas
 BENCH_CELL_ARGS ?=
 bench-cell: $(STAMP)
-	$(PY) benchmarks/bench_cell.py --data $(XENIUM) --out $(OUT)/bench-cell $(BENCH_CELL_ARGS)
+	$(PY) benchmarks/bench_cell.py --data "$(XENIUM)" --out "$(OUT)"/bench-cell $(BENCH_CELL_ARGS)
 
 # The challenge's real size: time and peak RSS of every stage on a 20,000 x 22,000 px slide and on a synthetic
 # feature cache of all 8 samples (1.67 M nuclei, ~10 GB) under outputs/bench-scale/. SCALE=0.05: a quick run.
@@ -86,4 +86,4 @@ bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py --scale $(SCALE) $(BENCH_SCALE_ARGS)
 
 clean:
-	rm -rf $(OUT)
+	rm -rf "$(OUT)"

@@ -15,7 +15,9 @@ creates the entry (`embed.pipeline.entry_attrs`); opening it with other settings
 encoders' features; a sample whose image or mask files changed (`input_digest`) has its nuclei table and entries
 recomputed by the embed stage, and is refused by the stages that only read.
 
-Hidden beside the samples, `.locks/<sample>/...` holds the lock files that let several embed processes share units.
+Beside the cache (not inside it, where zarr would warn about a folder that is no part of its hierarchy),
+`.<cache name>.locks/<sample>/...` holds the lock files that let several embed processes share units; only the embed
+stage takes them, so the stages that read a finished cache need no write access to it.
 """
 
 from __future__ import annotations
@@ -35,11 +37,10 @@ from slidedata.errors import DataError
 from slidedata.nuclei import GEOMETRY_VERSION, NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
 from slidedata.publish import publishing_folder
-from slidedata.sample import Sample
+from slidedata.sample import Sample, sample_holding
 from slidedata.tiles import DEFAULT_MAX_TILE, tile_edge, tile_index
 
 NUCLEI_GROUP = "nuclei"
-LOCKS = ".locks"
 # Each entry records which of its attributes form its identity (what its numbers depend on: a difference in any of
 # them means other features) and which of those describe the sample rather than the settings (they differ between
 # the samples of one model). The creator decides both; every check below reads them from the entry, so there is no
@@ -163,6 +164,10 @@ class FeatureStore:
     def __init__(self, root: str | Path, create: bool = True):
         """`create=False` (the stages that only read): a missing cache is a DataError, and nothing is created."""
         self.root = Path(root)
+        sample = sample_holding(self.root)
+        if sample is not None:
+            raise DataError(self.root, "-", f"is the sample zarr {sample}, or inside it, not a feature cache: give the "
+                                            "--cache that the embed stage writes (e.g. outputs/features.zarr)")
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
             _ensure_group(self.root)
@@ -172,6 +177,11 @@ class FeatureStore:
                        "a file, not a feature cache folder")
             raise DataError(self.root, "-", f"{problem}; run the embed stage first (make embed), or pass the "
                                             "--cache it wrote")
+
+    @property
+    def locks(self) -> Path:
+        """The folder of the embed stage's lock files, beside the cache."""
+        return self.root.with_name(f".{self.root.name}.locks")
 
     # -- nuclei -------------------------------------------------------------------------------------------------
     def has_nuclei(self, sample_name: str) -> bool:
@@ -188,26 +198,41 @@ class FeatureStore:
         order (recorded as `tile_size`) follow the image's storage chunks, capped at `max_tile` (see slidedata.tiles).
         """
         digest = sample.input_digest()
-        with locks.hold(self.root / LOCKS / sample.name / "nuclei.lock"):  # one process invalidates and computes
+        if if_changed != "recompute":  # a reader takes no lock: a finished cache may sit on a read-only mount
+            return self._cached_nuclei(sample, digest, stale_raises=True)
+        with locks.hold(self.locks / sample.name / "nuclei.lock"):  # one process invalidates and computes
+            table = self._cached_nuclei(sample, digest, stale_raises=False)
+            if table is not None:
+                return table
             if self.has_nuclei(sample.name):
-                stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs
-                same_data, same_geometry = (stored.get("input_digest") == digest,
-                                            stored.get("geometry_version") == GEOMETRY_VERSION)
-                if same_data and same_geometry:
-                    table = self.read_nuclei(sample.name)
-                    sample.set_nuclei(table)
-                    return table
-                if if_changed != "recompute":
-                    if not same_data:
-                        stale = ("the image or mask files differ from those this sample was embedded from into "
-                                 f"{self.root} (changed data, or a cache of an older version)")
-                    else:
-                        stale = (f"its nuclei table in {self.root} was computed by another version (geometry "
-                                 f"{stored.get('geometry_version')!r}, this version {GEOMETRY_VERSION!r})")
-                    raise DataError(sample.path, "-", f"{stale}; run the embed stage again (make embed)")
                 self._discard_sample(sample.name)
             return self.write_nuclei(sample, sample.nuclei(progress=progress),
                                      tile_edge(int(sample.image.chunks[1][0]), max_tile))
+
+    def _cached_nuclei(self, sample: Sample, digest: str, stale_raises: bool) -> pd.DataFrame | None:
+        """The cached table where it is current; None where it is missing or stale, or, with `stale_raises`, a
+        DataError that says to embed (again)."""
+        if not self.has_nuclei(sample.name):
+            if stale_raises:
+                raise DataError(sample.path, "-", f"not embedded into {self.root} yet (no nuclei table); run the "
+                                                  "embed stage first (make embed)")
+            return None
+        stored = zarr.open_group(self.root / sample.name / NUCLEI_GROUP, mode="r").attrs
+        same_data, same_geometry = (stored.get("input_digest") == digest,
+                                    stored.get("geometry_version") == GEOMETRY_VERSION)
+        if same_data and same_geometry:
+            table = self.read_nuclei(sample.name)
+            sample.set_nuclei(table)
+            return table
+        if not stale_raises:
+            return None
+        if not same_data:
+            stale = ("the image or mask files differ from those this sample was embedded from into "
+                     f"{self.root} (changed data, or a cache of an older version)")
+        else:
+            stale = (f"its nuclei table in {self.root} was computed by another version (geometry "
+                     f"{stored.get('geometry_version')!r}, this version {GEOMETRY_VERSION!r})")
+        raise DataError(sample.path, "-", f"{stale}; run the embed stage again (make embed)")
 
     def write_nuclei(self, sample: Sample, table: pd.DataFrame, tile_size: int | None = None) -> pd.DataFrame:
         """Cache `table` (NUCLEI_COLUMNS, one row per nucleus of the sample's mask) as the sample's nuclei, in tile
@@ -309,7 +334,7 @@ class FeatureStore:
 
     def unit_lock(self, sample_name: str, encoder: str, unit: int) -> Path:
         """The lock file of one unit (all patch sizes of the encoder): held while a process computes it."""
-        return self.root / LOCKS / sample_name / encoder / f"unit-{int(unit)}.lock"
+        return self.locks / sample_name / encoder / f"unit-{int(unit)}.lock"
 
     def entries(self) -> pd.DataFrame:
         """Every cached entry with its completion, for `python -m embed --list`."""

@@ -42,6 +42,7 @@ import ctypes
 import errno
 import functools
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -54,9 +55,11 @@ from typing import Callable, Iterator
 
 from slidedata.errors import DataError
 from slidedata.locks import pid_alive
+from slidedata.sample import sample_holding
 
 PARTIAL_MARK = ".partial-"
 ASIDE_MARK = ".replaced-"
+NAME_MAX = 255  # bytes in one file or folder name: Linux's ext4, XFS, btrfs, tmpfs; macOS's APFS; NTFS (characters)
 
 Validate = Callable[[Path], list]
 
@@ -87,15 +90,25 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
 
-def check_writable(target: str | Path, folder: bool = True) -> Path:
+def check_writable(target: str | Path, folder: bool = True, into_sample: bool = False) -> Path:
     """Refuse, before any work, an output location this process cannot write; returns `target` as a Path.
 
     `folder`: `target` is a folder to write into (created if missing), else a file (its folder is checked, and a
     folder in its place refused). The nearest existing folder on the way to it must accept a new file: a probe file
     is created there and removed at once, because permission bits say nothing for root, and root still cannot write
     on a read-only mount, in /proc or /sys, or under a path that runs through a file. Nothing else is created.
+    A location inside a sample zarr is refused too (a cache or a model there would be taken for part of the input),
+    unless `into_sample` (the tables that `submit --into-spatialdata` adds to a sample).
     """
     target = Path(target)
+    too_long = [part for part in target.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long:
+        raise NotWritable(target, "-", f"a name of {len(os.fsencode(too_long[0]))} bytes is longer than file systems "
+                                       f"allow ({NAME_MAX}): shorten '{too_long[0][:40]}...'")
+    sample = None if into_sample else sample_holding(target)
+    if sample is not None:
+        raise NotWritable(target, "-", f"lies inside the sample zarr {sample}: write outputs beside the samples, "
+                                       "not into one")
     if folder and target.exists() and not target.is_dir():
         raise NotWritable(target, "-", "is an existing file, not a folder: give a folder for this output")
     if not folder and target.is_dir():
@@ -120,12 +133,24 @@ def check_writable(target: str | Path, folder: bool = True) -> Path:
 def partial_path(target: Path, folder: bool = False, pid: int | None = None) -> Path:
     """The temporary name of `target` while process `pid` (default: this one) of this host writes it."""
     suffix = "" if folder else target.suffix
-    return target.with_name(f".{target.name}{PARTIAL_MARK}{writer_tag(pid)}{suffix}")
+    return target.with_name(f".{_stem_of(target)}{PARTIAL_MARK}{writer_tag(pid)}{suffix}")
 
 
 def aside_path(target: Path, pid: int | None = None) -> Path:
     """Where the fallback folder swap keeps the old folder between its two renames."""
-    return target.with_name(f".{target.name}{ASIDE_MARK}{writer_tag(pid)}")
+    return target.with_name(f".{_stem_of(target)}{ASIDE_MARK}{writer_tag(pid)}")
+
+
+def _stem_of(target: Path) -> str:
+    """`target`'s name as its temporary names begin with it: the whole name where the longest temporary name (the
+    widest mark, a 7-digit pid, the suffix) stays within the file system's limit on one name; else the name cut
+    short, with a hash of the whole so that two long names sharing their start do not share temporary names."""
+    room = NAME_MAX - len(f".{max(PARTIAL_MARK, ASIDE_MARK, key=len)}{writer_tag(9_999_999)}{target.suffix}")
+    name = target.name
+    if len(os.fsencode(name)) <= room:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+    return os.fsdecode(os.fsencode(name)[: room - len(digest) - 1]).rstrip("\ufffd") + "~" + digest
 
 
 @contextlib.contextmanager
@@ -159,12 +184,14 @@ def sweep(target: str | Path) -> list[Path]:
     process has taken since, until that one ends too).
     """
     target = Path(target)
-    ours = re.compile(re.escape(f".{target.name}") + f"({re.escape(PARTIAL_MARK)}|{re.escape(ASIDE_MARK)})"
+    ours = re.compile(re.escape(f".{_stem_of(target)}") + f"({re.escape(PARTIAL_MARK)}|{re.escape(ASIDE_MARK)})"
                       + re.escape(socket.gethostname()) + r"-(\d+)(" + re.escape(target.suffix) + ")?$")
     legacy = re.compile(r"\.?" + re.escape(f"{target.name}.tmp") + r"(\d*)$")
-    name = glob.escape(target.name)
+    name, stem = glob.escape(target.name), glob.escape(_stem_of(target))
     asides, leftovers = [], []
-    for candidate in [*target.parent.glob(f".{name}.*"), *target.parent.glob(f"{name}.tmp")]:
+    candidates = {*target.parent.glob(f".{name}.*"), *target.parent.glob(f".{stem}.*"),
+                  *target.parent.glob(f"{name}.tmp")}
+    for candidate in candidates:
         match, old = ours.match(candidate.name), legacy.match(candidate.name)
         if match and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2))):
             (asides if match.group(1) == ASIDE_MARK else leftovers).append(candidate)

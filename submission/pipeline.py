@@ -11,7 +11,7 @@ from slidedata.publish import check_writable
 from slidedata.sample import open_samples
 from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.validate import Problem, validate_submission
-from submission.writer import InvalidSubmission, write_submission
+from submission.writer import InvalidSubmission, file_format, write_submission
 
 
 @dataclass
@@ -32,6 +32,7 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
     any work: one that cannot be written is refused then, not after the predictions.
     """
     check_writable(out, folder=False)
+    file_format(out)
     for folder in (anndata_dir, maps_dir):
         if folder is not None:
             check_writable(folder)
@@ -42,7 +43,7 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
         check_gene_panel(predictor.genes, sample)
     if into_spatialdata:
         for sample in samples:
-            check_writable(sample.path)
+            check_writable(sample.path, into_sample=True)
     predictions: list[SamplePredictions] = [predict_held_out(predictor, store, s) for s in samples]
     per_sample = {p.sample: len(p.cell_ids) for p in predictions}
     try:

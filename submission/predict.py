@@ -9,7 +9,7 @@ import numpy as np
 from regress.predictor import ExpressionPredictor
 from slidedata.feature_store import FeatureStore
 from slidedata.errors import DataError
-from slidedata.sample import EXPRESSION, HELD_OUT_GROUPS, Sample
+from slidedata.sample import EXPRESSION, HELD_OUT_GROUPS, MAX_LOG_EXPRESSION, Sample
 
 DECIMALS = 2
 
@@ -27,9 +27,11 @@ class SamplePredictions:
 
 
 def finalise(values: np.ndarray, clip_max: np.ndarray | None = None) -> np.ndarray:
-    """Clip to [0, clip_max] (the challenge rejects negatives), replace non-finite values by 0, round to 2 decimals."""
+    """Clip to [0, clip_max] (the challenge rejects negatives) and never above log1p(100), the most a
+    log1p(counts / total * 100) value can hold; replace non-finite values by 0; round to 2 decimals."""
     values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    values = np.clip(values, 0.0, clip_max if clip_max is not None else None)
+    top = MAX_LOG_EXPRESSION if clip_max is None else np.minimum(clip_max, MAX_LOG_EXPRESSION)
+    values = np.clip(values, 0.0, top)
     return np.round(values, DECIMALS)
 
 

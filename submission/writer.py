@@ -8,18 +8,20 @@ errors and on SIGTERM, and removed by the next run after a SIGKILL.
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
+from slidedata.errors import DataError
 from slidedata.publish import PARTIAL_MARK, NotPublished, publishing
 from submission.predict import DECIMALS, SamplePredictions
 
 COLUMNS = ["cell_id", "gene", "prediction", "sample"]
-__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "long_blocks", "read_submission_blocks",
-           "write_submission"]
+__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "cell_ids_of", "file_format", "long_blocks",
+           "read_submission_blocks", "write_submission"]
 
 
 class InvalidSubmission(NotPublished):
@@ -50,18 +52,35 @@ def write_submission(predictions: Iterable[SamplePredictions], path: str | Path,
     into place and InvalidSubmission is raised (a previous file at `path` is left as it was).
     """
     path = Path(path)
+    parquet = file_format(path) == "parquet"
     with publishing(path, validate=check, error=InvalidSubmission) as tmp:
-        _write_blocks(predictions, tmp, path.suffix == ".parquet", nuclei_per_block)
+        _write_blocks(predictions, tmp, parquet, nuclei_per_block)
     return path
+
+
+def file_format(path: str | Path) -> str:
+    """'parquet' (`.parquet`), 'csv.gz' (`.gz`: gzip-compressed CSV, as pandas reads it back) or 'csv' (anything
+    else); another compression suffix (.zip, .bz2, .xz, .zst) is refused before any work: pandas would try to
+    decompress a file written as plain text."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == ".gz":
+        return "csv.gz"
+    if suffix in (".zip", ".bz2", ".xz", ".zst", ".tar"):
+        raise DataError(path, "-", f"a submission compressed as {suffix} is not supported: name it .csv, .csv.gz "
+                                   "or .parquet")
+    return "csv"
 
 
 def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
     if not parquet:
-        with open(tmp, "w") as handle:
+        opener = gzip.open if file_format(tmp) == "csv.gz" else open
+        with opener(tmp, "wt", newline="") as handle:
             handle.write(",".join(COLUMNS) + "\n")
-        for sample_predictions in predictions:
-            for block in long_blocks(sample_predictions, nuclei_per_block):
-                block.to_csv(tmp, mode="a", header=False, index=False, float_format=f"%.{DECIMALS}f")
+            for sample_predictions in predictions:
+                for block in long_blocks(sample_predictions, nuclei_per_block):
+                    block.to_csv(handle, header=False, index=False, float_format=f"%.{DECIMALS}f")
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -78,10 +97,30 @@ def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: 
 def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) -> Iterator[pd.DataFrame]:
     """Stream a submission file back, CSV or Parquet."""
     path = Path(path)
-    if path.suffix == ".parquet":
+    if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         for batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_block):
             yield batch.to_pandas()
     else:
         yield from pd.read_csv(path, chunksize=rows_per_block, dtype={"gene": str, "sample": str})
+
+
+def cell_ids_of(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A file's cell_id column as int64, and which rows hold no cell id: not a whole number (1.5), not positive, or
+    beyond int64. Such a row matches no nucleus (its int64 value is -1); truncating or wrapping it could make it
+    match one."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    if pd.api.types.is_integer_dtype(numbers) and not pd.api.types.is_unsigned_integer_dtype(numbers):
+        ids = numbers.to_numpy(np.int64)
+        valid = ids > 0
+    elif pd.api.types.is_unsigned_integer_dtype(numbers):
+        raw = numbers.to_numpy(np.uint64)
+        valid = (raw > 0) & (raw <= np.iinfo(np.int64).max)
+        ids = np.where(valid, raw, 0).astype(np.int64)
+    else:
+        values = numbers.to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            valid = np.isfinite(values) & (values > 0) & (values < 2.0 ** 63) & (values == np.round(values))
+        ids = np.where(valid, values, 0).astype(np.int64)
+    return np.where(valid, ids, -1), ~valid

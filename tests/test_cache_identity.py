@@ -150,7 +150,7 @@ def test_two_embeds_without_shards_share_the_units(demo_dir, embedded_cache, tmp
     for size in FIXTURE_PATCH_SIZES:
         np.testing.assert_array_equal(FeatureStore(cache).read_features("demo2", "handcrafted", size),
                                       FeatureStore(embedded_cache).read_features("demo2", "handcrafted", size))
-    assert not list((cache / ".locks").rglob("unit-*.lock"))  # every lock released
+    assert not list(FeatureStore(cache).locks.rglob("unit-*.lock"))  # every lock released
 
 
 # -- submission files --------------------------------------------------------------------------------------------

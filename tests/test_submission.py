@@ -67,7 +67,15 @@ def test_submission_covers_every_held_out_nucleus_and_gene(demo_dir, submission_
 
 def test_finalise_clips_rounds_and_removes_non_finite():
     values = np.array([[-0.3, 0.123456, np.nan, 9.0, np.inf]])
-    np.testing.assert_array_equal(finalise(values, clip_max=np.array([5.0] * 5)), [[0.0, 0.12, 0.0, 5.0, 0.0]])
+    np.testing.assert_array_equal(finalise(values, clip_max=np.array([3.0] * 5)), [[0.0, 0.12, 0.0, 3.0, 0.0]])
+
+
+def test_finalise_never_exceeds_log1p_100_whatever_the_model_clips_at():
+    """log1p(counts / total * 100) is at most log1p(100) = 4.6151: a model clipping higher (or not at all) still
+    writes at most that, rounded as every prediction is (4.62)."""
+    values = np.array([[9.99, 1e6, 4.6, 4.61]])
+    for clip_max in (None, np.full(4, 50.0)):
+        np.testing.assert_array_equal(finalise(values, clip_max), [[4.62, 4.62, 4.6, 4.61]])
 
 
 # -- the validator flags each kind of broken file ---------------------------------------------------------------
