@@ -293,21 +293,22 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir, tmp_path):
-    """stderr to a file (not a terminal): no carriage returns, a line per step, `error:` at a line's start."""
-    cache = tmp_path / "features.zarr"
-    done = _run("-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(cache), "--patch-sizes", "24",
-                "--chunk-nuclei", "128")
+    """stderr to a file (not a terminal): no carriage returns, a line per step, `error:` at a line's start, and
+    nothing at all with --quiet."""
+    done = _run("-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(tmp_path / "features.zarr"),
+                "--patch-sizes", "24", "--chunk-nuclei", "128")
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr
     steps = [line for line in done.stderr.splitlines() if line.startswith("demo1: ")]
     assert [s.split(":")[1].strip() for s in steps] == ["nuclei", "handcrafted"], done.stderr
-    failed = _run("-m", "regress", "--data", str(demo_dir), "--cache", str(cache), "--model-dir",
-                  str(tmp_path / "m"), "--patch-sizes", "48")
-    assert failed.returncode == 2 and "\r" not in failed.stderr
-    assert [line for line in failed.stderr.splitlines() if line.startswith("error: ")], failed.stderr
-    quiet = _run("-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(cache), "--patch-sizes", "24",
-                 "--chunk-nuclei", "128", "--quiet")
+    quiet = _run("-m", "synthetic.demo", "--out", str(tmp_path / "demo"), "--n-nuclei", "60", "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    failed = _run("-m", "synthetic.demo", "--out", str(a_file / "demo"), "--n-nuclei", "60")
+    assert failed.returncode == 2 and [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    usage = _run("-m", "synthetic.demo", "--n-nuclei", "0")
+    assert usage.returncode == 2 and usage.stderr.splitlines()[-1].startswith("error: "), usage.stderr
 
 
 def test_step_lines_count_and_close_once(capsys):
