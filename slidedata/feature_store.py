@@ -194,8 +194,9 @@ class FeatureStore:
         A cached table made from other image or mask files (their digest differs, or was not recorded), or by other
         geometry code (`GEOMETRY_VERSION`), is stale, and so is every entry of the sample (their rows and the nucleus
         shape features are the table's): `if_changed="recompute"` (the embed stage) deletes them and starts again,
-        `"raise"` (the stages that only read) stops with a DataError that says to embed again. The tiles of the
-        order (recorded as `tile_size`) follow the image's storage chunks, capped at `max_tile` (see slidedata.tiles).
+        `"raise"` (the stages that only read; they take no lock) stops with a DataError that says to embed (again),
+        also where no table is cached yet. The tiles of the order (recorded as `tile_size`) follow the image's
+        storage chunks, capped at `max_tile` (see slidedata.tiles).
         """
         digest = sample.input_digest()
         if if_changed != "recompute":  # a reader takes no lock: a finished cache may sit on a read-only mount
