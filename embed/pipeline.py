@@ -320,6 +320,7 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
     """
     settings = settings or EmbedSettings()
     check_writable(cache)
+    check_writable(Path(cache).absolute().parent)  # the lock files live beside the cache (FeatureStore.locks)
     # The samples first: bad input is refused before weights load or the cache is created.
     samples = open_samples(data, microns_per_pixel=microns_per_pixel,
                            force_microns_per_pixel=force_microns_per_pixel)

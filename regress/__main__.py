@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
         return 0
 
     return run_reporting_input_errors(stage, args, (SchedulerUnreachable,),
-                                      interrupted="no model was saved; the feature cache is as it was")
+                                      interrupted="each file of the model folder is whole (the old or the new "
+                                                  "one); the feature cache is as it was")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
             held.coords, held.predictions, source.genes, informative_genes(held.truth, held.predictions), path,
             f"{held.sample}, held out ({evaluation.protocol}): {best}, best and worst predicted genes",
             truth=held.truth, he=he_thumbnail(sample, held.coords)))
+    else:
+        out.discard_maps()
     return scores.assign(protocol=evaluation.protocol), predictor
 
 

@@ -114,6 +114,10 @@ class ModelDir:
         """Maps of expression on held-out tissue, as `save_plot` takes them."""
         return self._save_figure(MAPS, figure)
 
+    def discard_maps(self) -> None:
+        """Remove maps of an earlier fit (this one drew none), so that the folder never shows another model's."""
+        (self.path / MAPS).unlink(missing_ok=True)
+
     def _save_figure(self, name: str, figure) -> Path:
         with publishing(self.path / name) as tmp:
             if hasattr(figure, "savefig"):

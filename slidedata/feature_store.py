@@ -36,8 +36,8 @@ from slidedata import locks
 from slidedata.errors import DataError
 from slidedata.nuclei import GEOMETRY_VERSION, NUCLEI_COLUMNS
 from slidedata.patch_size import PatchSize
-from slidedata.publish import publishing_folder
-from slidedata.sample import Sample, sample_holding
+from slidedata.publish import publishing_folder, sample_holding
+from slidedata.sample import Sample
 from slidedata.tiles import DEFAULT_MAX_TILE, tile_edge, tile_index
 
 NUCLEI_GROUP = "nuclei"
@@ -181,7 +181,8 @@ class FeatureStore:
     @property
     def locks(self) -> Path:
         """The folder of the embed stage's lock files, beside the cache."""
-        return self.root.with_name(f".{self.root.name}.locks")
+        root = self.root.absolute()
+        return root.with_name(f".{root.name}.locks")
 
     # -- nuclei -------------------------------------------------------------------------------------------------
     def has_nuclei(self, sample_name: str) -> bool:

@@ -55,11 +55,11 @@ from typing import Callable, Iterator
 
 from slidedata.errors import DataError
 from slidedata.locks import pid_alive
-from slidedata.sample import sample_holding
 
 PARTIAL_MARK = ".partial-"
 ASIDE_MARK = ".replaced-"
 NAME_MAX = 255  # bytes in one file or folder name: Linux's ext4, XFS, btrfs, tmpfs; macOS's APFS; NTFS (characters)
+MAX_SUFFIX = 16
 
 Validate = Callable[[Path], list]
 
@@ -130,9 +130,21 @@ def check_writable(target: str | Path, folder: bool = True, into_sample: bool = 
     return target
 
 
+def sample_holding(path: str | Path) -> Path | None:
+    """The sample zarr that `path` is, or lies inside, if any: a zarr group with SpatialData's element folders
+    (the sample format's one check that needs no reading, kept here so that this module stays light).
+    An output written there (a feature cache, a model) would be taken for part of the input."""
+    path = Path(path).absolute()
+    for folder in (path, *path.parents):
+        if ((folder / "zarr.json").is_file() or (folder / ".zgroup").is_file()) and any(
+                (folder / kind).is_dir() for kind in ("images", "labels", "tables")):
+            return folder
+    return None
+
+
 def partial_path(target: Path, folder: bool = False, pid: int | None = None) -> Path:
     """The temporary name of `target` while process `pid` (default: this one) of this host writes it."""
-    suffix = "" if folder else target.suffix
+    suffix = "" if folder else _kept_suffix(target)
     return target.with_name(f".{_stem_of(target)}{PARTIAL_MARK}{writer_tag(pid)}{suffix}")
 
 
@@ -144,13 +156,21 @@ def aside_path(target: Path, pid: int | None = None) -> Path:
 def _stem_of(target: Path) -> str:
     """`target`'s name as its temporary names begin with it: the whole name where the longest temporary name (the
     widest mark, a 7-digit pid, the suffix) stays within the file system's limit on one name; else the name cut
-    short, with a hash of the whole so that two long names sharing their start do not share temporary names."""
-    room = NAME_MAX - len(f".{max(PARTIAL_MARK, ASIDE_MARK, key=len)}{writer_tag(9_999_999)}{target.suffix}")
-    name = target.name
-    if len(os.fsencode(name)) <= room:
-        return name
-    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
-    return os.fsdecode(os.fsencode(name)[: room - len(digest) - 1]).rstrip("\ufffd") + "~" + digest
+    short, on a whole character, with a hash of the whole so that two long names sharing their start do not share
+    temporary names."""
+    name = os.fsencode(target.name)
+    mark = f".{max(PARTIAL_MARK, ASIDE_MARK, key=len)}{writer_tag(9_999_999)}"
+    room = NAME_MAX - len(os.fsencode(mark + _kept_suffix(target)))
+    if len(name) <= room:
+        return target.name
+    digest = hashlib.sha256(name).hexdigest()[:12]
+    return name[: room - len(digest) - 1].decode("utf-8", "ignore") + "~" + digest
+
+
+def _kept_suffix(target: Path) -> str:
+    """The suffix a temporary file keeps (the libraries go by it): a short one (`.csv`, `.parquet`), not the tail of
+    a name whose only dot comes early."""
+    return target.suffix if len(target.suffix) <= MAX_SUFFIX else ""
 
 
 @contextlib.contextmanager
@@ -185,12 +205,13 @@ def sweep(target: str | Path) -> list[Path]:
     """
     target = Path(target)
     ours = re.compile(re.escape(f".{_stem_of(target)}") + f"({re.escape(PARTIAL_MARK)}|{re.escape(ASIDE_MARK)})"
-                      + re.escape(socket.gethostname()) + r"-(\d+)(" + re.escape(target.suffix) + ")?$")
+                      + re.escape(socket.gethostname()) + r"-(\d+)(" + re.escape(_kept_suffix(target)) + ")?$")
     legacy = re.compile(r"\.?" + re.escape(f"{target.name}.tmp") + r"(\d*)$")
     name, stem = glob.escape(target.name), glob.escape(_stem_of(target))
     asides, leftovers = [], []
-    candidates = {*target.parent.glob(f".{name}.*"), *target.parent.glob(f".{stem}.*"),
-                  *target.parent.glob(f"{name}.tmp")}
+    candidates = {*target.parent.glob(f".{name}.*"), *target.parent.glob(f".{stem}.*")}
+    if len(os.fsencode(target.name)) + len(".tmp") <= NAME_MAX:  # older versions' names, where they could exist
+        candidates.update(target.parent.glob(f"{name}.tmp"))
     for candidate in candidates:
         match, old = ours.match(candidate.name), legacy.match(candidate.name)
         if match and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2))):

@@ -162,6 +162,8 @@ class Sample:
         (`looks_cut`). Bounding boxes only preselect; the pixels along the chunk decide."""
         if self.mask_files is None:
             return
+        extent = nuclei.set_index("cell_id")
+        width, height = extent["x_max"] - extent["x_min"] + 1, extent["y_max"] - extent["y_min"] + 1
         for index in self.mask_files.missing():
             ys, xs = self.mask_files.region(index)[-2:]
             near = ((nuclei["y_max"] >= ys.start - 1) & (nuclei["y_min"] <= ys.stop)
@@ -169,11 +171,8 @@ class Sample:
             if not near.any():
                 continue
             ring = self.read_mask(ys.start - 1, ys.stop + 1, xs.start - 1, xs.stop + 1)
-            extent = nuclei.set_index("cell_id")
-            sides = ((ring[0, 1:-1], extent["x_max"] - extent["x_min"] + 1),  # above, below: widths
-                     (ring[-1, 1:-1], extent["x_max"] - extent["x_min"] + 1),
-                     (ring[1:-1, 0], extent["y_max"] - extent["y_min"] + 1),  # left, right: heights
-                     (ring[1:-1, -1], extent["y_max"] - extent["y_min"] + 1))
+            sides = ((ring[0, 1:-1], width), (ring[-1, 1:-1], width),  # above and below the chunk
+                     (ring[1:-1, 0], height), (ring[1:-1, -1], height))  # left and right of it
             cut = sorted({int(c) for line, size in sides for c in looks_cut(line, size)})
             if cut:
                 raise DataError(self.path, MASK, f"{describe_chunk(self.mask_files, index)} is missing, but "
@@ -286,17 +285,6 @@ def sample_paths(path: str | Path) -> list[Path]:
     if not found:
         raise DataError(path, "-", f"no *{SAMPLE_SUFFIX} sample in this folder")
     return found
-
-
-def sample_holding(path: str | Path) -> Path | None:
-    """The sample zarr that `path` is, or lies inside, if any: a zarr group with SpatialData's element folders.
-    An output written there (a feature cache, a model) would be taken for part of the input."""
-    path = Path(path).absolute()
-    for folder in (path, *path.parents):
-        if ((folder / "zarr.json").is_file() or (folder / ".zgroup").is_file()) and any(
-                (folder / kind).is_dir() for kind in ("images", "labels", "tables")):
-            return folder
-    return None
 
 
 def open_samples(path: str | Path, n_genes: int | None = None, microns_per_pixel: float | None = None,

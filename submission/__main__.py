@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
         print("validation: ok")
         return 0
 
-    return run_reporting_input_errors(stage, args, interrupted="no submission file was written; the cache and the "
-                                                                  "model are as they were")
+    return run_reporting_input_errors(stage, args, interrupted="the submission file is whole where it exists (written "
+                                                                  "and validated first); the extra outputs after it "
+                                                                  "may be missing; the cache and the model are as "
+                                                                  "they were")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"{usage()}\nhe2expr: error: unknown command '{name}' (choose from {', '.join(COMMANDS)})",
+        print(f"{usage()}\nerror: he2expr: unknown command '{name}' (choose from {', '.join(COMMANDS)})",
               file=sys.stderr)
         return USER_ERROR_STATUS
     stage_main = COMMANDS[name][0]()

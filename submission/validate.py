@@ -22,7 +22,7 @@ from slidedata.errors import DataError
 from slidedata.sample import (EXPRESSION, HELD_OUT_GROUPS, MAX_LOG_EXPRESSION, SCALE_FACTOR, Sample,
                               open_samples)
 from submission.predict import DECIMALS
-from submission.writer import COLUMNS, cell_ids_of, file_format, read_submission_blocks
+from submission.writer import COLUMNS, cell_ids_of, file_format, read_csv_options, read_submission_blocks
 
 
 NOT_FLOAT = "prediction column is not float"
@@ -120,7 +120,7 @@ def _columns(path: Path) -> list[str]:
         import pyarrow.parquet as pq
 
         return list(pq.ParquetFile(path).schema_arrow.names)
-    return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    return [str(c) for c in pd.read_csv(path, nrows=0, **read_csv_options(path)).columns]
 
 
 def _check_prediction_type(path: Path, tally: _Tally) -> None:

@@ -8,7 +8,9 @@ errors and on SIGTERM, and removed by the next run after a SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -21,7 +23,7 @@ from submission.predict import DECIMALS, SamplePredictions
 
 COLUMNS = ["cell_id", "gene", "prediction", "sample"]
 __all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "cell_ids_of", "file_format", "long_blocks",
-           "read_submission_blocks", "write_submission"]
+           "read_csv_options", "read_submission_blocks", "write_submission"]
 
 
 class InvalidSubmission(NotPublished):
@@ -59,24 +61,42 @@ def write_submission(predictions: Iterable[SamplePredictions], path: str | Path,
 
 
 def file_format(path: str | Path) -> str:
-    """'parquet' (`.parquet`), 'csv.gz' (`.gz`: gzip-compressed CSV, as pandas reads it back) or 'csv' (anything
-    else); another compression suffix (.zip, .bz2, .xz, .zst) is refused before any work: pandas would try to
-    decompress a file written as plain text."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".parquet":
+    """'parquet' (`.parquet`), 'csv.gz' (`.gz`: gzip-compressed CSV) or 'csv' (anything else). Names that promise
+    another container or compression (.zip, .bz2, .xz, .zst, .tar.gz, .tgz, .gzip) are refused before any work:
+    written as plain or gzip text under them, they would not read back as they say."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    last = suffixes[-1] if suffixes else ""
+    if last == ".parquet":
         return "parquet"
-    if suffix == ".gz":
+    if last == ".gz" and ".tar" not in suffixes:
         return "csv.gz"
-    if suffix in (".zip", ".bz2", ".xz", ".zst", ".tar"):
-        raise DataError(path, "-", f"a submission compressed as {suffix} is not supported: name it .csv, .csv.gz "
-                                   "or .parquet")
+    if last in (".zip", ".bz2", ".xz", ".zst", ".tar", ".tgz", ".gzip", ".gz"):
+        raise DataError(path, "-", f"a submission named {''.join(suffixes[-2:])} is not supported: name it .csv, "
+                                   ".csv.gz or .parquet")
     return "csv"
+
+
+def read_csv_options(path: str | Path) -> dict:
+    """How pandas reads a CSV submission back: the compression its name says (`file_format`), never guessed."""
+    return {"compression": "gzip" if file_format(path) == "csv.gz" else None}
+
+
+@contextlib.contextmanager
+def _text_out(tmp: Path) -> Iterator:
+    """The CSV's text stream; gzip where the name says so, with no name or time in its header (the temporary name
+    would be recorded, and two identical runs would differ)."""
+    if file_format(tmp) != "csv.gz":
+        with open(tmp, "w", newline="") as handle:
+            yield handle
+        return
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed, \
+            io.TextIOWrapper(packed, newline="") as handle:
+        yield handle
 
 
 def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
     if not parquet:
-        opener = gzip.open if file_format(tmp) == "csv.gz" else open
-        with opener(tmp, "wt", newline="") as handle:
+        with _text_out(tmp) as handle:
             handle.write(",".join(COLUMNS) + "\n")
             for sample_predictions in predictions:
                 for block in long_blocks(sample_predictions, nuclei_per_block):
@@ -103,7 +123,8 @@ def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) ->
         for batch in pq.ParquetFile(path).iter_batches(batch_size=rows_per_block):
             yield batch.to_pandas()
     else:
-        yield from pd.read_csv(path, chunksize=rows_per_block, dtype={"gene": str, "sample": str})
+        yield from pd.read_csv(path, chunksize=rows_per_block, dtype={"gene": str, "sample": str},
+                               **read_csv_options(path))
 
 
 def cell_ids_of(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
