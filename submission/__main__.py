@@ -8,7 +8,8 @@ import time
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission") -> int:
-    from slidedata.cli import DefaultsHelpFormatter, add_debug_flag, run_reporting_input_errors
+    from slidedata.cli import (DefaultsHelpFormatter, add_debug_flag, add_sample_arguments, elements_from_args,
+                               run_reporting_input_errors)
 
     parser = argparse.ArgumentParser(prog=prog, description="Write and validate the submission.",
                                      formatter_class=DefaultsHelpFormatter)
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
                         help="also draw each sample's predicted expression on its tissue here (<sample>.png)")
     parser.add_argument("--into-spatialdata", action="store_true",
                         help="also add the predictions as table 'predicted_expression' to each sample zarr")
+    add_sample_arguments(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
 
     def stage() -> int:
         report = make_submission(args.data, args.cache, args.model_dir, args.out, args.anndata,
-                                 args.into_spatialdata, args.maps)
+                                 args.into_spatialdata, args.maps, elements=elements_from_args(args))
         for sample, n in report.per_sample.items():
             print(f"{sample}: {n} held-out nuclei")
         if report.problems:

@@ -18,7 +18,7 @@ from slidedata.publish import PARTIAL_MARK, NotPublished, publishing
 from submission.predict import DECIMALS, SamplePredictions
 
 COLUMNS = ["cell_id", "gene", "prediction", "sample"]
-__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "long_blocks", "read_submission_blocks",
+__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "id_positions", "long_blocks", "read_submission_blocks",
            "write_submission"]
 
 
@@ -32,10 +32,10 @@ def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -
     genes = pd.Categorical(predictions.genes, categories=predictions.genes)
     n_genes = len(predictions.genes)
     for start in range(0, max(len(predictions.cell_ids), 1), nuclei_per_block):
-        ids = predictions.cell_ids[start: start + nuclei_per_block]
+        ids = predictions.written_ids[start: start + nuclei_per_block]
         values = predictions.values[start: start + nuclei_per_block]
         yield pd.DataFrame({
-            "cell_id": np.repeat(np.asarray(ids, dtype=np.int64), n_genes),
+            "cell_id": np.repeat(np.asarray(ids, dtype=np.int64 if predictions.names is None else object), n_genes),
             "gene": pd.Categorical.from_codes(np.tile(np.arange(n_genes), len(ids)), categories=genes.categories),
             "prediction": values.reshape(-1).astype(np.float64).round(DECIMALS),
             "sample": predictions.sample,
@@ -50,12 +50,13 @@ def write_submission(predictions: Iterable[SamplePredictions], path: str | Path,
     into place and InvalidSubmission is raised (a previous file at `path` is left as it was).
     """
     path = Path(path)
+    predictions = list(predictions)  # already in memory; the Parquet schema depends on every sample's ids
     with publishing(path, validate=check, error=InvalidSubmission) as tmp:
         _write_blocks(predictions, tmp, path.suffix == ".parquet", nuclei_per_block)
     return path
 
 
-def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
+def _write_blocks(predictions: list[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
     if not parquet:
         with open(tmp, "w") as handle:
             handle.write(",".join(COLUMNS) + "\n")
@@ -66,13 +67,25 @@ def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("cell_id", pa.int64()), ("gene", pa.string()), ("prediction", pa.float64()),
-                        ("sample", pa.string())])
+    # Ids as the samples give them: integers, or text where any sample names its cells otherwise (Xenium's ids)
+    text_ids = any(p.names is not None for p in predictions)
+    schema = pa.schema([("cell_id", pa.string() if text_ids else pa.int64()), ("gene", pa.string()),
+                        ("prediction", pa.float64()), ("sample", pa.string())])
     with pq.ParquetWriter(tmp, schema) as writer:
         for sample_predictions in predictions:
             for block in long_blocks(sample_predictions, nuclei_per_block):
-                block = block.astype({"gene": str})
+                block = block.astype({"gene": str, **({"cell_id": str} if text_ids else {})})
                 writer.write_table(pa.Table.from_pandas(block, schema=schema, preserve_index=False))
+
+
+def id_positions(expected: pd.Index, written: pd.Series) -> np.ndarray:
+    """The position in `expected` (a sample's ids as it gives them) of each id of a file's `cell_id` column, -1
+    where it holds another: integer ids compare as numbers (how a CSV reads them back), other ids (Xenium's
+    strings) as text. The one rule of the validator and the scorer."""
+    if pd.api.types.is_integer_dtype(expected.dtype):
+        numbers = pd.to_numeric(written, errors="coerce").to_numpy(np.float64)
+        return expected.get_indexer(np.where(np.isnan(numbers), -1, numbers).astype(np.int64))
+    return expected.astype(str).get_indexer(written.astype(str).to_numpy())
 
 
 def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) -> Iterator[pd.DataFrame]:
