@@ -45,7 +45,7 @@ def _demo() -> Callable:
 
 
 def _import() -> Callable:
-    from importers.spots import main
+    from importers.cli import main
     return main
 
 
@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[Callable[[], Callable], str]] = {
     "validate": (_validate, "check a submission file against the data (python -m submission.validate)"),
     "score": (_score, "score a submission against held-out truth (python -m submission.score)"),
     "demo": (_demo, "write the synthetic demo dataset (python -m synthetic.demo)"),
-    "import": (_import, "import spot data as samples (python -m importers.spots)"),
+    "import": (_import, "import spot data or a Xenium output folder as samples (python -m importers.cli)"),
 }
 
 
