@@ -16,9 +16,13 @@ def main(argv: list[str] | None = None, prog: str = "he2expr import") -> int:
         return xenium_main(argv[1:], prog=f"{prog} {XENIUM}")
     from importers.spots import main as spots_main
 
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"{prog} {XENIUM} --src FOLDER --out DIR ...   a 10x Xenium output folder ({prog} {XENIUM} --help)\n")
-    return spots_main(argv, prog=prog)
+    if argv and argv[0] not in ("-h", "--help"):
+        return spots_main(argv, prog=prog)
+    try:
+        return spots_main(argv, prog=prog)
+    finally:  # after the spot importer's usage (argparse exits from inside it)
+        print(f"\nxenium: {prog} {XENIUM} --src FOLDER --out DIR ...   a 10x Xenium output folder "
+              f"({prog} {XENIUM} --help)")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
     per_sample = {p.sample: len(p.cell_ids) for p in predictions}
     try:
         path = write_submission(predictions, out,
-                                check=lambda written: validate_submission(written, samples, predictor.genes))
+                                check=lambda written: validate_submission(written, samples, predictor.genes),
+                                text_ids=any(s.id_names is not None for s in samples))
     except InvalidSubmission as invalid:
         return SubmissionReport(invalid.path, 0, per_sample, invalid.problems)
     if anndata_dir is not None:

@@ -8,6 +8,7 @@ errors and on SIGTERM, and removed by the next run after a SIGKILL.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -43,20 +44,24 @@ def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -
 
 
 def write_submission(predictions: Iterable[SamplePredictions], path: str | Path, nuclei_per_block: int = 20000,
-                     check: Callable[[Path], list] | None = None) -> Path:
+                     check: Callable[[Path], list] | None = None, text_ids: bool | None = None) -> Path:
     """CSV (default) or Parquet (by suffix) with exactly the 4 columns; returns the final path.
+
+    `predictions` are written as they come (a sample's rows are in the file before the next is computed). Parquet
+    types `cell_id` once for the file: text where `text_ids` (some sample names its cells otherwise, e.g. Xenium's
+    strings), else integers; None decides from the first sample (pass it where samples of both kinds are mixed).
 
     `check(temporary_path)` returns the file's problems; if there are any, the file is deleted instead of renamed
     into place and InvalidSubmission is raised (a previous file at `path` is left as it was).
     """
     path = Path(path)
-    predictions = list(predictions)  # already in memory; the Parquet schema depends on every sample's ids
     with publishing(path, validate=check, error=InvalidSubmission) as tmp:
-        _write_blocks(predictions, tmp, path.suffix == ".parquet", nuclei_per_block)
+        _write_blocks(iter(predictions), tmp, path.suffix == ".parquet", nuclei_per_block, text_ids)
     return path
 
 
-def _write_blocks(predictions: list[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
+def _write_blocks(predictions: Iterator[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int,
+                  text_ids: bool | None) -> None:
     if not parquet:
         with open(tmp, "w") as handle:
             handle.write(",".join(COLUMNS) + "\n")
@@ -67,8 +72,10 @@ def _write_blocks(predictions: list[SamplePredictions], tmp: Path, parquet: bool
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    # Ids as the samples give them: integers, or text where any sample names its cells otherwise (Xenium's ids)
-    text_ids = any(p.names is not None for p in predictions)
+    if text_ids is None:
+        first = next(predictions, None)
+        text_ids = first is not None and first.names is not None
+        predictions = itertools.chain([first] if first is not None else [], predictions)
     schema = pa.schema([("cell_id", pa.string() if text_ids else pa.int64()), ("gene", pa.string()),
                         ("prediction", pa.float64()), ("sample", pa.string())])
     with pq.ParquetWriter(tmp, schema) as writer:

@@ -65,6 +65,12 @@ def test_string_ids_go_through_every_stage(layout, demo_dir, tmp_path):
     written = pd.read_csv(out, dtype={"cell_id": str})
     assert {name: set(rows["cell_id"]) for name, rows in written.groupby("sample")} == \
         {name: ids for name, ids in held.items() if ids}
+    parquet = str(tmp_path / "sub.parquet")
+    assert he2expr(["submit", "--data", str(data), "--cache", cache, "--model-dir", model, "--out", parquet,
+                    *options]) == 0
+    assert pd.read_parquet(parquet)["cell_id"].map(type).eq(str).all()
+    if (data / "truth").exists():  # the importer's held-out counts, under the same string ids
+        assert he2expr(["score", "--submission", out, "--truth", str(data / "truth")]) == 0
 
     train(str(data), str(tmp_path / "model2"), models=("ridge",), patch_sizes=(24,), elements=elements,
           cache_directory_path=cache)
