@@ -68,10 +68,12 @@ class XeniumReport:
     off_image: int  # cells whose nucleus the alignment puts outside the H&E (left out)
     microns_per_pixel: float
     image: str  # 'H&E' or 'morphology (virtual haematoxylin)'
+    without_nucleus: int = 0  # cells of the matrix without a nucleus polygon, left out where asked to
 
     def line(self) -> str:
         held = f" ({self.held_out} held out)" if self.held_out else ""
         off = f", {self.off_image} off the image left out" if self.off_image else ""
+        off += f", {self.without_nucleus} without a nucleus left out" if self.without_nucleus else ""
         return (f"{self.name}: {self.cells} cells{held}{off}, {self.genes} genes, {self.microns_per_pixel:.4f} um/px "
                 f"on the {self.image} -> {self.path}")
 
@@ -197,8 +199,12 @@ def read_morphology(path: Path) -> np.ndarray:
 
 def import_xenium(src: str | Path, out_dir: str | Path, name: str | None = None, he_image: Path | None = None,
                   alignment: Path | None = None, hold_out: HoldOut | None = None, group: str = "train",
-                  chunk_size: int = 512) -> XeniumReport:
-    """Write `<out_dir>/<name>.zarr` (name: the folder's) from the Xenium output folder `src` (module docstring)."""
+                  chunk_size: int = 512, drop_cells_without_nucleus: bool = False) -> XeniumReport:
+    """Write `<out_dir>/<name>.zarr` (name: the folder's) from the Xenium output folder `src` (module docstring).
+
+    Cells of the matrix without a nucleus polygon (XOA 2's cells found by the boundary stain alone) have no
+    nucleus to predict from: refused (DataError naming the boundaries file: often files of two runs), or left out
+    and counted with `drop_cells_without_nucleus`."""
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
         raise DataError(src, "-", "not a folder (a Xenium output folder holds cells.parquet, "
@@ -215,6 +221,9 @@ def import_xenium(src: str | Path, out_dir: str | Path, name: str | None = None,
     cells = read_table(cells_file, ("cell_id", "x_centroid", "y_centroid")).set_index("cell_id")
     ids, genes, counts = read_matrix(matrix_file)
     polygons, owners = read_boundaries(boundaries_file)
+    with_nucleus = np.isin(ids, owners)
+    if drop_cells_without_nucleus:
+        ids, counts = ids[with_nucleus], counts[with_nucleus]
     _check_ids(ids, owners, cells.index, matrix_file, boundaries_file, cells_file)
     morphology_um = morphology_pixel_size(src)
 
@@ -266,7 +275,8 @@ def import_xenium(src: str | Path, out_dir: str | Path, name: str | None = None,
     else:
         remove_truth(truth, name)
     return XeniumReport(name, path, len(ids), len(genes), int(held.sum()), int((~on_image).sum()), microns_per_pixel,
-                        "H&E" if he_image is not None else "morphology (virtual haematoxylin)")
+                        "H&E" if he_image is not None else "morphology (virtual haematoxylin)",
+                        int((~with_nucleus).sum()) if drop_cells_without_nucleus else 0)
 
 
 def _check_ids(matrix_ids: np.ndarray, polygon_ids: np.ndarray, cell_ids: pd.Index, matrix_file: Path,
@@ -277,8 +287,10 @@ def _check_ids(matrix_ids: np.ndarray, polygon_ids: np.ndarray, cell_ids: pd.Ind
                                    (cells_file, cell_ids, "has no row (no centroid)")):
         missing = matrix_ids[~pd.Index(matrix_ids).isin(pd.Index(known))]
         if len(missing):
+            hint = " (cells without a nucleus: --drop-cells-without-nucleus)" if ids_file == boundaries_file else ""
             raise DataError(ids_file, "cell_id", f"{len(missing)} of the {len(matrix_ids)} cells of {matrix_file.name} "
-                                                 f"{where} here, e.g. {list(missing[:5])}: files of another run?")
+                                                 f"{where} here, e.g. {list(missing[:5])}: files of another run?"
+                                                 f"{hint}")
 
 
 def _on_image(polygons: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
@@ -303,6 +315,8 @@ def main(argv: list[str] | None = None, prog: str = "he2expr import xenium") -> 
                                                        "pixels to morphology pixels")
     parser.add_argument("--group", choices=GROUP_NAMES, default="train", help="group of every imported cell")
     parser.add_argument("--chunk-size", type=positive_int, default=512, help="zarr chunk edge of image and mask, px")
+    parser.add_argument("--drop-cells-without-nucleus", action="store_true",
+                        help="leave out cells of the matrix that have no nucleus polygon (default: refuse them)")
     add_block_arguments(parser, "the cells")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
@@ -315,7 +329,7 @@ def main(argv: list[str] | None = None, prog: str = "he2expr import xenium") -> 
     def stage() -> int:
         check_writable(args.out)
         report = import_xenium(args.src, args.out, args.name, args.he_image, args.alignment, hold_out, args.group,
-                               args.chunk_size)
+                               args.chunk_size, args.drop_cells_without_nucleus)
         print(report.line())
         if report.held_out:
             print(f"{report.held_out} cells held out; their measured expression: {args.out / TRUTH_FOLDER}")

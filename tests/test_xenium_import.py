@@ -93,6 +93,17 @@ def test_bad_folders_are_one_error_line_naming_the_file(tmp_path, how, capsys):
     assert not (tmp_path / "out" / "run.zarr").exists()
 
 
+def test_cells_without_a_nucleus_can_be_left_out(tmp_path, capsys):
+    truth = write_xenium_folder(tmp_path / "run")
+    boundaries = pd.read_parquet(tmp_path / "run" / "nucleus_boundaries.parquet")
+    boundaries[boundaries["cell_id"] != truth.ids[0]].to_parquet(tmp_path / "run" / "nucleus_boundaries.parquet")
+    assert he2expr(["import", "xenium", "--src", str(tmp_path / "run"), "--out", str(tmp_path / "out"),
+                    "--drop-cells-without-nucleus"]) == 0
+    assert "47 cells" in capsys.readouterr().out
+    sample = open_sample(tmp_path / "out" / "run.zarr")
+    assert set(sample.names_of(sample.groups.index)) == set(truth.ids[1:])
+
+
 def test_import_dispatches_xenium_and_spots_as_before(capsys):
     with pytest.raises(SystemExit) as exit_:
         he2expr(["import", "--help"])
