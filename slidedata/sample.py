@@ -6,6 +6,7 @@ not contiguous, held-out nuclei are absent from the expression table) are handle
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -257,7 +258,7 @@ def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel:
     if not path.exists():
         raise DataError(path, "-", "no such file or folder")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet("ome_zarr.reader"):
             warnings.simplefilter("ignore")
             sdata = sd.read_zarr(path)
     except Exception as exc:  # the reader raises many types; the user needs the file name
@@ -292,6 +293,19 @@ def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel:
     return Sample(name=_sample_name(path), path=path, image=image, mask=mask, groups=groups, expression=expression,
                   microns_per_pixel=microns_per_pixel, image_files=image_files, mask_files=mask_files,
                   elements=elements, id_names=ids.names())
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence a library's warnings while it reads: ome_zarr says 'no parent found' for every labels element that
+    spatialdata keeps beside its image (its own layout), on stderr between the stages' lines."""
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
 
 
 class _CellIds:
