@@ -140,7 +140,9 @@ def read_boundaries(path: Path) -> tuple[list[np.ndarray], np.ndarray]:
     """(polygons (n, 2) as (x, y) in microns, the cell id of each), in file order."""
     frame = read_table(path, ("cell_id", "vertex_x", "vertex_y"))
     ids = frame["cell_id"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])  # XOA writes each polygon's vertices together
+    # XOA writes each polygon's vertices together; a cell with two nuclei (XOA 2) has one label_id per polygon
+    polygon = frame["label_id"].to_numpy() if "label_id" in frame.columns else ids
+    starts = np.flatnonzero(np.r_[True, (ids[1:] != ids[:-1]) | (polygon[1:] != polygon[:-1])])
     xy = frame[["vertex_x", "vertex_y"]].to_numpy(np.float64)
     polygons = np.split(xy, starts[1:])
     if min(len(p) for p in polygons) < 3:

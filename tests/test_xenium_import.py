@@ -93,6 +93,32 @@ def test_bad_folders_are_one_error_line_naming_the_file(tmp_path, how, capsys):
     assert not (tmp_path / "out" / "run.zarr").exists()
 
 
+def test_a_cell_with_two_nuclei_has_both(tmp_path):
+    """XOA 2 gives each nucleus of a cell its own polygon (label_id): both are the cell's in the mask, and
+    nothing between them."""
+    from importers.xenium import import_xenium
+
+    truth = write_xenium_folder(tmp_path / "run")
+    other = truth.ids[9]  # the next row's second nucleus: diagonal to cell 0
+    boundaries = pd.read_parquet(tmp_path / "run" / "nucleus_boundaries.parquet")
+    second = boundaries[boundaries["cell_id"] == other].assign(cell_id=truth.ids[0])
+    rest = boundaries[boundaries["cell_id"] != other]
+    first = rest["cell_id"] == truth.ids[0]
+    pd.concat([rest[first], second, rest[~first]]).to_parquet(tmp_path / "run" / "nucleus_boundaries.parquet")
+    import_xenium(tmp_path / "run", tmp_path / "out", drop_cells_without_nucleus=True)
+    sample = open_sample(tmp_path / "out" / "run.zarr")
+    assert _cell_at(sample, *truth.centres_px[0]) == _cell_at(sample, *truth.centres_px[9]) == truth.ids[0]
+    # reference: the pixels whose centres either outline holds (shapely), no pixel of a polygon joining them
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
+    outlines = [Polygon(part[["vertex_x", "vertex_y"]].to_numpy() / UM) for part in (rest[first], second)]
+    yy, xx = np.mgrid[: sample.shape[0], : sample.shape[1]]
+    expected = shapely.contains_xy(MultiPolygon(outlines), xx + 0.5, yy + 0.5)
+    value = int(np.asarray(sample.mask[tuple(truth.centres_px[0].astype(int))]))
+    np.testing.assert_array_equal(np.asarray(sample.mask) == value, expected)
+
+
 def test_cells_without_a_nucleus_can_be_left_out(tmp_path, capsys):
     truth = write_xenium_folder(tmp_path / "run")
     boundaries = pd.read_parquet(tmp_path / "run" / "nucleus_boundaries.parquet")
