@@ -339,7 +339,7 @@ class _CellIds:
                 raise DataError(self.path, element, f"cell_id holds ids that are not integers (e.g. "
                                                     f"{given.iloc[0]!r}) and obs has no '{label}' column giving "
                                                     f"each cell's value in the mask {self.elements.nuclei}: name it "
-                                                    "(--label-column), or give the nuclei as polygons (--nuclei)")
+                                                    "(--label-column), or give the nuclei as polygons (--nuclei-element)")
             if not _integer_ids(obs[label]):
                 raise DataError(self.path, element, f"obs['{label}'] must hold integers (the cells' values in the "
                                                     f"mask), got {obs[label].dtype}")

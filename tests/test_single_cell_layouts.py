@@ -104,3 +104,36 @@ def test_polygons_become_the_pixels_whose_centres_they_hold_once(tmp_path, mask_
     np.testing.assert_array_equal(np.asarray(again.mask), expected)
     assert len(calls) == 1 and len(list(mask_cache.iterdir())) == 1
     assert sample.input_digest() == again.input_digest()
+
+
+def _with_string_ids(src, dst, label_column: bool) -> None:
+    """The sample `src` in the challenge's layout, its tables' cell_id as 'cell_<n>' (issue 23, case 2), with the
+    mask value in obs['label_id'] or not."""
+    import spatialdata as sd
+
+    sdata = sd.read_zarr(src)
+    for name in ("anucleus", "cell_id-group"):
+        obs = sdata.tables[name].obs
+        if label_column:
+            obs["label_id"] = obs["cell_id"].astype(np.int64)
+        obs["cell_id"] = [f"cell_{int(i)}" for i in obs["cell_id"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata.write(dst)
+
+
+def test_string_ids_in_the_challenge_layout_work_or_are_one_error_line(demo_dir, tmp_path, capsys):
+    """Issue 23, case 2: 'cell_7' ids were a ValueError traceback. With their mask values (obs['label_id']) they
+    are read and written back as given; without, one error line names the file and what is missing."""
+    from submission.cli import main as he2expr
+
+    _with_string_ids(demo_dir / "demo1.zarr", tmp_path / "bare" / "demo1.zarr", label_column=False)
+    assert he2expr(["validate", str(tmp_path / "x.csv"), "--data", str(tmp_path / "bare")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "demo1.zarr" in err[0] and "label_id" in err[0]
+
+    _with_string_ids(demo_dir / "demo1.zarr", tmp_path / "mapped" / "demo1.zarr", label_column=True)
+    sample, original = open_sample(tmp_path / "mapped" / "demo1.zarr"), open_sample(demo_dir / "demo1.zarr")
+    pd.testing.assert_series_equal(sample.groups, original.groups)
+    held = original.groups.index[original.groups != "train"].to_numpy()
+    assert list(sample.names_of(held[:3])) == [f"cell_{i}" for i in held[:3]]
