@@ -49,15 +49,15 @@ LABEL_COLUMN = "label_id"
 @dataclass(frozen=True)
 class Elements:
     """Which elements of a SpatialData zarr hold a sample's parts: the challenge's names by default, so that data
-    laid out otherwise (spatialdata-io's Xenium reader: `morphology_focus`, `nucleus_boundaries`, `table`) is read
-    without a converter.
+    laid out otherwise (spatialdata-io's Xenium reader: an aligned `he_image`, `nucleus_boundaries`, `table`) is
+    read without a converter.
 
     `nuclei` is an integer mask (an image or labels element, pixel = the cell's value) or nucleus polygons (a shapes
     element, rasterised once into a cached mask: `slidedata.polygons`). `groups` may be the expression table itself
     (a column `group_column`); its 'test' rows are then left out of the expression, as the challenge leaves them
-    out of `anucleus` (its 'validation' rows, measured, score the models). Cell ids (`cell_id`, in both tables) are the mask's values where they are integers; other ids
-    (strings) are mapped to the mask through the polygons' ids, or through the integer obs column `label_column`,
-    and written back as given in every output.
+    out of `anucleus` (its 'validation' rows, measured, score the models). Cell ids (`cell_id`, in both tables) are
+    the mask's values where they are integers; other ids (strings) are mapped to the mask through the polygons'
+    ids, or through the integer obs column `label_column`, and written back as given in every output.
     """
 
     image: str = IMAGE
@@ -339,7 +339,8 @@ class _CellIds:
                 raise DataError(self.path, element, f"cell_id holds ids that are not integers (e.g. "
                                                     f"{given.iloc[0]!r}) and obs has no '{label}' column giving "
                                                     f"each cell's value in the mask {self.elements.nuclei}: name it "
-                                                    "(--label-column), or give the nuclei as polygons (--nuclei-element)")
+                                                    "(--label-column), or give the nuclei as polygons "
+                                                    "(--nuclei-element)")
             if not _integer_ids(obs[label]):
                 raise DataError(self.path, element, f"obs['{label}'] must hold integers (the cells' values in the "
                                                     f"mask), got {obs[label].dtype}")
@@ -399,7 +400,8 @@ def open_samples(path: str | Path, n_genes: int | None = None, microns_per_pixel
     """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name (all held open: the fit stage
     opens one at a time instead, see `regress.source.CacheSource`). The samples with expression must share one
     panel (`check_same_genes`); `n_genes` as in `open_sample`."""
-    samples = [open_sample(p, n_genes, microns_per_pixel, force_microns_per_pixel, elements) for p in sample_paths(path)]
+    samples = [open_sample(p, n_genes, microns_per_pixel, force_microns_per_pixel, elements)
+               for p in sample_paths(path)]
     check_same_genes(samples)
     return samples
 

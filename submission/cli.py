@@ -1,6 +1,6 @@
 """The `he2expr` command (pyproject's console script): one entry point for every stage's command line.
 
-    he2expr embed|fit|submit|validate|score|export|demo|import [ARGS...]    the same as python -m embed|regress|submission|...
+    he2expr embed|fit|submit|validate|score|export|demo|import [ARGS...]    = python -m embed|regress|submission|...
 
 It lives in `submission`, the package on top of the others, so importing every stage from here makes no cycle
 (tests/test_architecture.py); each stage is imported only when its subcommand runs, so `he2expr demo` loads no torch.

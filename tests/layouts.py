@@ -32,8 +32,8 @@ def rewrite_spatialdata_io_style(src: Path, dst: Path, nuclei: str = "labels") -
     Returns the Elements that read it back."""
     import anndata as ad
     import spatialdata as sd
-    from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale
+    from spatialdata.models import Image2DModel, Labels2DModel, TableModel
+    from spatialdata.transformations import Identity
 
     sample = open_sample(src)
     mask = np.asarray(sample.mask)

@@ -65,8 +65,8 @@ def _polygon_sample(path, polygons: dict, scale: float = 2.0, shape=(40, 48)):
     shapes = ShapesModel.parse(frame, transformations={"global": Scale([scale, scale], axes=("x", "y"))})
     image = Image2DModel.parse(np.full((3, *shape), 200, np.uint8), dims=("c", "y", "x"),
                                transformations={"global": Identity()})
-    obs = pd.DataFrame({"cell_id": list(polygons), "split": "test", "region": pd.Categorical(["nuclei"] * len(polygons))},
-                       index=list(polygons))
+    obs = pd.DataFrame({"cell_id": list(polygons), "split": "test",
+                        "region": pd.Categorical(["nuclei"] * len(polygons))}, index=list(polygons))
     table = TableModel.parse(ad.AnnData(obs=obs), region="nuclei", region_key="region", instance_key="cell_id")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -79,7 +79,7 @@ def test_polygons_become_the_pixels_whose_centres_they_hold_once(tmp_path, mask_
 
     import slidedata.polygons as polygons_module
 
-    polygons = {  # cell-b: two nuclei of one cell; vertices off the grid (no pixel centre on an edge) off the pixel grid: no pixel centre on an edge, where conventions may differ
+    polygons = {  # cell-b: two nuclei of one cell; vertices off the grid (no pixel centre on an edge)
         "cell-a": [(2.1, 2.3), (9.2, 2.6), (8.3, 9.1), (3.05, 8.2)],
         "cell-b": [[(12.1, 3.3), (16.2, 3.1), (14.1, 8.3)], [(18.1, 10.2), (22.3, 10.1), (22.2, 14.3), (18.2, 14.1)]],
         "cell-c": [(6.1, 6.2), (12.3, 6.1), (12.2, 12.3), (6.2, 12.1)],  # overlaps cell-a: the earlier keeps its pixels
