@@ -13,8 +13,9 @@ import time
 import pandas as pd
 
 from embed.pipeline import MAX_CPU_WORKERS, EmbedSettings
-from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, non_negative_int, positive_float,
-                           positive_int, run_reporting_input_errors)
+from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, add_sample_arguments,
+                           elements_from_args, non_negative_int, positive_float, positive_int,
+                           run_reporting_input_errors)
 from slidedata.patch_size import patch_size_arg
 
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     parser.add_argument("--list-encoders", action="store_true",
                         help="the registry: dimensions, licences, where the weights come from (offline or not)")
     parser.add_argument("--list", action="store_true", help="list the cache's entries")
+    add_sample_arguments(parser)
     add_output_flags(parser)
     args = parser.parse_args(argv)
 
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     def stage() -> int:
         reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device,
                                 microns_per_pixel=args.microns_per_pixel,
-                                force_microns_per_pixel=args.force_microns_per_pixel)
+                                force_microns_per_pixel=args.force_microns_per_pixel,
+                                elements=elements_from_args(args))
         for r in reports:
             print(f"{r.sample}: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} chunks "
                   f"in {r.seconds:.1f} s")

@@ -32,7 +32,7 @@ from slidedata.feature_store import FeatureEntry, FeatureStore, identity_attrs
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 from slidedata.progress import progress_bar
 from slidedata.publish import check_writable, is_disk_full
-from slidedata.sample import Sample, open_samples
+from slidedata.sample import Elements, Sample, open_samples
 from slidedata.tiles import DEFAULT_MAX_TILE
 
 log = logging.getLogger(__name__)
@@ -309,12 +309,13 @@ def encode_patches(model, patches: torch.Tensor, masks: torch.Tensor | None, set
 def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "handcrafted",
                   weights: str | Path | None = None, settings: EmbedSettings | None = None,
                   device: str | None = None, progress: bool = True,
-                  microns_per_pixel: float | None = None, force_microns_per_pixel: bool = False
-                  ) -> list[EmbedReport]:
+                  microns_per_pixel: float | None = None, force_microns_per_pixel: bool = False,
+                  elements: Elements | None = None) -> list[EmbedReport]:
     """Embed every sample under `data` (a sample zarr or a folder of them) into the cache at `cache`.
 
     `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
-    unless `force_microns_per_pixel` (`slidedata.sample.open_sample`). A cache that cannot be written is refused
+    unless `force_microns_per_pixel` (`slidedata.sample.open_sample`); `elements` names the samples' parts where
+    they are not laid out as the challenge's. A cache that cannot be written is refused
     before any work; a disk that fills up on the way stops the stage with a DataError (`CacheDiskFull`): the chunks
     finished so far are kept, and a run after space is freed goes on from there.
     """
@@ -323,7 +324,7 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
     check_writable(Path(cache).absolute().parent)  # the lock files live beside the cache (FeatureStore.locks)
     # The samples first: bad input is refused before weights load or the cache is created.
     samples = open_samples(data, microns_per_pixel=microns_per_pixel,
-                           force_microns_per_pixel=force_microns_per_pixel)
+                           force_microns_per_pixel=force_microns_per_pixel, elements=elements)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True

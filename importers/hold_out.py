@@ -16,6 +16,7 @@ spot's nuclei between train and held-out would show the model the held-out answe
 
 from __future__ import annotations
 
+import argparse
 import zlib
 from dataclasses import dataclass
 
@@ -44,6 +45,40 @@ class HoldOut:
     @property
     def active(self) -> bool:
         return bool(self.sections) or self.block_fraction > 0
+
+
+def add_block_arguments(parser: argparse.ArgumentParser, what: str = "each section's spots"
+                        ) -> argparse._ArgumentGroup:
+    """The options of holding spatial blocks out, one definition for every importer (read back with
+    `hold_out_blocks`); returns their argument group, for an importer's own hold-out options."""
+    from slidedata.cli import non_negative_int, positive_float
+
+    held = parser.add_argument_group(
+        "holding tissue out", "held-out cells stay in the mask (group validation or test) but not in anucleus, "
+        "as in the challenge; their expression goes to <out>/truth/<section>.h5ad for he2expr score")
+    held.add_argument("--hold-out-blocks", type=_fraction, default=0.0, metavar="FRACTION",
+                      help=f"hold out about this fraction of {what}, in whole square blocks chosen in a seeded "
+                           "order, alternately test and validation")
+    held.add_argument("--hold-out-block-um", type=positive_float, default=DEFAULT_BLOCK_UM,
+                      help="edge of those blocks, um")
+    held.add_argument("--hold-out-seed", type=non_negative_int, default=0, help="seed of the block order")
+    return held
+
+
+def hold_out_blocks(args: argparse.Namespace, sections: tuple[str, ...] = ()) -> HoldOut:
+    """The HoldOut the options of `add_block_arguments` ask for (and whole `sections`)."""
+    return HoldOut(tuple(sections), args.hold_out_blocks, args.hold_out_block_um, args.hold_out_seed)
+
+
+def _fraction(text: str) -> float:
+    """argparse `type=` for a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text}")
+    return value
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from importers.hold_out import DEFAULT_BLOCK_UM, HoldOut, assign_spots
+from importers.hold_out import HoldOut, add_block_arguments, assign_spots, hold_out_blocks
 from importers.spot_nuclei import NucleusSegmentation, segment_spot_nuclei
 from importers.spot_readers import HER2ST_COUNTS, SpotSection, read_h5ad_section, read_her2st_section
 from slidedata.cli import StageParser, positive_float, positive_int
@@ -290,9 +290,10 @@ def her2st_sections(src: str | Path, names: Sequence[str] | None = None,
 # --------------------------------------------------------------------------------------------------------- CLI
 
 def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
-    from slidedata.cli import DefaultsHelpFormatter, non_negative_int
+    from slidedata.cli import DefaultsHelpFormatter, add_output_flags, non_negative_int
 
-    parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = StageParser(prog=prog, description=__doc__.splitlines()[0],
+                         epilog=f"each layout's options: {prog} her2st --help, {prog} h5ad --help")
     layouts = parser.add_subparsers(dest="layout", required=True)
     her2st = layouts.add_parser("her2st", help="her2st section folders (HE.jpg, counts.tsv.gz, spots.tsv)",
                                 formatter_class=DefaultsHelpFormatter)
@@ -307,7 +308,9 @@ def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
                       help="use --microns-per-pixel even where the h5ad stores another pixel size")
     for sub in (her2st, h5ad):
         sub.add_argument("--out", required=True, type=Path, help="folder for the <section>.zarr samples")
-        sub.add_argument("--cells", choices=CELL_MODES, default="spot")
+        sub.add_argument("--cells", choices=CELL_MODES, default="spot",
+                         help="spot: one cell per spot, its disc as the nucleus, the spot's counts; nuclei: the "
+                              "nuclei segmented inside each spot disc, each given its spot's counts")
         sub.add_argument("--microns-per-pixel", type=positive_float,
                          help="pixel size (default: from the data; her2st: from the spot pitch, which this replaces; "
                               "h5ad: one that disagrees with a stored size is refused)")
@@ -320,42 +323,22 @@ def _parser(prog: str = "python -m importers.spots") -> argparse.ArgumentParser:
                          help="drop spots with fewer counts over all genes (defective array positions)")
         sub.add_argument("--group", choices=GROUP_NAMES, default="train", help="group of every imported cell")
         sub.add_argument("--chunk-size", type=positive_int, default=512, help="zarr chunk edge of image and mask, px")
-        held = sub.add_argument_group(
-            "holding tissue out", "held-out cells stay in the mask (group validation or test) but not in anucleus, "
-            "as in the challenge; their expression goes to <out>/truth/<section>.h5ad for python -m submission.score")
+        held = add_block_arguments(sub, "each other section's spots")
         held.add_argument("--hold-out-sections", nargs="+", default=(), metavar="SECTION",
                           help="these whole sections as test (their samples get no expression)")
-        held.add_argument("--hold-out-blocks", type=_fraction, default=0.0, metavar="FRACTION",
-                          help="hold out about this fraction of each other section's spots, in whole square blocks "
-                               "chosen in a seeded order, alternately test and validation")
-        held.add_argument("--hold-out-block-um", type=positive_float, default=DEFAULT_BLOCK_UM,
-                          help="edge of those blocks, um")
-        held.add_argument("--hold-out-seed", type=non_negative_int, default=0, help="seed of the block order")
+        add_output_flags(sub)  # on each layout: they follow the layout's name on the command line
     return parser
 
 
-def _fraction(text: str) -> float:
-    """argparse `type=` for a fraction in (0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m importers.spots") -> int:
-    from slidedata.cli import SAMPLES_KEPT, add_output_flags, run_reporting_input_errors
+    from slidedata.cli import SAMPLES_KEPT, run_reporting_input_errors
     from slidedata.publish import check_writable
 
     parser = _parser(prog)
-    add_output_flags(parser)
     args = parser.parse_args(argv)
     if args.layout == "h5ad" and len(args.h5ad) != len(args.image):
         parser.error(f"give one --image per --h5ad ({len(args.h5ad)} h5ad, {len(args.image)} images)")
-    hold_out = HoldOut(tuple(args.hold_out_sections), args.hold_out_blocks, args.hold_out_block_um,
-                       args.hold_out_seed)
+    hold_out = hold_out_blocks(args, tuple(args.hold_out_sections))
     if hold_out.active and args.group != "train":
         parser.error("--hold-out-sections / --hold-out-blocks leave the other cells in group train: drop --group")
 

@@ -7,8 +7,9 @@ import time
 
 import pandas as pd
 
-from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, non_negative_int, positive_float,
-                           positive_int, run_reporting_input_errors)
+from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, add_sample_arguments,
+                           elements_from_args, non_negative_int, positive_float, positive_int,
+                           run_reporting_input_errors)
 from slidedata.patch_size import PatchSize, patch_size_arg
 
 
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     parser.add_argument("--tuning-folds", default=defaults.tuning_folds, choices=list(TUNING_FOLDS),
                         help="what the folds of ridge's alpha CV and LightGBM's early stopping are made of "
                              "(auto: whole samples when three or more train the model, else spatial blocks)")
+    add_sample_arguments(parser)
     add_output_flags(parser)
     args = parser.parse_args(argv)
 
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     start = time.perf_counter()
 
     def stage() -> int:
-        scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings)
+        scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings,
+                                             elements=elements_from_args(args))
         with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
             print(scores.to_string(index=False))
         print(f"saved: {predictor.model_name}, because {predictor.scores['verdict']}")

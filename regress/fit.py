@@ -22,13 +22,13 @@ from regress.source import CacheSource
 from regress.tasks import check_scheduler
 from slidedata.feature_store import FeatureStore
 from slidedata.publish import check_writable
-from slidedata.sample import open_sample
+from slidedata.sample import Elements, open_sample
 
 log = logging.getLogger(__name__)
 
 
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
-                     settings: FitSettings | None = None, progress: bool = True
+                     settings: FitSettings | None = None, progress: bool = True, elements: Elements | None = None
                      ) -> tuple[pd.DataFrame, ExpressionPredictor]:
     """Evaluate, save the score table and plot, refit the chosen model on every measured nucleus, save it.
 
@@ -39,7 +39,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     out = ModelDir(check_writable(model_dir))
     check_scheduler(settings.scheduler)
     source = CacheSource.open(data, cache, settings.gathered_features, scheduler=settings.scheduler,
-                              progress=progress)
+                              progress=progress, elements=elements)
     replaced = out.replaced_model(data, source.genes)
     if replaced:  # said before the fit, not after: the user can still stop it (the default folder is shared)
         log.warning("warning: %s", replaced)
@@ -60,7 +60,7 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     out.save_predictor(predictor)  # before the maps: a figure that fails must not lose the fitted model
     if best in maps.kept:
         held = maps.kept[best]
-        sample = open_sample(next(s.path for s in source.samples if s.name == held.sample))
+        sample = open_sample(next(s.path for s in source.samples if s.name == held.sample), elements=elements)
         out.save_maps(lambda path: plot_maps(
             held.coords, held.predictions, source.genes, informative_genes(held.truth, held.predictions), path,
             f"{held.sample}, held out ({evaluation.protocol}): {best}, best and worst predicted genes",

@@ -17,7 +17,7 @@ from regress.features import REDUCER_ROWS, FeatureReducer, FeatureSpec, sample_f
 from regress.tasks import compute
 from slidedata.errors import DataError
 from slidedata.feature_store import FeatureStore
-from slidedata.sample import EXPRESSION, GROUPS, check_panel, open_sample, sample_paths
+from slidedata.sample import EXPRESSION, GROUPS, Elements, check_panel, open_sample, sample_paths
 
 
 @dataclass(frozen=True)
@@ -75,16 +75,18 @@ class CacheSource:
     feature_settings: dict  # 'encoder:patch_size' -> the embedding settings, the same for every sample
     reducer: FeatureReducer | None = None
     scale_sets: np.ndarray | None = None  # per feature column, see regress.features.scale_sets
+    elements: Elements | None = None  # where the samples' parts are (None: the challenge's names)
 
     @classmethod
     def open(cls, data: str | Path, cache: str | Path, spec: FeatureSpec, reducer: FeatureReducer | None = None,
-             scheduler: str | None = None, progress: bool = True) -> "CacheSource":
+             scheduler: str | None = None, progress: bool = True, elements: Elements | None = None
+             ) -> "CacheSource":
         """Check every sample in turn (never two at once) against the first, then fit the principal axes of the
         wide feature blocks (`reducer`, unless given) from a bounded subsample of every sample's rows."""
         store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error
         samples, genes, settings, first, first_file = [], None, None, None, None
         for path in sample_paths(data):
-            sample = open_sample(path)
+            sample = open_sample(path, elements=elements)
             if not sample.has_expression:  # like DC1: can neither train nor score a model
                 continue
             if genes is None:  # the panel comes from the data: the first sample with expression sets it
@@ -103,7 +105,7 @@ class CacheSource:
                                       int((measured & (group == "validation")).sum()), str(sample.path)))
             del sample, nuclei
         check_trainable(samples, Path(data))
-        source = cls(str(data), str(cache), spec, samples, genes, settings)
+        source = cls(str(data), str(cache), spec, samples, genes, settings, elements=elements)
         keys = FeatureReducer.wide_keys(store, samples[0].name, spec)
         if reducer is None and keys:
             per_sample = max(1, REDUCER_ROWS // len(samples))
@@ -126,7 +128,7 @@ class CacheSource:
         return replace(self, samples=[replace(s, code=i) for i, s in enumerate(chosen)])
 
     def matrix(self, info: SampleInfo) -> SampleMatrix:
-        sample = open_sample(info.path)
+        sample = open_sample(info.path, elements=self.elements)
         store = FeatureStore(self.cache, create=False)
         nuclei = store.nuclei(sample, if_changed="raise")
         cell_ids = nuclei["cell_id"].to_numpy(np.int64)

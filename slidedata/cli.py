@@ -45,6 +45,40 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
                                                              "results are still printed)")
 
 
+# Elements field -> (option, help): the sample layout options every stage that opens samples shares.
+_ELEMENT_OPTIONS = {
+    "image": ("--image-element", "the RGB uint8 image element (spatialdata-io's Xenium H&E: he_image)"),
+    "nuclei": ("--nuclei-element", "the nuclei: an integer mask (images/labels) or polygons (a shapes element, "
+                                   "e.g. nucleus_boundaries), rasterised once into $HE2EXPR_MASK_CACHE"),
+    "table": ("--table-element", "the expression table: X = log1p(counts / total * 100), layers['counts']"),
+    "groups": ("--groups-element", "the table naming each cell's group (train, validation, test); may be the "
+                                   "expression table"),
+    "group_column": ("--group-column", "obs column of that table holding the group"),
+    "cell_id": ("--cell-id-column", "obs column naming each cell, in both tables (integers or strings)"),
+    "label_column": ("--label-column", "where cell ids are strings and the nuclei a mask: obs column holding each "
+                                       "cell's value in the mask"),
+}
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say where a sample zarr's parts are (`slidedata.sample.Elements`), defaults the challenge's
+    names: one definition for every stage that opens samples. Read them back with `elements_from_args`."""
+    from slidedata.sample import DEFAULT_ELEMENTS
+
+    group = parser.add_argument_group("sample layout", "element names of sample zarrs laid out otherwise than the "
+                                                       "challenge's (e.g. written by spatialdata-io)")
+    for name, (option, text) in _ELEMENT_OPTIONS.items():
+        group.add_argument(option, dest=f"element_{name}", default=getattr(DEFAULT_ELEMENTS, name), metavar="NAME",
+                           help=text)
+
+
+def elements_from_args(args: argparse.Namespace):
+    """The `slidedata.sample.Elements` the options of `add_sample_arguments` name."""
+    from slidedata.sample import Elements
+
+    return Elements(**{name: getattr(args, f"element_{name}") for name in _ELEMENT_OPTIONS})
+
+
 def run_reporting_input_errors(stage: Callable[[], int], args: argparse.Namespace,
                                input_errors: tuple[type[BaseException], ...] = (),
                                interrupted: str = "nothing was written under a final name") -> int:

@@ -138,6 +138,10 @@ class FeatureEntry:
     def pending_units(self) -> np.ndarray:
         return np.flatnonzero(self.done[:] == 0)
 
+    def cell_ids(self) -> np.ndarray:
+        """The cell_id (mask value) of each row."""
+        return np.asarray(self.group["cell_id"][:], dtype=np.int64)
+
     @property
     def is_complete(self) -> bool:
         return self.n_units == 0 or bool(self.done[:].all())

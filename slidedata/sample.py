@@ -6,6 +6,7 @@ not contiguous, held-out nuclei are absent from the expression table) are handle
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +41,40 @@ EXPRESSION_ATOL = 1e-3  # X may be stored rounded or as float16; the normalisati
 # becomes 2 px), so it is refused unless forced.
 PIXEL_SIZE_RTOL = 0.01
 ROWS_CHECKED = 2000  # rows of X compared with layers['counts'] (evenly spaced): bounded cost on any table
+# Where cell ids are not the mask's values (strings, as Xenium's 'aaaadnje-1'), this obs column holds each cell's value
+# in the mask: 10x's own name for it (nucleus_boundaries.parquet), and what `importers.xenium` writes.
+LABEL_COLUMN = "label_id"
+
+
+@dataclass(frozen=True)
+class Elements:
+    """Which elements of a SpatialData zarr hold a sample's parts: the challenge's names by default, so that data
+    laid out otherwise (spatialdata-io's Xenium reader: an aligned `he_image`, `nucleus_boundaries`, `table`) is
+    read without a converter.
+
+    `nuclei` is an integer mask (an image or labels element, pixel = the cell's value) or nucleus polygons (a shapes
+    element, rasterised once into a cached mask: `slidedata.polygons`). `groups` may be the expression table itself
+    (a column `group_column`); its 'test' rows are then left out of the expression, as the challenge leaves them
+    out of `anucleus` (its 'validation' rows, measured, score the models). Cell ids (`cell_id`, in both tables) are
+    the mask's values where they are integers; other ids (strings) are mapped to the mask through the polygons'
+    ids, or through the integer obs column `label_column`, and written back as given in every output.
+    """
+
+    image: str = IMAGE
+    nuclei: str = MASK
+    table: str = EXPRESSION
+    groups: str = GROUPS
+    group_column: str = "group"
+    cell_id: str = "cell_id"
+    label_column: str = LABEL_COLUMN
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"element name {name} must be a non-empty string, got {value!r}")
+
+
+DEFAULT_ELEMENTS = Elements()
 
 
 @dataclass
@@ -55,6 +90,10 @@ class Sample:
     microns_per_pixel: float | None = None  # stored with the sample or given by the user; None where unknown
     image_files: ChunkFiles | None = field(default=None, repr=False)  # None where not a local zarr v2/v3 array
     mask_files: ChunkFiles | None = field(default=None, repr=False)
+    elements: Elements = DEFAULT_ELEMENTS
+    # The cell ids as the data gives them (e.g. Xenium's strings), indexed by the mask's value; None where the ids
+    # are the mask's values themselves. Inside, every table is indexed by the mask's values.
+    id_names: pd.Series | None = field(default=None, repr=False)
     _nuclei: pd.DataFrame | None = field(default=None, repr=False)
     _digest: str | None = field(default=None, repr=False)
 
@@ -80,9 +119,9 @@ class Sample:
             try:
                 table = nuclei_from_mask(self.mask, progress=progress, desc=f"{self.name}: nuclei")
             except BadCellIds as exc:
-                raise DataError(self.path, MASK, str(exc)) from exc
+                raise DataError(self.path, self.elements.nuclei, str(exc)) from exc
             except Exception as exc:
-                error = self._read_error(MASK, self.mask, None)
+                error = self._read_error(self.elements.nuclei, self.mask, None)
                 if error is None:
                     raise
                 raise error from exc
@@ -119,17 +158,24 @@ class Sample:
         out[measured] = dense(self.expression.X[rows[measured]])
         return out, measured
 
+    def names_of(self, cell_ids: np.ndarray) -> np.ndarray:
+        """The ids as the data gives them for the mask values `cell_ids`: what every output writes."""
+        cell_ids = np.asarray(cell_ids, dtype=np.int64)
+        if self.id_names is None:
+            return cell_ids
+        return self.id_names.reindex(cell_ids).to_numpy(dtype=object)
+
     def group_of(self, cell_ids: np.ndarray) -> np.ndarray:
         """Group name per cell_id; 'unassigned' where the group table does not list the nucleus."""
         return self.groups.reindex(np.asarray(cell_ids, dtype=np.int64)).fillna("unassigned").to_numpy(dtype=object)
 
     def read_image(self, y0: int, y1: int, x0: int, x1: int, pad_mode: str = "symmetric") -> np.ndarray:
         """Image window [y0, y1) x [x0, x1) as (3, h, w) uint8; the part outside the slide is padded."""
-        return self._read(IMAGE, self.image, y0, y1, x0, x1, pad_mode, constant=255)
+        return self._read(self.elements.image, self.image, y0, y1, x0, x1, pad_mode, constant=255)
 
     def read_mask(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Mask window as (h, w); outside the slide is background (0)."""
-        return self._read(MASK, self.mask[None], y0, y1, x0, x1, "constant", constant=0)[0]
+        return self._read(self.elements.nuclei, self.mask[None], y0, y1, x0, x1, "constant", constant=0)[0]
 
     def _read(self, element: str, array: da.Array, y0: int, y1: int, x0: int, x1: int, pad_mode: str,
               constant: int) -> np.ndarray:
@@ -149,7 +195,7 @@ class Sample:
         bad = _undecodable_block(array, window)
         if bad is None:
             return None
-        files = self.image_files if element == IMAGE else self.mask_files
+        files = self.image_files if element == self.elements.image else self.mask_files
         block, error = bad
         where = _block_description(array, block, files)
         return DataError(self.path, element, f"{where} cannot be read ({type(error).__name__}: {error}); the file "
@@ -175,27 +221,29 @@ class Sample:
                      (ring[1:-1, 0], height), (ring[1:-1, -1], height))  # left and right of it
             cut = sorted({int(c) for line, size in sides for c in looks_cut(line, size)})
             if cut:
-                raise DataError(self.path, MASK, f"{describe_chunk(self.mask_files, index)} is missing, but "
-                                                 f"{len(cut)} nucleus/nuclei end at its edge as if cut off there "
-                                                 f"(e.g. cell_id {cut[0]}): a partial copy of the sample? Copy it "
-                                                 "again")
+                first = self.names_of(np.array(cut[:1]))[0]
+                raise DataError(self.path, self.elements.nuclei,
+                                f"{describe_chunk(self.mask_files, index)} is missing, but {len(cut)} nucleus/nuclei "
+                                f"end at its edge as if cut off there (e.g. cell_id {first}): a partial copy of the "
+                                "sample? Copy it again")
 
     def _check_tables_against_mask(self, nuclei: pd.DataFrame) -> None:
         in_mask = pd.Index(nuclei["cell_id"].to_numpy())
-        tables = [(GROUPS, self.groups.index.to_numpy())]
+        tables = [(self.elements.groups, self.groups.index.to_numpy())]
         if self.has_expression:
-            tables.append((EXPRESSION, self.expression.obs["cell_id"].to_numpy(np.int64)))
+            tables.append((self.elements.table, self.expression.obs["cell_id"].to_numpy(np.int64)))
         for element, ids in tables:
             missing = ids[~pd.Index(ids).isin(in_mask)]
             if len(missing):
                 raise DataError(
                     self.path, element,
-                    f"{len(missing)} cell_id(s) are not in the mask {MASK}, e.g. {missing[:5].tolist()}",
+                    f"{len(missing)} cell_id(s) are not in the mask {self.elements.nuclei}, e.g. "
+                    f"{self.names_of(missing[:5]).tolist()}",
                 )
         unlisted = ~in_mask.isin(self.groups.index)
         if unlisted.any():
             log.warning("%s: %d nuclei of the mask have no row in %s; they get no prediction",
-                        self.path, int(unlisted.sum()), GROUPS)
+                        self.path, int(unlisted.sum()), self.elements.groups)
 
 
 # A nucleus meeting a missing chunk's edge along at least this share of its extent (and MIN_CUT_CONTACT pixels) was
@@ -218,45 +266,129 @@ def looks_cut(line: np.ndarray, size_of: pd.Series) -> np.ndarray:
 
 
 def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel: float | None = None,
-                force_microns_per_pixel: bool = False) -> Sample:
-    """Open and validate one sample zarr. Its gene panel is the one its `anucleus` holds, of any size; `n_genes`
-    demands a panel of exactly that many genes (a DataError naming the file otherwise).
+                force_microns_per_pixel: bool = False, elements: Elements | None = None) -> Sample:
+    """Open and validate one sample zarr. Its gene panel is the one its expression table holds, of any size;
+    `n_genes` demands a panel of exactly that many genes (a DataError naming the file otherwise).
 
     The pixel size is the one stored with the sample (a 'microns' coordinate system); `microns_per_pixel` gives it
     for samples that store none. A given size that disagrees with a stored one is refused (DataError naming both)
-    unless `force_microns_per_pixel`, which makes the given one win.
+    unless `force_microns_per_pixel`, which makes the given one win. `elements`: where the image, nuclei and tables
+    are (default: the challenge's names; see `Elements`).
     """
     import spatialdata as sd
 
+    elements = elements or DEFAULT_ELEMENTS
     path = Path(path)
     if not path.exists():
         raise DataError(path, "-", "no such file or folder")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet("ome_zarr.reader"):
             warnings.simplefilter("ignore")
             sdata = sd.read_zarr(path)
     except Exception as exc:  # the reader raises many types; the user needs the file name
         raise DataError(path, "-", f"not a readable SpatialData zarr ({type(exc).__name__}: {exc})") from exc
 
-    image_element = _element(sdata, path, IMAGE, ("images",))
-    image = _image_element(image_element, path)
-    mask = _mask_element(sdata, path)
+    image_element = _element(sdata, path, elements.image, ("images",))
+    image = _image_element(image_element, path, elements.image)
+    polygon_ids = None
+    if elements.nuclei in sdata.shapes:
+        from slidedata.polygons import rasterised_mask
+
+        mask, mask_files, polygon_ids = rasterised_mask(sdata, path, elements.nuclei, image_element, image,
+                                                        _sample_name(path), elements.cell_id)
+    else:
+        mask = _mask_element(sdata, path, elements.nuclei)
+        mask_files = next((f for f in (ChunkFiles.find(path / kind / elements.nuclei) for kind in ("images", "labels"))
+                           if f), None)
     if tuple(mask.shape) != tuple(image.shape[1:]):
-        raise DataError(path, MASK, f"mask shape {tuple(mask.shape)} differs from {IMAGE} shape "
-                                    f"{tuple(image.shape[1:])}")
-    image_files = ChunkFiles.find(path / "images" / IMAGE)
-    mask_files = next((f for f in (ChunkFiles.find(path / kind / MASK) for kind in ("images", "labels")) if f), None)
-    _check_missing_image_chunks(path, image_files, mask_files)
-    groups = _groups(sdata, path)
-    expression = _expression(sdata, path, n_genes)
+        raise DataError(path, elements.nuclei, f"mask shape {tuple(mask.shape)} differs from {elements.image} shape "
+                                               f"{tuple(image.shape[1:])}")
+    image_files = ChunkFiles.find(path / "images" / elements.image)
+    _check_missing_image_chunks(path, image_files, mask_files, elements.image)
+    ids = _CellIds(path, elements, polygon_ids)
+    groups = _groups(sdata, path, elements, ids)
+    expression = _expression(sdata, path, n_genes, elements, ids)
     if microns_per_pixel is not None and not microns_per_pixel > 0:
-        raise DataError(path, IMAGE, f"microns per pixel must be positive, got {microns_per_pixel}")
+        raise DataError(path, elements.image, f"microns per pixel must be positive, got {microns_per_pixel}")
     forced = force_microns_per_pixel and microns_per_pixel is not None  # a forced size needs no stored one
-    stored = None if forced else _stored_microns_per_pixel(image_element, path)
-    microns_per_pixel = choose_pixel_size(microns_per_pixel, stored, force_microns_per_pixel, path, IMAGE,
+    stored = None if forced else _stored_microns_per_pixel(image_element, path, elements.image)
+    microns_per_pixel = choose_pixel_size(microns_per_pixel, stored, force_microns_per_pixel, path, elements.image,
                                           "stored with the sample")
     return Sample(name=_sample_name(path), path=path, image=image, mask=mask, groups=groups, expression=expression,
-                  microns_per_pixel=microns_per_pixel, image_files=image_files, mask_files=mask_files)
+                  microns_per_pixel=microns_per_pixel, image_files=image_files, mask_files=mask_files,
+                  elements=elements, id_names=ids.names())
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence a library's warnings while it reads: ome_zarr says 'no parent found' for every labels element that
+    spatialdata keeps beside its image (its own layout), on stderr between the stages' lines."""
+    log_ = logging.getLogger(logger)
+    level = log_.level
+    log_.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
+
+
+class _CellIds:
+    """Cell ids as a table gives them -> the mask's values, and back (`names`).
+
+    Integer ids are the mask's values. Other ids (strings) are looked up among the nucleus polygons' ids (their
+    mask value is their position + 1, `slidedata.polygons`), or read from the table's `label_column`.
+    """
+
+    def __init__(self, path: Path, elements: Elements, polygon_ids: np.ndarray | None):
+        self.path, self.elements = path, elements
+        self.polygons = None if polygon_ids is None else pd.Index(_id_text(polygon_ids))
+        self.given: dict[int, object] = {}  # mask value -> id as given, where ids are not mask values
+
+    def values(self, obs: pd.DataFrame, element: str) -> np.ndarray:
+        column = self.elements.cell_id
+        if column not in obs:
+            raise DataError(self.path, element, f"obs has no '{column}' column (columns: {list(obs.columns)})")
+        given = obs[column]
+        if self.polygons is not None:
+            values = self.polygons.get_indexer(_id_text(given.to_numpy())) + 1
+            if (values == 0).any():
+                missing = given.to_numpy()[values == 0]
+                raise DataError(self.path, element, f"{len(missing)} cell_id(s) have no polygon in "
+                                                    f"{self.elements.nuclei}, e.g. {list(missing[:5])}")
+        elif _integer_ids(given):
+            return given.to_numpy(np.int64)
+        else:
+            label = self.elements.label_column
+            if label not in obs:
+                raise DataError(self.path, element, f"cell_id holds ids that are not integers (e.g. "
+                                                    f"{given.iloc[0]!r}) and obs has no '{label}' column giving "
+                                                    f"each cell's value in the mask {self.elements.nuclei}: name it "
+                                                    "(--label-column), or give the nuclei as polygons "
+                                                    "(--nuclei-element)")
+            if not _integer_ids(obs[label]):
+                raise DataError(self.path, element, f"obs['{label}'] must hold integers (the cells' values in the "
+                                                    f"mask), got {obs[label].dtype}")
+            values = obs[label].to_numpy(np.int64)
+        self.given.update(zip(values.tolist(), given.tolist()))
+        return np.asarray(values, dtype=np.int64)
+
+    def names(self) -> pd.Series | None:
+        if self.polygons is not None:
+            return pd.Series(self.polygons.to_numpy(dtype=object), index=np.arange(1, len(self.polygons) + 1))
+        if not self.given:
+            return None
+        return pd.Series(list(self.given.values()), index=np.fromiter(self.given, np.int64, len(self.given)),
+                         dtype=object)
+
+
+def _integer_ids(column: pd.Series) -> bool:
+    return pd.api.types.is_integer_dtype(column.dtype) or (
+        pd.api.types.is_float_dtype(column.dtype) and bool(np.all(np.mod(column.to_numpy(), 1) == 0)))
+
+
+def _id_text(ids) -> np.ndarray:
+    """Ids compared as text: a polygon's id and a table's may be stored as str and bytes, or int and str."""
+    return np.asarray([i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(ids).tolist()], dtype=object)
 
 
 def choose_pixel_size(given: float | None, stored: float | None, force: bool, path: str | Path, element: str,
@@ -288,11 +420,12 @@ def sample_paths(path: str | Path) -> list[Path]:
 
 
 def open_samples(path: str | Path, n_genes: int | None = None, microns_per_pixel: float | None = None,
-                 force_microns_per_pixel: bool = False) -> list[Sample]:
+                 force_microns_per_pixel: bool = False, elements: Elements | None = None) -> list[Sample]:
     """A sample zarr, or a folder holding several `<sample>.zarr`, sorted by name (all held open: the fit stage
     opens one at a time instead, see `regress.source.CacheSource`). The samples with expression must share one
     panel (`check_same_genes`); `n_genes` as in `open_sample`."""
-    samples = [open_sample(p, n_genes, microns_per_pixel, force_microns_per_pixel) for p in sample_paths(path)]
+    samples = [open_sample(p, n_genes, microns_per_pixel, force_microns_per_pixel, elements)
+               for p in sample_paths(path)]
     check_same_genes(samples)
     return samples
 
@@ -310,7 +443,7 @@ def check_panel(sample: Sample, reference: list[str], reference_name: str) -> No
     values. A DataError naming the sample's file and the first difference otherwise."""
     problem = _panel_difference(sample.genes, reference, reference_name)
     if problem is not None:
-        raise DataError(sample.path, EXPRESSION, problem)
+        raise DataError(sample.path, sample.elements.table, problem)
 
 
 def _panel_difference(genes: list[str], reference: list[str], reference_name: str) -> str | None:
@@ -331,7 +464,8 @@ def _panel_difference(genes: list[str], reference: list[str], reference_name: st
             "Every sample with expression needs the same genes in the same order: import them with one panel")
 
 
-def _check_missing_image_chunks(path: Path, image_files: ChunkFiles | None, mask_files: ChunkFiles | None) -> None:
+def _check_missing_image_chunks(path: Path, image_files: ChunkFiles | None, mask_files: ChunkFiles | None,
+                                element: str = IMAGE) -> None:
     """An image chunk without a file reads as black. zarr also leaves out chunks that equal the fill value, so it is
     wrong only where the mask has nuclei: where the mask chunk there is present (zarr leaves out empty ones too)."""
     if image_files is None:
@@ -343,7 +477,7 @@ def _check_missing_image_chunks(path: Path, image_files: ChunkFiles | None, mask
     for index in missing:
         ys, xs = image_files.region(index)[-2:]
         if mask_files is None or _mask_has_chunk_in(mask_files, mask_missing, ys, xs):
-            raise DataError(path, IMAGE, f"{describe_chunk(image_files, index)} is missing ({len(missing)} chunk "
+            raise DataError(path, element, f"{describe_chunk(image_files, index)} is missing ({len(missing)} chunk "
                                          "file(s) missing in all) and would read as black pixels where the mask has "
                                          "nuclei: a partial copy of the sample? Copy it again")
 
@@ -364,7 +498,8 @@ def _element(sdata, path: Path, name: str, kinds: tuple[str, ...]):
         elements = getattr(sdata, kind)
         if name in elements:
             return elements[name]
-    raise DataError(path, name, f"element missing (found: {sorted(sdata.images) + sorted(sdata.labels) + sorted(sdata.tables)})")
+    found = sorted(sdata.images) + sorted(sdata.labels) + sorted(sdata.shapes) + sorted(sdata.tables)
+    raise DataError(path, name, f"element missing (found: {found})")
 
 
 def _scale0(element):
@@ -374,87 +509,88 @@ def _scale0(element):
     return element
 
 
-def _stored_microns_per_pixel(element, path: Path) -> float | None:
+def _stored_microns_per_pixel(element, path: Path, name: str = IMAGE) -> float | None:
     from spatialdata.transformations import Scale, get_transformation
 
     transform = get_transformation(element, get_all=True).get(MICRONS)
     if transform is None:
         return None
     if not isinstance(transform, Scale):
-        raise DataError(path, IMAGE, f"the '{MICRONS}' coordinate system must be a Scale transformation, "
+        raise DataError(path, name, f"the '{MICRONS}' coordinate system must be a Scale transformation, "
                                      f"got {type(transform).__name__}")
     scale = dict(zip(transform.axes, transform.scale))
     if "y" not in scale or "x" not in scale or not np.isclose(scale["y"], scale["x"], rtol=1e-3):
-        raise DataError(path, IMAGE, f"the '{MICRONS}' scale must be square in y and x, got {scale}")
+        raise DataError(path, name, f"the '{MICRONS}' scale must be square in y and x, got {scale}")
     if not scale["x"] > 0:
-        raise DataError(path, IMAGE, f"the '{MICRONS}' scale must be positive, got {scale}")
+        raise DataError(path, name, f"the '{MICRONS}' scale must be positive, got {scale}")
     return float(scale["x"])
 
 
-def _image_element(element, path: Path) -> da.Array:
+def _image_element(element, path: Path, name: str = IMAGE) -> da.Array:
     image = _scale0(element)
     if tuple(image.dims) != ("c", "y", "x") or image.shape[0] != 3:
-        raise DataError(path, IMAGE, f"expected an RGB image with dims (c, y, x) = (3, H, W), got dims "
+        raise DataError(path, name, f"expected an RGB image with dims (c, y, x) = (3, H, W), got dims "
                                      f"{tuple(image.dims)} shape {tuple(image.shape)}")
     if image.dtype != np.uint8:
-        raise DataError(path, IMAGE, f"expected uint8 pixels, got {image.dtype}")
+        raise DataError(path, name, f"expected uint8 pixels, got {image.dtype}")
     return image.data
 
 
-def _mask_element(sdata, path: Path) -> da.Array:
-    mask = _scale0(_element(sdata, path, MASK, ("images", "labels")))
+def _mask_element(sdata, path: Path, name: str = MASK) -> da.Array:
+    mask = _scale0(_element(sdata, path, name, ("images", "labels")))
     data = mask.data
     if data.ndim == 3:
         if data.shape[0] != 1:
-            raise DataError(path, MASK, f"expected one channel (1, H, W), got shape {tuple(data.shape)}")
+            raise DataError(path, name, f"expected one channel (1, H, W), got shape {tuple(data.shape)}")
         data = data[0]
     if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
-        raise DataError(path, MASK, f"expected an integer (1, H, W) or (H, W) mask, got shape {tuple(data.shape)} "
+        raise DataError(path, name, f"expected an integer (1, H, W) or (H, W) mask, got shape {tuple(data.shape)} "
                                     f"dtype {data.dtype}")
     return data
 
 
-def _groups(sdata, path: Path) -> pd.Series:
-    table = _element(sdata, path, GROUPS, ("tables",))
-    obs = table.obs
-    for column in ("cell_id", "group"):
-        if column not in obs:
-            raise DataError(path, GROUPS, f"obs has no '{column}' column (columns: {list(obs.columns)})")
-    unknown = sorted(set(obs["group"].astype(str)) - set(GROUP_NAMES))
+def _groups(sdata, path: Path, elements: Elements, ids: _CellIds) -> pd.Series:
+    name, column = elements.groups, elements.group_column
+    obs = _element(sdata, path, name, ("tables",)).obs
+    if column not in obs:
+        raise DataError(path, name, f"obs has no '{column}' column (columns: {list(obs.columns)})")
+    unknown = sorted(set(obs[column].astype(str)) - set(GROUP_NAMES))
     if unknown:
-        raise DataError(path, GROUPS, f"unknown group value(s) {unknown}; expected {list(GROUP_NAMES)}")
-    ids = obs["cell_id"].to_numpy(np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise DataError(path, GROUPS, "cell_id is not unique")
-    return pd.Series(obs["group"].astype(str).to_numpy(), index=pd.Index(ids, name="cell_id"), name="group")
+        raise DataError(path, name, f"unknown group value(s) {unknown} in obs['{column}']; expected "
+                                    f"{list(GROUP_NAMES)}")
+    values = ids.values(obs, name)
+    if len(np.unique(values)) != len(values):
+        raise DataError(path, name, f"{elements.cell_id} is not unique")
+    return pd.Series(obs[column].astype(str).to_numpy(), index=pd.Index(values, name="cell_id"), name="group")
 
 
-def _expression(sdata, path: Path, n_genes: int | None) -> ad.AnnData | None:
-    if EXPRESSION not in sdata.tables:
+def _expression(sdata, path: Path, n_genes: int | None, elements: Elements, ids: _CellIds) -> ad.AnnData | None:
+    name = elements.table
+    if name not in sdata.tables:
         return None
-    table = sdata.tables[EXPRESSION]
+    table = sdata.tables[name]
+    if name == elements.groups:  # one table for both: its test rows are hidden, as the challenge hides them
+        table = table[table.obs[elements.group_column].astype(str).to_numpy() != "test"]
     if table.n_obs == 0:
         return None
-    if "cell_id" not in table.obs:
-        raise DataError(path, EXPRESSION, "obs has no 'cell_id' column")
     if n_genes is not None and table.n_vars != n_genes:
-        raise DataError(path, EXPRESSION, f"expected {n_genes} genes, found {table.n_vars}")
+        raise DataError(path, name, f"expected {n_genes} genes, found {table.n_vars}")
     repeated = table.var_names[table.var_names.duplicated()].unique()
     if len(repeated):  # a gene twice would be fitted twice and written twice, for the same (cell_id, gene) row
-        raise DataError(path, EXPRESSION, f"{len(repeated)} gene name(s) appear more than once in var_names, e.g. "
-                                          f"{[str(g) for g in repeated[:5]]}: each gene must be one column")
+        raise DataError(path, name, f"{len(repeated)} gene name(s) appear more than once in var_names, e.g. "
+                                    f"{[str(g) for g in repeated[:5]]}: each gene must be one column")
     values = dense(table.X)
     if np.isnan(values).any():
-        raise DataError(path, EXPRESSION, f"X holds {int(np.isnan(values).sum())} NaN value(s)")
+        raise DataError(path, name, f"X holds {int(np.isnan(values).sum())} NaN value(s)")
     if (values < 0).any():
-        raise DataError(path, EXPRESSION, f"X holds {int((values < 0).sum())} negative value(s); "
-                                          "expected log1p(counts / total * 100)")
-    _check_normalisation(path, values, table.layers["counts"] if "counts" in table.layers else None)
-    ids = table.obs["cell_id"].to_numpy(np.int64)
-    if len(np.unique(ids)) != len(ids):
-        raise DataError(path, EXPRESSION, "cell_id is not unique")
+        raise DataError(path, name, f"X holds {int((values < 0).sum())} negative value(s); "
+                                    "expected log1p(counts / total * 100)")
+    _check_normalisation(path, values, table.layers["counts"] if "counts" in table.layers else None, name)
+    cell_ids = ids.values(table.obs, name)
+    if len(np.unique(cell_ids)) != len(cell_ids):
+        raise DataError(path, name, f"{elements.cell_id} is not unique")
     obs = table.obs.copy()  # extra columns (e.g. the spot of an imported nucleus) stay available
-    obs["cell_id"] = ids
+    obs["cell_id"] = cell_ids
     return ad.AnnData(X=values, obs=obs, var=table.var.copy())
 
 
@@ -464,7 +600,7 @@ def log_normalise(counts: np.ndarray) -> np.ndarray:
     return np.log1p(counts / np.where(totals > 0, totals, 1) * SCALE_FACTOR)
 
 
-def _check_normalisation(path: Path, values: np.ndarray, counts) -> None:
+def _check_normalisation(path: Path, values: np.ndarray, counts, element: str = EXPRESSION) -> None:
     """X must be log1p(counts / total * 100): equal to it where layers['counts'] exists, and within its range
     (at most log1p(100)) where it does not. Raw counts or another scale would train and validate silently."""
     unit = f"log1p(counts / total * {SCALE_FACTOR})"
@@ -472,20 +608,20 @@ def _check_normalisation(path: Path, values: np.ndarray, counts) -> None:
         rows = np.unique(np.linspace(0, values.shape[0] - 1, min(ROWS_CHECKED, values.shape[0])).astype(np.int64))
         raw = dense(counts[rows]).astype(np.float64)
         if (raw < 0).any():
-            raise DataError(path, EXPRESSION, f"layers['counts'] holds negative values (e.g. {raw[raw < 0][0]:g}); "
+            raise DataError(path, element, f"layers['counts'] holds negative values (e.g. {raw[raw < 0][0]:g}); "
                                               "counts cannot be negative")
         expected = log_normalise(raw)
         error = np.abs(values[rows] - expected)
         tolerance = EXPRESSION_ATOL + EXPRESSION_ATOL * expected
         if (error > tolerance).any():
             row, gene = np.unravel_index(np.argmax(error - tolerance), error.shape)
-            raise DataError(path, EXPRESSION, f"X is not {unit} of layers['counts']: row {int(rows[row])}, gene "
+            raise DataError(path, element, f"X is not {unit} of layers['counts']: row {int(rows[row])}, gene "
                                               f"{int(gene)} holds {values[rows[row], gene]:.4g}, the counts give "
                                               f"{expected[row, gene]:.4g}")
     top = float(values.max(initial=0.0))
     if top > MAX_LOG_EXPRESSION + EXPRESSION_ATOL:
         looks = "raw counts" if np.array_equal(values, np.round(values)) else "another scale"
-        raise DataError(path, EXPRESSION, f"X holds values up to {top:.4g}, but {unit} is at most log1p(100) = "
+        raise DataError(path, element, f"X holds values up to {top:.4g}, but {unit} is at most log1p(100) = "
                                           f"{MAX_LOG_EXPRESSION:.3f}: this looks like {looks}. Store {unit} in X "
                                           "(and the counts in layers['counts'])")
 

@@ -17,10 +17,14 @@ from slidedata.sample import EXPRESSION, GROUPS, IMAGE, MASK, MICRONS, log_norma
 def anucleus_table(cell_ids: np.ndarray, counts: np.ndarray, genes: list[str], spatial_xy_um: np.ndarray,
                      extra_obs: dict | None = None):
     """AnnData laid out like the challenge's `anucleus`: obs['cell_id'] (and `extra_obs` columns), var = genes,
-    X = log1p(counts / total * 100) as float32, layers['counts'], obsm['spatial'] in microns, (x, y) order."""
+    X = log1p(counts / total * 100) as float32, layers['counts'], obsm['spatial'] in microns, (x, y) order.
+    Integer ids are stored as int64; other ids (Xenium's strings) as given, with the mask value of each cell in
+    an `extra_obs` column (`slidedata.sample.LABEL_COLUMN`)."""
     import anndata as ad
 
-    obs = pd.DataFrame({"cell_id": cell_ids.astype(np.int64), **(extra_obs or {})}, index=[str(c) for c in cell_ids])
+    cell_ids = np.asarray(cell_ids)
+    ids = cell_ids.astype(np.int64) if np.issubdtype(cell_ids.dtype, np.integer) else cell_ids.astype(str)
+    obs = pd.DataFrame({"cell_id": ids, **(extra_obs or {})}, index=[str(c) for c in cell_ids])
     table = ad.AnnData(X=log_normalise(counts).astype(np.float32), obs=obs,
                        var=pd.DataFrame({"gene_symbols": genes}, index=genes))
     table.layers["counts"] = counts

@@ -7,7 +7,8 @@ import time
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission") -> int:
-    from slidedata.cli import DefaultsHelpFormatter, StageParser, add_output_flags, run_reporting_input_errors
+    from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags, add_sample_arguments,
+                               elements_from_args, run_reporting_input_errors)
 
     parser = StageParser(prog=prog, description="Write and validate the submission.",
                                      formatter_class=DefaultsHelpFormatter)
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
                         help="also draw each sample's predicted expression on its tissue here (<sample>.png)")
     parser.add_argument("--into-spatialdata", action="store_true",
                         help="also add the predictions as table 'predicted_expression' to each sample zarr")
+    add_sample_arguments(parser)
     add_output_flags(parser)
     args = parser.parse_args(argv)
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission") -> i
 
     def stage() -> int:
         report = make_submission(args.data, args.cache, args.model_dir, args.out, args.anndata,
-                                 args.into_spatialdata, args.maps)
+                                 args.into_spatialdata, args.maps, elements=elements_from_args(args))
         for sample, n in report.per_sample.items():
             print(f"{sample}: {n} held-out nuclei")
         if report.problems:

@@ -17,8 +17,9 @@ PREDICTION_TABLE = "predicted_expression"
 
 def to_anndata(predictions: SamplePredictions) -> ad.AnnData:
     """obs = held-out nuclei (index str(cell_id), column cell_id), var = genes, X = predicted log1p expression."""
-    obs = pd.DataFrame({"cell_id": predictions.cell_ids.astype(np.int64)},
-                       index=[str(c) for c in predictions.cell_ids])
+    ids = predictions.written_ids
+    obs = pd.DataFrame({"cell_id": ids if predictions.names is not None else ids.astype(np.int64)},
+                       index=[str(c) for c in ids])
     table = ad.AnnData(X=predictions.values.astype(np.float32), obs=obs,
                        var=pd.DataFrame(index=list(predictions.genes)))
     table.uns["prediction"] = {"sample": predictions.sample, "units": "log1p(counts / total * 100)"}

@@ -1,6 +1,6 @@
 """The `he2expr` command (pyproject's console script): one entry point for every stage's command line.
 
-    he2expr embed|fit|submit|validate|score|demo|import [ARGS...]    the same as python -m embed|regress|submission|...
+    he2expr embed|fit|submit|validate|score|export|demo|import [ARGS...]    = python -m embed|regress|submission|...
 
 It lives in `submission`, the package on top of the others, so importing every stage from here makes no cycle
 (tests/test_architecture.py); each stage is imported only when its subcommand runs, so `he2expr demo` loads no torch.
@@ -39,13 +39,18 @@ def _score() -> Callable:
     return main
 
 
+def _export() -> Callable:
+    from submission.export import main
+    return main
+
+
 def _demo() -> Callable:
     from synthetic.demo import main
     return main
 
 
 def _import() -> Callable:
-    from importers.spots import main
+    from importers.cli import main
     return main
 
 
@@ -57,8 +62,9 @@ COMMANDS: dict[str, tuple[Callable[[], Callable], str]] = {
     "submit": (_submit, "write and validate the submission file (python -m submission)"),
     "validate": (_validate, "check a submission file against the data (python -m submission.validate)"),
     "score": (_score, "score a submission against held-out truth (python -m submission.score)"),
+    "export": (_export, "cached features as AnnData for scanpy (python -m submission.export)"),
     "demo": (_demo, "write the synthetic demo dataset (python -m synthetic.demo)"),
-    "import": (_import, "import spot data as samples (python -m importers.spots)"),
+    "import": (_import, "import spot data or a Xenium output folder as samples (python -m importers.cli)"),
 }
 
 

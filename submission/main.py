@@ -23,7 +23,7 @@ from regress.settings import FitSettings, default_features
 from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize
 from slidedata.publish import check_writable
-from slidedata.sample import HELD_OUT_GROUPS, open_sample, open_samples
+from slidedata.sample import HELD_OUT_GROUPS, Elements, open_sample, open_samples
 from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.writer import long_blocks
 
@@ -31,12 +31,14 @@ from submission.writer import long_blocks
 def train(data_directory_path: str, model_directory_path: str, encoder: str | None = None,
           weights: str | None = None, cache_directory_path: str | None = None,
           models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None,
-          force_microns_per_pixel: bool = False, patch_sizes: tuple | None = None) -> None:
+          force_microns_per_pixel: bool = False, patch_sizes: tuple | None = None,
+          elements: Elements | None = None) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder.
 
     `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
     unless `force_microns_per_pixel`. `patch_sizes`: the context sizes (default: DEFAULT_PATCH_SIZES); `infer`
-    embeds new samples at the same ones."""
+    embeds new samples at the same ones. `elements`: where the samples' parts are, where not laid out as the
+    challenge's (`slidedata.sample.Elements`)."""
     model_dir = ModelDir(check_writable(model_directory_path))  # before any work, as the stages check
     if cache_directory_path:
         check_writable(cache_directory_path)
@@ -50,21 +52,23 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
         store = FeatureStore(cache)
         settings = EmbedSettings(patch_sizes=patch_sizes or DEFAULT_PATCH_SIZES)
         for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel,
-                                   force_microns_per_pixel=force_microns_per_pixel):
+                                   force_microns_per_pixel=force_microns_per_pixel, elements=elements):
             embed_sample(sample, store, module, settings, progress=True)
         fit_settings = FitSettings(features=replace(default_features(), encoder=encoder,
                                                     patch_sizes=settings.patch_sizes),
                                    **({"models": tuple(models)} if models else {}))
-        fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings)
+        fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings, elements=elements)
 
 
-def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None) -> pd.DataFrame:
-    """Predictions for the held-out nuclei of one sample: columns cell_id, gene, prediction (the runner adds sample)."""
+def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None,
+          elements: Elements | None = None) -> pd.DataFrame:
+    """Predictions for the held-out nuclei of one sample: columns cell_id, gene, prediction (the runner adds sample);
+    cell_id as the sample gives it (strings stay strings)."""
     model_dir = ModelDir(model_directory_path)
     predictor = model_dir.load_predictor()
     recorded = predictor.embed_settings
     # The pixel size the model was trained with serves samples that store none (sizes in microns need it).
-    sample = open_sample(data_file_path)
+    sample = open_sample(data_file_path, elements=elements)
     check_gene_panel(predictor.genes, sample)  # before any embedding
     if not sample.groups.isin(HELD_OUT_GROUPS).any():  # nothing to predict, so nothing to embed
         return _long_frame(predict_held_out(predictor, None, sample))

@@ -8,7 +8,7 @@ from pathlib import Path
 from regress.model_dir import ModelDir
 from slidedata.feature_store import FeatureStore
 from slidedata.publish import check_writable
-from slidedata.sample import open_samples
+from slidedata.sample import Elements, open_samples
 from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.validate import Problem, validate_submission
 from submission.writer import InvalidSubmission, file_format, write_submission
@@ -24,7 +24,7 @@ class SubmissionReport:
 
 def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, out: str | Path,
                     anndata_dir: str | Path | None = None, into_spatialdata: bool = False,
-                    maps_dir: str | Path | None = None) -> SubmissionReport:
+                    maps_dir: str | Path | None = None, elements: Elements | None = None) -> SubmissionReport:
     """Predict, write the 4-column file (CSV or Parquet by suffix) and validate it before it is renamed into place
     (an invalid file never reaches `out`), optionally AnnData and maps of the predictions (`maps_dir`) too.
 
@@ -38,7 +38,7 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
             check_writable(folder)
     predictor = ModelDir(model_dir).load_predictor()
     store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error, never created
-    samples = open_samples(data)
+    samples = open_samples(data, elements=elements)
     for sample in samples:  # every sample before any prediction: a wrong panel costs no time
         check_gene_panel(predictor.genes, sample)
     if into_spatialdata:
@@ -48,7 +48,8 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
     per_sample = {p.sample: len(p.cell_ids) for p in predictions}
     try:
         path = write_submission(predictions, out,
-                                check=lambda written: validate_submission(written, samples, predictor.genes))
+                                check=lambda written: validate_submission(written, samples, predictor.genes),
+                                text_ids=any(s.id_names is not None for s in samples))
     except InvalidSubmission as invalid:
         return SubmissionReport(invalid.path, 0, per_sample, invalid.problems)
     if anndata_dir is not None:

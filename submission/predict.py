@@ -9,7 +9,7 @@ import numpy as np
 from regress.predictor import ExpressionPredictor
 from slidedata.feature_store import FeatureStore
 from slidedata.errors import DataError
-from slidedata.sample import EXPRESSION, HELD_OUT_GROUPS, MAX_LOG_EXPRESSION, Sample
+from slidedata.sample import HELD_OUT_GROUPS, MAX_LOG_EXPRESSION, Sample
 
 DECIMALS = 2
 
@@ -20,6 +20,12 @@ class SamplePredictions:
     cell_ids: np.ndarray  # (n,) int64
     genes: list[str]
     values: np.ndarray  # (n, g) float32 log1p(counts / total * 100), clipped and rounded
+    # The ids as the sample gives them (e.g. Xenium's strings), what the files write; None: `cell_ids` themselves
+    names: np.ndarray | None = None
+
+    @property
+    def written_ids(self) -> np.ndarray:
+        return self.cell_ids if self.names is None else self.names
 
     @property
     def n_rows(self) -> int:
@@ -46,7 +52,7 @@ def check_gene_panel(genes: list[str], sample: Sample) -> None:
         return
     missing = [g for g in model if g not in set(here)]
     extra = [g for g in here if g not in set(model)]
-    raise DataError(sample.path, EXPRESSION,
+    raise DataError(sample.path, sample.elements.table,
                     f"sample {sample.name}'s gene panel differs from the model's: {len(set(model) & set(here))} of "
                     f"the model's {len(model)} genes shared; {len(missing)} of the model's genes missing here "
                     f"(e.g. {missing[:5]}), {len(extra)} genes here the model does not know (e.g. {extra[:5]}). "
@@ -67,5 +73,7 @@ def predict_held_out(predictor: ExpressionPredictor, store: FeatureStore | None,
     cell_ids, values = predictor.predict_sample(store, sample.name, nuclei, rows=keep)
     order = np.argsort(cell_ids, kind="stable")
     clip_max = getattr(predictor.estimator, "clip_max_", None)
-    return SamplePredictions(sample.name, cell_ids[order], list(predictor.genes),
-                             finalise(values[order], clip_max).astype(np.float32))
+    cell_ids = cell_ids[order]
+    return SamplePredictions(sample.name, cell_ids, list(predictor.genes),
+                             finalise(values[order], clip_max).astype(np.float32),
+                             None if sample.id_names is None else sample.names_of(cell_ids))

@@ -20,10 +20,10 @@ import pandas as pd
 
 from regress.metrics import cellwise_spearman, official_score
 from slidedata.errors import DataError
-from slidedata.sample import dense, open_samples
+from slidedata.sample import Elements, dense, open_samples
 from slidedata.truth import REGION, read_truth
 from submission.predict import finalise
-from submission.writer import cell_ids_of, read_submission_blocks
+from submission.writer import id_positions, read_submission_blocks
 
 
 @dataclass
@@ -33,11 +33,12 @@ class ScoreReport:
     per_sample: pd.DataFrame  # sample, nuclei, regions, spearman, mean_profile
 
 
-def score_submission(submission: str | Path, truth: str | Path, data: str | Path | None = None) -> ScoreReport:
+def score_submission(submission: str | Path, truth: str | Path, data: str | Path | None = None,
+                     elements: Elements | None = None) -> ScoreReport:
     """Score `submission` on every nucleus and gene of the truth folder; every one of them must be predicted."""
     submission = Path(submission)
     tables = read_truth(truth)
-    wanted = {name: (pd.Index(t.obs["cell_id"].to_numpy(np.int64)), pd.Index([str(g) for g in t.var_names]))
+    wanted = {name: (_truth_ids(t.obs["cell_id"]), pd.Index([str(g) for g in t.var_names]))
               for name, t in tables.items()}
     predicted = {name: np.full((len(cells), len(genes)), np.nan) for name, (cells, genes) in wanted.items()}
     try:
@@ -55,7 +56,7 @@ def score_submission(submission: str | Path, truth: str | Path, data: str | Path
             raise DataError(submission, "rows", f"{len(missing)} of the {values.size} (nucleus, gene) pairs of "
                                                 f"sample {name}'s truth have no prediction, e.g. cell_id "
                                                 f"{cells[i]}, gene {genes[j]}")
-    profile = _mean_profile(data) if data is not None else None
+    profile = _mean_profile(data, elements) if data is not None else None
     rows, per_nucleus, mean_per_nucleus, samples, regions = [], [], [], [], []
     for name, table in tables.items():
         truth_values = dense(table.X, np.float64)
@@ -86,27 +87,34 @@ def score_submission(submission: str | Path, truth: str | Path, data: str | Path
 
 def _fill(submission: Path, block: pd.DataFrame, wanted: dict, predicted: dict) -> None:
     """Put a block's predictions of truth nuclei in place; rows of other samples or nuclei are not scored, and a
-    cell_id that is no id (1.5, -3) is refused rather than truncated into one."""
-    cell_ids, not_an_id = cell_ids_of(block["cell_id"])
-    if not_an_id.any():
-        raise DataError(submission, "cell_id", f"{int(not_an_id.sum())} row(s) hold a cell_id that is not a positive "
-                                               f"whole number, e.g. {block['cell_id'][not_an_id].iloc[0]!r}")
+    cell_id that is no id (1.5, -3 where the sample's ids are integers) is refused rather than truncated into one."""
     samples = block["sample"].astype(str).to_numpy()
     for name in pd.unique(samples):
         if name not in wanted:
             continue
         rows = block[samples == name]
         cells, genes = wanted[name]
-        i = cells.get_indexer(cell_ids[samples == name])
+        i, not_an_id = id_positions(cells, rows["cell_id"])
+        if not_an_id.any():
+            raise DataError(submission, "cell_id", f"{int(not_an_id.sum())} row(s) of sample {name} hold a cell_id "
+                                                   "that is not a positive whole number, e.g. "
+                                                   f"{rows['cell_id'][not_an_id].iloc[0]!r}")
         j = genes.get_indexer(rows["gene"].astype(str).to_numpy())
         ok = (i >= 0) & (j >= 0)
         predicted[name][i[ok], j[ok]] = pd.to_numeric(rows["prediction"]).to_numpy(np.float64)[ok]
 
 
-def _mean_profile(data: str | Path) -> pd.Series:
+def _truth_ids(column: pd.Series) -> pd.Index:
+    """A truth table's cell ids as the sample gives them: integers, or text (Xenium's ids)."""
+    if pd.api.types.is_numeric_dtype(column.dtype):
+        return pd.Index(column.to_numpy(np.int64))
+    return pd.Index(column.astype(str).to_numpy(), dtype=object)
+
+
+def _mean_profile(data: str | Path, elements: Elements | None = None) -> pd.Series:
     """The mean expression of every measured training nucleus of the samples under `data` (the mean-profile model)."""
     total, count, genes = None, 0, None
-    for sample in open_samples(data):
+    for sample in open_samples(data, elements=elements):
         if not sample.has_expression:
             continue
         train = sample.expression.obs["cell_id"].map(sample.groups).to_numpy() == "train"
@@ -120,17 +128,19 @@ def _mean_profile(data: str | Path) -> pd.Series:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission.score") -> int:
-    from slidedata.cli import StageParser, add_output_flags, run_reporting_input_errors
+    from slidedata.cli import (StageParser, add_output_flags, add_sample_arguments, elements_from_args,
+                               run_reporting_input_errors)
 
     parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--submission", required=True, help="submission CSV or Parquet")
     parser.add_argument("--truth", required=True, help="folder of <sample>.h5ad truth tables (<import out>/truth)")
     parser.add_argument("--data", help="the samples the model was fitted on: also score their mean profile")
+    add_sample_arguments(parser)
     add_output_flags(parser)
     args = parser.parse_args(argv)
 
     def stage() -> int:
-        report = score_submission(args.submission, args.truth, args.data)
+        report = score_submission(args.submission, args.truth, args.data, elements_from_args(args))
         for row in report.per_sample.itertuples():
             beside = f" (mean profile {row.mean_profile:.4f})" if report.mean_profile is not None else ""
             print(f"{row.sample}: {row.nuclei} held-out nuclei in {row.regions} region(s), cell-wise Spearman "

@@ -22,7 +22,7 @@ from slidedata.errors import DataError
 from slidedata.sample import (EXPRESSION, HELD_OUT_GROUPS, MAX_LOG_EXPRESSION, SCALE_FACTOR, Sample,
                               open_samples)
 from submission.predict import DECIMALS
-from submission.writer import COLUMNS, cell_ids_of, file_format, read_csv_options, read_submission_blocks
+from submission.writer import COLUMNS, file_format, id_positions, read_csv_options, read_submission_blocks
 
 
 NOT_FLOAT = "prediction column is not float"
@@ -55,8 +55,10 @@ class _Tally:
 
 
 def expected_held_out(samples: list[Sample]) -> dict[str, np.ndarray]:
-    """Held-out cell_ids (validation and test groups) per sample, sorted."""
-    return {s.name: np.sort(s.groups.index[s.groups.isin(HELD_OUT_GROUPS)].to_numpy(np.int64)) for s in samples}
+    """Held-out cell_ids (validation and test groups) per sample, sorted, as the sample gives them (its mask's
+    integers, or its own ids such as Xenium's strings: `Sample.names_of`)."""
+    return {s.name: s.names_of(np.sort(s.groups.index[s.groups.isin(HELD_OUT_GROUPS)].to_numpy(np.int64)))
+            for s in samples}
 
 
 def expected_genes(samples: list[Sample], genes: list[str] | None = None) -> dict[str, list[str]]:
@@ -102,16 +104,21 @@ def validate_submission(path: str | Path, samples: list[Sample], genes: list[str
         genes_here = panels[name]
         missing = np.argwhere(counts == 0)
         tally.add("missing rows", len(missing),
-                  [(name, int(expected[name][i]), genes_here[j]) for i, j in missing[:5]])
+                  [(name, _plain(expected[name][i]), genes_here[j]) for i, j in missing[:5]])
         dup = np.argwhere(counts > 1)
         tally.add("duplicated rows", int((counts[counts > 1] - 1).sum()),
-                  [(name, int(expected[name][i]), genes_here[j]) for i, j in dup[:5]])
+                  [(name, _plain(expected[name][i]), genes_here[j]) for i, j in dup[:5]])
         n_rows, want = int(counts.sum()), counts.size
         if n_rows != want:
             tally.add("wrong row count per sample", 1,
                       [f"{name}: {n_rows} rows, expected {len(expected[name])} nuclei x {len(genes_here)} genes "
                        f"= {want}"])
     return list(tally.problems.values())
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds (examples print as 7, not np.int64(7))."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _columns(path: Path) -> list[str]:
@@ -159,9 +166,6 @@ def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tall
     decimals = finite & (np.abs(scaled - np.round(scaled)) > 1e-6)
     tally.add("more than 2 decimals", decimals.sum(), values[decimals][:5].tolist())
 
-    cell_ids, not_an_id = cell_ids_of(block["cell_id"])
-    tally.add("cell_ids that are not positive whole numbers", not_an_id.sum(),
-              pd.unique(block["cell_id"][not_an_id].astype(str))[:5].tolist())
     samples = block["sample"].astype(str).to_numpy()
     gene_names = block["gene"].astype(str).to_numpy()
     for name in pd.unique(samples):
@@ -173,23 +177,28 @@ def _check_block(block: pd.DataFrame, cell_index, gene_index, seen, tally: _Tall
         unknown_gene = genes < 0
         tally.add("unknown genes", unknown_gene.sum(),
                   [(name, g) for g in pd.unique(gene_names[rows][unknown_gene])[:5]])
-        ids = cell_ids[rows]
-        cells = cell_index[name].get_indexer(ids)
+        ids = block["cell_id"][rows]
+        cells, not_an_id = id_positions(cell_index[name], ids)
+        tally.add("cell_ids that are not positive whole numbers", not_an_id.sum(),
+                  [(name, str(c)) for c in pd.unique(ids.to_numpy()[not_an_id])[:5]])
         unknown_cell = cells < 0
-        tally.add("rows for cell_ids that are not held out in this sample", (unknown_cell & (ids > 0)).sum(),
-                  [(name, c) for c in pd.unique(ids[unknown_cell & (ids > 0)])[:5]])
+        other = unknown_cell & ~not_an_id
+        tally.add("rows for cell_ids that are not held out in this sample", other.sum(),
+                  [(name, _plain(c)) for c in pd.unique(ids.to_numpy()[other])[:5]])
         ok = ~unknown_cell & ~unknown_gene
         np.add.at(seen[name], (cells[ok], genes[ok]), 1)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m submission.validate") -> int:
-    from slidedata.cli import StageParser, add_output_flags, run_reporting_input_errors
+    from slidedata.cli import (StageParser, add_output_flags, add_sample_arguments, elements_from_args,
+                               run_reporting_input_errors)
 
     parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("file", help="submission CSV or Parquet")
     parser.add_argument("--data", required=True, help="a sample zarr or folder of <sample>.zarr")
     parser.add_argument("--model-dir", help="the model that wrote the file: its genes are expected of samples "
                                             "without expression (default: those of the samples with expression)")
+    add_sample_arguments(parser)
     add_output_flags(parser)
     args = parser.parse_args(argv)
 
@@ -199,7 +208,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission.valida
             from regress.model_dir import ModelDir
 
             genes = ModelDir(args.model_dir).load_predictor().genes
-        problems = validate_submission(args.file, open_samples(args.data), genes)
+        problems = validate_submission(args.file, open_samples(args.data, elements=elements_from_args(args)), genes)
         if problems:
             print(f"{args.file}: INVALID")
             for problem in problems:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -22,7 +23,7 @@ from slidedata.publish import PARTIAL_MARK, NotPublished, publishing
 from submission.predict import DECIMALS, SamplePredictions
 
 COLUMNS = ["cell_id", "gene", "prediction", "sample"]
-__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "cell_ids_of", "file_format", "long_blocks",
+__all__ = ["COLUMNS", "InvalidSubmission", "PARTIAL_MARK", "file_format", "id_positions", "long_blocks",
            "read_csv_options", "read_submission_blocks", "write_submission"]
 
 
@@ -36,10 +37,10 @@ def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -
     genes = pd.Categorical(predictions.genes, categories=predictions.genes)
     n_genes = len(predictions.genes)
     for start in range(0, max(len(predictions.cell_ids), 1), nuclei_per_block):
-        ids = predictions.cell_ids[start: start + nuclei_per_block]
+        ids = predictions.written_ids[start: start + nuclei_per_block]
         values = predictions.values[start: start + nuclei_per_block]
         yield pd.DataFrame({
-            "cell_id": np.repeat(np.asarray(ids, dtype=np.int64), n_genes),
+            "cell_id": np.repeat(np.asarray(ids, dtype=np.int64 if predictions.names is None else object), n_genes),
             "gene": pd.Categorical.from_codes(np.tile(np.arange(n_genes), len(ids)), categories=genes.categories),
             "prediction": values.reshape(-1).astype(np.float64).round(DECIMALS),
             "sample": predictions.sample,
@@ -47,8 +48,12 @@ def long_blocks(predictions: SamplePredictions, nuclei_per_block: int = 20000) -
 
 
 def write_submission(predictions: Iterable[SamplePredictions], path: str | Path, nuclei_per_block: int = 20000,
-                     check: Callable[[Path], list] | None = None) -> Path:
+                     check: Callable[[Path], list] | None = None, text_ids: bool | None = None) -> Path:
     """CSV (default) or Parquet (by suffix) with exactly the 4 columns; returns the final path.
+
+    `predictions` are written as they come (a sample's rows are in the file before the next is computed). Parquet
+    types `cell_id` once for the file: text where `text_ids` (some sample names its cells otherwise, e.g. Xenium's
+    strings), else integers; None decides from the first sample (pass it where samples of both kinds are mixed).
 
     `check(temporary_path)` returns the file's problems; if there are any, the file is deleted instead of renamed
     into place and InvalidSubmission is raised (a previous file at `path` is left as it was).
@@ -56,7 +61,7 @@ def write_submission(predictions: Iterable[SamplePredictions], path: str | Path,
     path = Path(path)
     parquet = file_format(path) == "parquet"
     with publishing(path, validate=check, error=InvalidSubmission) as tmp:
-        _write_blocks(predictions, tmp, parquet, nuclei_per_block)
+        _write_blocks(iter(predictions), tmp, parquet, nuclei_per_block, text_ids)
     return path
 
 
@@ -94,7 +99,8 @@ def _text_out(tmp: Path) -> Iterator:
         yield handle
 
 
-def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int) -> None:
+def _write_blocks(predictions: Iterator[SamplePredictions], tmp: Path, parquet: bool, nuclei_per_block: int,
+                  text_ids: bool | None) -> None:
     if not parquet:
         with _text_out(tmp) as handle:
             handle.write(",".join(COLUMNS) + "\n")
@@ -105,13 +111,29 @@ def _write_blocks(predictions: Iterable[SamplePredictions], tmp: Path, parquet: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("cell_id", pa.int64()), ("gene", pa.string()), ("prediction", pa.float64()),
-                        ("sample", pa.string())])
+    if text_ids is None:
+        first = next(predictions, None)
+        text_ids = first is not None and first.names is not None
+        predictions = itertools.chain([first] if first is not None else [], predictions)
+    schema = pa.schema([("cell_id", pa.string() if text_ids else pa.int64()), ("gene", pa.string()),
+                        ("prediction", pa.float64()), ("sample", pa.string())])
     with pq.ParquetWriter(tmp, schema) as writer:
         for sample_predictions in predictions:
             for block in long_blocks(sample_predictions, nuclei_per_block):
-                block = block.astype({"gene": str})
+                block = block.astype({"gene": str, **({"cell_id": str} if text_ids else {})})
                 writer.write_table(pa.Table.from_pandas(block, schema=schema, preserve_index=False))
+
+
+def id_positions(expected: pd.Index, written: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The position in `expected` (a sample's ids as it gives them) of each id of a file's `cell_id` column, -1
+    where it holds another, and which rows hold no id of the sample's kind. Integer ids compare as numbers (how a
+    CSV reads them back); a value that is no positive whole number within int64 (1.5, -3, 2**64 - 5) is no id, never
+    truncated or wrapped into one. Other ids (Xenium's strings) compare as text. The one rule of the validator and
+    the scorer."""
+    if pd.api.types.is_integer_dtype(expected.dtype):
+        ids, not_an_id = _integer_ids(written)
+        return expected.get_indexer(ids), not_an_id
+    return expected.astype(str).get_indexer(written.astype(str).to_numpy()), np.zeros(len(written), dtype=bool)
 
 
 def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) -> Iterator[pd.DataFrame]:
@@ -127,10 +149,9 @@ def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) ->
                                **read_csv_options(path))
 
 
-def cell_ids_of(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """A file's cell_id column as int64, and which rows hold no cell id: not a whole number (1.5), not positive, or
-    beyond int64. Such a row matches no nucleus (its int64 value is -1); truncating or wrapping it could make it
-    match one."""
+def _integer_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A cell_id column as int64 (-1 where it holds no id), and which rows hold no id: not a whole number (1.5), not
+    positive, or beyond int64."""
     numbers = pd.to_numeric(column, errors="coerce")
     if pd.api.types.is_integer_dtype(numbers) and not pd.api.types.is_unsigned_integer_dtype(numbers):
         ids = numbers.to_numpy(np.int64)

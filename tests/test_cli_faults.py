@@ -429,9 +429,10 @@ def test_he2expr_dispatches_to_every_stage(capsys):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["he2expr"].partition(":")
     assert (module, function) == ("submission.cli", "main")
-    assert set(COMMANDS) == {"embed", "fit", "submit", "validate", "score", "demo", "import"}
+    assert set(COMMANDS) == {"embed", "fit", "submit", "validate", "score", "export", "demo", "import"}
     for name, expected in [("fit", "--model-dir"), ("embed", "--chunk-nuclei"), ("submit", "--into-spatialdata"),
-                           ("validate", "file"), ("score", "--truth"), ("demo", "--n-nuclei"), ("import", "her2st")]:
+                           ("validate", "file"), ("score", "--truth"), ("demo", "--n-nuclei"), ("import", "her2st"),
+                           ("export", "--cache")]:
         with pytest.raises(SystemExit) as exit_:
             main([name, "--help"])
         assert exit_.value.code == 0
