@@ -3,10 +3,10 @@
 from slidedata.errors import DataError
 from slidedata.nuclei import nuclei_from_mask
 from slidedata.sample import (
-    EXPRESSION, GROUPS, HELD_OUT_GROUPS, IMAGE, MASK, CHALLENGE_N_GENES, Sample, open_sample, open_samples,
+    EXPRESSION, GROUPS, HELD_OUT_GROUPS, IMAGE, MASK, CHALLENGE_N_GENES, Elements, Sample, open_sample, open_samples,
 )
 
 __all__ = [
-    "DataError", "EXPRESSION", "GROUPS", "HELD_OUT_GROUPS", "IMAGE", "MASK", "CHALLENGE_N_GENES", "Sample",
+    "DataError", "EXPRESSION", "GROUPS", "HELD_OUT_GROUPS", "IMAGE", "MASK", "CHALLENGE_N_GENES", "Elements", "Sample",
     "nuclei_from_mask", "open_sample", "open_samples",
 ]
