@@ -7,7 +7,8 @@ from slidedata.lazy import lazy_exports
 _EXPORTS = {
     "DataError": "slidedata.errors", "nuclei_from_mask": "slidedata.nuclei",
     **{name: "slidedata.sample" for name in ("EXPRESSION", "GROUPS", "HELD_OUT_GROUPS", "IMAGE", "MASK",
-                                               "CHALLENGE_N_GENES", "Sample", "open_sample", "open_samples")},
+                                               "CHALLENGE_N_GENES", "Elements", "Sample", "open_sample",
+                                               "open_samples")},
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
