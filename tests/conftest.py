@@ -1,10 +1,32 @@
-"""Small real-format fixtures: demo samples written as SpatialData zarr, embedded once per test session."""
+"""Small real-format fixtures (demo samples written as SpatialData zarr, embedded once per test session) and the
+suite's tiers.
+
+Every test carries exactly one tier marker (registered in pyproject.toml):
+
+* `unit`: in memory, no file written; the default of a test that asks for no file fixture. `make check` runs these.
+* `integration`: real-format files on disk (the demo fixtures, `tmp_path`); the default of a test that asks for one.
+* `slow`: whole stages end to end, other processes, clusters, the bench: marked by hand (`@pytest.mark.slow`, or
+  `pytestmark` for a module). `make test` (CI) runs all three tiers.
+
+A test marked by hand keeps its mark; one marked with two tiers is an error.
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
+
+# One BLAS / OpenMP (and so torch) thread per test process, set before anything imports them: pytest-xdist already
+# runs one process per core, and a second thread in each only spins against the other process (on a busy 2-core
+# machine a 32 px EfficientNet forward took 1 s on two threads, 35 ms on one). Subprocesses inherit it.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+TIERS = ("unit", "integration", "slow")
+# Fixtures that write files: a test that asks for one of them (directly or through another fixture) is integration.
+FILE_FIXTURES = {"tmp_path", "tmp_path_factory", "demo_dir", "embedded_cache"}
 
 FIXTURE_NUCLEI = 500
 FIXTURE_PATCH_SIZES = (24, 48)
@@ -32,3 +54,13 @@ def embedded_cache(demo_dir, tmp_path_factory):
                   settings=EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128), device="cpu",
                   progress=False)
     return cache
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {sorted(tiers)}: one tier per test")
+        if not tiers:
+            item.add_marker("integration" if FILE_FIXTURES & set(item.fixturenames) else "unit")

@@ -44,6 +44,7 @@ def stub_stages(monkeypatch, tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_every_stage_is_reported_and_runaway_stages_are_killed(stub_stages):
     work = stub_stages / "work"
     table = bench_scale.main(["--work", str(work), "--timeout", "3", "--max-rss-gb", "0.6"]).set_index("stage")

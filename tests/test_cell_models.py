@@ -40,6 +40,7 @@ def test_expression_states_learn_planted_states():
     assert mean_score < 0.36 and model_score > 0.55
 
 
+@pytest.mark.slow
 def test_deepsets_learns_planted_signal_and_is_deterministic():
     from regress.deepsets import DeepSetsRegressor
 
@@ -123,6 +124,7 @@ def test_neighbourhood_pools_match_a_loop(embedded_cache):
             np.testing.assert_allclose(block[width: 2 * width], top, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_cell_families_save_select_and_infer(demo_dir, tmp_path):
     """states+context and deepsets run through the engine, are saved, and infer serves the saved one exactly as
     the library predicts it from the training cache."""

@@ -2,8 +2,11 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from slidedata import open_sample
+
+pytestmark = pytest.mark.slow  # train and infer end to end, each embedding the demo samples
 
 
 def test_train_then_infer_is_deterministic(demo_dir, tmp_path):
