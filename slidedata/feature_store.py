@@ -13,9 +13,11 @@ run resumes from the first unfinished unit. Attributes record what produced an e
 the keys that form it (`identity_keys`, and of those the per-sample ones, `sample_keys`), as decided by whoever
 creates the entry (`embed.pipeline.entry_attrs`); opening it with other settings raises instead of mixing two
 encoders' features; a sample whose image or mask files changed (`input_digest`) has its nuclei table and entries
-recomputed by the embed stage, and is refused by the stages that only read.
+recomputed by the embed stage, and is refused by the stages that do not embed (fit, submit, infer).
 
-Hidden beside the samples, `.locks/<sample>/...` holds the lock files that let several embed processes share units.
+Hidden beside the samples, `.locks/<sample>/...` holds the lock files that let several processes share the work: the
+embed stage's per-unit locks, and the nuclei table's lock, which every stage takes, fit and submit too (they change
+nothing else in the cache, but need it writable for that lock).
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ class FeatureStore:
     """Cached nuclei tables and features, keyed by sample, encoder and patch size."""
 
     def __init__(self, root: str | Path, create: bool = True):
-        """`create=False` (the stages that only read): a missing cache is a DataError, and nothing is created."""
+        """`create=False` (the stages that do not embed): a missing cache is a DataError, and nothing is created."""
         self.root = Path(root)
         if create:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +186,8 @@ class FeatureStore:
         A cached table made from other image or mask files (their digest differs, or was not recorded), or by other
         geometry code (`GEOMETRY_VERSION`), is stale, and so is every entry of the sample (their rows and the nucleus
         shape features are the table's): `if_changed="recompute"` (the embed stage) deletes them and starts again,
-        `"raise"` (the stages that only read) stops with a DataError that says to embed again. The tiles of the
+        `"raise"` (the stages that do not embed) stops with a DataError that says to embed again. Either way the
+        table's lock file (`.locks/<sample>/nuclei.lock`) is taken, so the cache must be writable. The tiles of the
         order (recorded as `tile_size`) follow the image's storage chunks, capped at `max_tile` (see slidedata.tiles).
         """
         digest = sample.input_digest()

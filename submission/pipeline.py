@@ -36,7 +36,7 @@ def make_submission(data: str | Path, cache: str | Path, model_dir: str | Path, 
         if folder is not None:
             check_writable(folder)
     predictor = ModelDir(model_dir).load_predictor()
-    store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error, never created
+    store = FeatureStore(cache, create=False)  # never embeds: a missing cache is an error, never created
     samples = open_samples(data)
     for sample in samples:  # every sample before any prediction: a wrong panel costs no time
         check_gene_panel(predictor.genes, sample)
