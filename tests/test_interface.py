@@ -13,7 +13,7 @@ def test_train_then_infer_is_deterministic(demo_dir, tmp_path):
     from submission.main import infer, train
 
     model_dir = tmp_path / "model"
-    train(str(demo_dir), str(model_dir), models=("mean-profile", "ridge"))
+    train(str(demo_dir), str(model_dir), models=("mean-profile", "ridge"), patch_sizes=(24,))  # one small size
     assert (model_dir / "predictor.joblib").exists()
 
     first = infer(str(demo_dir / "demo0.zarr"), str(model_dir))
