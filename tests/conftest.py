@@ -1,5 +1,5 @@
-"""Small real-format fixtures (demo samples written as SpatialData zarr, embedded once per test session) and the
-suite's tiers.
+"""Small real-format fixtures (demo samples written as SpatialData zarr, embedded once per test session, shared by
+the pytest-xdist workers) and the suite's tiers.
 
 Every test carries exactly one tier marker (registered in pyproject.toml):
 
@@ -13,8 +13,11 @@ A test marked by hand keeps its mark; one marked with two tiers is an error.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -32,16 +35,37 @@ FIXTURE_NUCLEI = 500
 FIXTURE_PATCH_SIZES = (24, 48)
 
 
+def _made_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once per test session, however many pytest-xdist workers ask: the first builds the folder
+    under the session's shared temporary root while holding a lock, the others wait and reuse it (the demo and its
+    embedding cost seconds; the tests only read them)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own temporary folder
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """Three demo samples (two with expression, one like DC1 without), ~500 nuclei each, 256 px chunks."""
     from synthetic.demo import make_demo_dataset
 
-    folder = tmp_path_factory.mktemp("demo")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256)
-    return folder
+    def make(folder):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256)
+
+    return _made_once(tmp_path_factory, "demo", make)
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +73,12 @@ def embedded_cache(demo_dir, tmp_path_factory):
     """The fixture samples embedded with the handcrafted encoder at two small patch sizes."""
     from embed.pipeline import EmbedSettings, embed_dataset
 
-    cache = tmp_path_factory.mktemp("cache") / "features.zarr"
-    embed_dataset(demo_dir, cache, "handcrafted",
-                  settings=EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128), device="cpu",
-                  progress=False)
-    return cache
+    def make(folder):
+        embed_dataset(demo_dir, folder / "features.zarr", "handcrafted",
+                      settings=EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128), device="cpu",
+                      progress=False)
+
+    return _made_once(tmp_path_factory, "cache", make) / "features.zarr"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
