@@ -40,7 +40,6 @@ def test_expression_states_learn_planted_states():
     assert mean_score < 0.36 and model_score > 0.55
 
 
-@pytest.mark.slow
 def test_deepsets_learns_planted_signal_and_is_deterministic():
     from regress.deepsets import DeepSetsRegressor
 
