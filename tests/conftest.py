@@ -38,7 +38,8 @@ FIXTURE_PATCH_SIZES = (24, 48)
 def _made_once(tmp_path_factory, name: str, make) -> Path:
     """`make(folder)` run once per test session, however many pytest-xdist workers ask: the first builds the folder
     under the session's shared temporary root while holding a lock, the others wait and reuse it (the demo and its
-    embedding cost seconds; the tests only read them)."""
+    embedding cost seconds; the tests change neither: their writes go to their own folders, and the cache's lock
+    files are made for processes that share it)."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own temporary folder
         folder = tmp_path_factory.mktemp(name)
         make(folder)
