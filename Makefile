@@ -1,5 +1,7 @@
 # make demo   : install, build the demo dataset if absent, embed, fit, submit (prints scores and timings)
-# make test   : install, run the test suite
+# make test   : install, run the whole test suite, every tier (CI runs this)
+# make check  : the unit tier only, in seconds (the inner loop)
+# make docs   : regenerate docs/benchmarks.md's tables from benchmarks/results/*.csv
 # Stages on your own data: make embed fit submit DATA=/path/to/folder/of/sample.zarr OUT=outputs/mydata ENCODER=uni WEIGHTS=/path
 
 PYTHON      ?= python3.11
@@ -21,7 +23,7 @@ DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 SUBMIT_ARGS ?=
 
-.PHONY: install demo embed fit submit test bench bench-embed bench-fit bench-real bench-cell bench-scale clean
+.PHONY: install demo embed fit submit test check docs bench bench-embed bench-fit bench-real bench-cell bench-scale clean
 
 install: $(STAMP)
 
@@ -53,10 +55,18 @@ fit: $(STAMP)
 submit: $(STAMP)
 	$(PY) -m submission --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" --out "$(SUBMISSION)" $(SUBMIT_ARGS)
 
-# Both cores (pytest-xdist; TEST_WORKERS=0 runs in one process); tests go to whichever worker is free.
+# Both cores (pytest-xdist; TEST_WORKERS=0 runs in one process); tests go to whichever worker is free. Every tier:
+# unit, integration and slow (tests/conftest.py), the bench-scale run at a tiny scale included.
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
+# The unit tier (in memory, no file written), in one process: no worker start-up to wait for.
+check: $(STAMP)
+	$(PY) -m pytest -q -m unit
+
+docs: $(STAMP)
+	$(PY) benchmarks/make_docs.py
 
 bench: bench-embed bench-fit
 

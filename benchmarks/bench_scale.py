@@ -1,8 +1,8 @@
 """The challenge's real size on one machine: wall time and peak RSS of every stage, each in its own process.
 
-    python benchmarks/bench_scale.py [--work DIR] [--stages a b c d e f] [--scale 0.05] [--timeout S] [--max-rss-gb G]
+    python benchmarks/bench_scale.py [--work DIR] [--stages a b ...] [--scale 0.05] [--timeout S] [--max-rss-gb G]
 
-Stages (a-d on one real-size synthetic slide, e-f on a synthetic feature cache of the whole challenge):
+Stages (a-d on one real-size synthetic slide, e-g on a synthetic feature cache of the whole challenge):
 
     a  generate one 20,000 x 22,000 px sample, ~200,000 nuclei (skipped when present)
     b  embed it: handcrafted encoder, patch sizes 32 64 128 224

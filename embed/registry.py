@@ -1,6 +1,6 @@
 """Registry of frozen encoders, kept as data: one entry per model, like timm's pretrained configs.
 
-Every field is what the model card prescribes; `loader.load_encoder` turns an entry into a module. Entries that need
+Every field is what the model card prescribes; `embed.encoders.load_encoder` turns an entry into a module. Entries that need
 gated weights read `HF_TOKEN`; entries with `weights_package` read the file an installed pip package ships; every entry
 also loads from a local file or folder (`--weights PATH`).
 """

@@ -1,7 +1,8 @@
 """The one evaluation engine: every model scored on held-out tissue, one sample in memory at a time.
 
-Two passes over a source's samples (`regress.source`), each a set of independent per-sample Dask tasks computed in
-this process by default or on an existing `dask.distributed` cluster unchanged (`regress.tasks`):
+Two passes over a source's samples (`regress.source`), each a list of independent per-sample calls: run one after
+the other in this process by default (a plain loop, no Dask), or submitted unchanged as tasks to an existing
+`dask.distributed` cluster (`--scheduler`; `regress.tasks`):
 
 1. `gather_sample`: the sample's matrix -> ridge's sufficient statistics (`MomentStats`) per stratum
    (`regress.splits`), and a bounded subsample of rows, stratified by role and block, for the models that train on

@@ -1,4 +1,9 @@
-"""The challenge's metrics as pure, vectorised functions of (truth, prediction) matrices (nuclei x genes)."""
+"""The challenge's metrics as pure, vectorised functions of (truth, prediction) matrices (nuclei x genes).
+
+The per-nucleus and per-gene scores are here; they are aggregated into a model's scores in one place, the engine's
+`regress.engine._summarise` (cell-wise Spearman by `official_score`: nuclei within each held-out region, then regions,
+then samples).
+"""
 
 from __future__ import annotations
 
@@ -90,25 +95,6 @@ def default_region_radius(coords: np.ndarray) -> float:
         return 1.0
     distances = cKDTree(coords).query(coords, k=2)[0][:, 1]
     return 3.0 * float(np.median(distances))
-
-
-def score_table(y_true: np.ndarray, y_pred: np.ndarray, samples: np.ndarray, coords: np.ndarray,
-                region_radius: float | None = None, regions: np.ndarray | None = None) -> dict[str, float]:
-    """All headline numbers for one model on one held-out set.
-
-    `regions` labels the held-out regions (e.g. the held-out blocks of a cross-validation); without it they are the
-    connected regions of the held-out nuclei, linked within `region_radius` px.
-    """
-    spearman = cellwise_spearman(y_true, y_pred)
-    if regions is None:
-        radius = region_radius if region_radius is not None else default_region_radius(coords)
-        regions = held_out_regions(coords, samples, radius)
-    return {
-        "spearman_official": official_score(spearman, samples, regions),
-        "spearman_mean": float(spearman.mean()),
-        "mse": float(cellwise_mse(y_true, y_pred).mean()),
-        "gene_pearson": float(genewise_pearson(y_true, y_pred).mean()),
-    }
 
 
 DISTANCE_BLOCK_VALUES = 50_000_000  # float32 distances per block of the oracle's queries (200 MB)

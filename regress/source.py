@@ -83,7 +83,7 @@ class CacheSource:
              ) -> "CacheSource":
         """Check every sample in turn (never two at once) against the first, then fit the principal axes of the
         wide feature blocks (`reducer`, unless given) from a bounded subsample of every sample's rows."""
-        store = FeatureStore(cache, create=False)  # only reads: a missing cache is an error
+        store = FeatureStore(cache, create=False)  # never embeds: a missing cache is an error
         samples, genes, settings, first, first_file = [], None, None, None, None
         for path in sample_paths(data):
             sample = open_sample(path, elements=elements)

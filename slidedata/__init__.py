@@ -1,4 +1,5 @@
-"""Shared data layer: Crunch-format samples, their validation and writer, nucleus geometry, the feature cache.
+"""The floor every stage stands on: Crunch-format samples (reading, checking, writing), nucleus geometry, the
+feature cache and its locks, publishing files whole, held-out truth, and the command lines' error convention.
 
 The names below are imported when first used, so that `import slidedata.cli` stays light."""
 

@@ -13,7 +13,7 @@ run resumes from the first unfinished unit. Attributes record what produced an e
 the keys that form it (`identity_keys`, and of those the per-sample ones, `sample_keys`), as decided by whoever
 creates the entry (`embed.pipeline.entry_attrs`); opening it with other settings raises instead of mixing two
 encoders' features; a sample whose image or mask files changed (`input_digest`) has its nuclei table and entries
-recomputed by the embed stage, and is refused by the stages that only read.
+recomputed by the embed stage, and is refused by the stages that do not embed (fit, submit, infer).
 
 Beside the cache (not inside it, where zarr would warn about a folder that is no part of its hierarchy),
 `.<cache name>.locks/<sample>/...` holds the lock files that let several embed processes share units; only the embed
@@ -166,7 +166,7 @@ class FeatureStore:
     """Cached nuclei tables and features, keyed by sample, encoder and patch size."""
 
     def __init__(self, root: str | Path, create: bool = True):
-        """`create=False` (the stages that only read): a missing cache is a DataError, and nothing is created."""
+        """`create=False` (the stages that do not embed): a missing cache is a DataError, and nothing is created."""
         self.root = Path(root)
         sample = sample_holding(self.root)
         if sample is not None:

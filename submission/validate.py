@@ -62,7 +62,8 @@ def expected_held_out(samples: list[Sample]) -> dict[str, np.ndarray]:
 
 
 def expected_genes(samples: list[Sample], genes: list[str] | None = None) -> dict[str, list[str]]:
-    """The genes each sample's rows must cover: the one rule of the writer and the validator alike.
+    """The genes each sample's rows must cover: the validator's rule (the writer does not call it; it writes the
+    model's genes for every held-out nucleus, which the last sentence below makes the same genes).
 
     A sample with expression: its own panel. A sample without (like DC1, or a challenge test sample): `genes`, the
     model's panel; where no model is at hand (the validator's CLI without --model-dir), the panel of the samples

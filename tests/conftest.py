@@ -1,13 +1,59 @@
-"""Small real-format fixtures: demo samples written as SpatialData zarr, embedded once per test session."""
+"""Small real-format fixtures (demo samples written as SpatialData zarr, embedded once per test session, shared by
+the pytest-xdist workers) and the suite's tiers.
+
+Every test carries exactly one tier marker (registered in pyproject.toml):
+
+* `unit`: in memory, no file written; the default of a test that asks for no file fixture. `make check` runs these.
+* `integration`: real-format files on disk (the demo fixtures, `tmp_path`); the default of a test that asks for one.
+* `slow`: whole stages end to end, other processes, clusters, the bench: marked by hand (`@pytest.mark.slow`, or
+  `pytestmark` for a module). `make test` (CI) runs all three tiers.
+
+A test marked by hand keeps its mark; one marked with two tiers is an error.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
+# One BLAS / OpenMP (and so torch) thread per test process, set before anything imports them: pytest-xdist already
+# runs one process per core, and a second thread in each only spins against the other process (on a busy 2-core
+# machine a 32 px EfficientNet forward took 1 s on two threads, 35 ms on one). Subprocesses inherit it.
+for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+TIERS = ("unit", "integration", "slow")
+# Fixtures that write files: a test that asks for one of them (directly or through another fixture) is integration.
+FILE_FIXTURES = {"tmp_path", "tmp_path_factory", "demo_dir", "embedded_cache"}
+
 FIXTURE_NUCLEI = 500
 FIXTURE_PATCH_SIZES = (24, 48)
+
+
+def _made_once(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once per test session, however many pytest-xdist workers ask: the first builds the folder
+    under the session's shared temporary root while holding a lock, the others wait and reuse it (the demo and its
+    embedding cost seconds; the tests change neither: their writes go to their own folders, and the cache's lock
+    files are made for processes that share it)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own temporary folder
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this session
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -15,11 +61,12 @@ def demo_dir(tmp_path_factory):
     """Three demo samples (two with expression, one like DC1 without), ~500 nuclei each, 256 px chunks."""
     from synthetic.demo import make_demo_dataset
 
-    folder = tmp_path_factory.mktemp("demo")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256)
-    return folder
+    def make(folder):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256)
+
+    return _made_once(tmp_path_factory, "demo", make)
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +74,19 @@ def embedded_cache(demo_dir, tmp_path_factory):
     """The fixture samples embedded with the handcrafted encoder at two small patch sizes."""
     from embed.pipeline import EmbedSettings, embed_dataset
 
-    cache = tmp_path_factory.mktemp("cache") / "features.zarr"
-    embed_dataset(demo_dir, cache, "handcrafted",
-                  settings=EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128), device="cpu",
-                  progress=False)
-    return cache
+    def make(folder):
+        embed_dataset(demo_dir, folder / "features.zarr", "handcrafted",
+                      settings=EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128), device="cpu",
+                      progress=False)
+
+    return _made_once(tmp_path_factory, "cache", make) / "features.zarr"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers = {mark.name for mark in item.iter_markers() if mark.name in TIERS}
+        if len(tiers) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {sorted(tiers)}: one tier per test")
+        if not tiers:
+            item.add_marker("integration" if FILE_FIXTURES & set(item.fixturenames) else "unit")

@@ -1,11 +1,16 @@
-"""The house's shape: no import cycle between modules (lazy imports inside functions count too), and the floor
-(`slidedata`) imports none of the rooms built on it."""
+"""The house's shape, as ARCHITECTURE.md draws it: no import cycle between modules (lazy imports inside functions
+count too), and nothing imports upwards, at every layer of the diagram."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("slidedata", "synthetic", "importers", "embed", "regress", "submission")
+# ARCHITECTURE.md's diagram, bottom up: a module may import its own package and the layers below it, never its own
+# layer's other packages nor anything above. The benchmarks are scripts on top that no package may import.
+LAYERS = (("slidedata",), ("synthetic", "importers", "embed", "regress"), ("submission",), ("benchmarks",))
+LAYER_OF = {package: level for level, packages in enumerate(LAYERS) for package in packages}
 
 
 def module_name(path: Path) -> str:
@@ -16,6 +21,9 @@ def module_name(path: Path) -> str:
 def project_imports() -> dict[str, set[str]]:
     """module -> the project modules it imports anywhere in its body."""
     files = {module_name(p): p for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    # the benchmark scripts import each other by file name (they put their folder on sys.path)
+    files |= {f"benchmarks.{p.stem}": p for p in (ROOT / "benchmarks").glob("*.py")}
+    aliases = {p.removeprefix("benchmarks."): p for p in files if p.startswith("benchmarks.")}
     graph = {}
     for name, path in files.items():
         targets = set()
@@ -28,6 +36,7 @@ def project_imports() -> dict[str, set[str]]:
                               for a in node.names]
             else:
                 continue
+            candidates = [aliases.get(c, c) for c in candidates]
             targets |= {c for c in candidates if c in files and c != name}
         graph[name] = targets
     return graph
@@ -65,13 +74,33 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_the_floor_imports_no_room_built_on_it():
-    above = tuple(p for p in PACKAGES if p != "slidedata")
-    offenders = {m: sorted(t for t in targets if t.split(".")[0] in above)
-                 for m, targets in project_imports().items() if m.split(".")[0] == "slidedata"}
-    assert {m: t for m, t in offenders.items() if t} == {}
+def upward_imports(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """module -> the modules it imports from its own layer's other packages or from a layer above (should be none)."""
+    offenders = {}
+    for module, targets in graph.items():
+        here = module.split(".")[0]
+        bad = sorted(t for t in targets if (there := t.split(".")[0]) != here and LAYER_OF[there] >= LAYER_OF[here])
+        if bad:
+            offenders[module] = bad
+    return offenders
 
 
-def test_regress_has_one_evaluation_path():
-    modules = set(project_imports())
-    assert "regress.engine" in modules and not {"regress.stream", "regress.dataset"} & modules
+def test_nothing_imports_upwards_or_sideways_at_any_layer():
+    graph = project_imports()
+    assert {m.split(".")[0] for m in graph} == set(LAYER_OF)  # every layer was walked, benchmarks included
+    assert upward_imports(graph) == {}
+
+
+def test_the_layer_rule_catches_an_upward_and_a_sideways_import():
+    graph = {"slidedata.sample": {"regress.metrics"}, "regress.fit": {"embed.pipeline", "slidedata.sample"},
+             "submission.main": {"regress.fit", "benchmarks.bench_real"}, "embed.pipeline": {"embed.patches"}}
+    assert upward_imports(graph) == {"slidedata.sample": ["regress.metrics"], "regress.fit": ["embed.pipeline"],
+                                     "submission.main": ["benchmarks.bench_real"]}
+
+
+def test_the_layers_are_the_diagrams():
+    """Every package of the code is in ARCHITECTURE.md's diagram, on the row this test puts it."""
+    diagram = (ROOT / "ARCHITECTURE.md").read_text().split("```")[1]
+    rows = [set(re.findall(r"\b([a-z]+)/(?=\s|$)", line)) for line in diagram.splitlines()]
+    assert [row for row in rows if row][::-1] == [set(layer) for layer in LAYERS]  # the diagram reads top down
+    assert set(PACKAGES) == set(LAYER_OF) - {"benchmarks"}

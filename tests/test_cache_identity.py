@@ -135,6 +135,7 @@ def test_a_lock_left_by_an_earlier_process_with_our_pid_is_reclaimed(tmp_path):
     locks.release(lock)
 
 
+@pytest.mark.slow
 def test_two_embeds_without_shards_share_the_units(demo_dir, embedded_cache, tmp_path):
     cache = tmp_path / "features.zarr"
     command = [sys.executable, "-m", "embed", "--data", str(demo_dir / "demo2.zarr"), "--cache", str(cache),

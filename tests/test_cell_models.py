@@ -123,6 +123,7 @@ def test_neighbourhood_pools_match_a_loop(embedded_cache):
             np.testing.assert_allclose(block[width: 2 * width], top, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_cell_families_save_select_and_infer(demo_dir, tmp_path):
     """states+context and deepsets run through the engine, are saved, and infer serves the saved one exactly as
     the library predicts it from the training cache."""

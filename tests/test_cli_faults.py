@@ -252,6 +252,7 @@ def test_unreachable_scheduler_is_one_line_within_seconds(address, demo_dir, emb
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_cluster_tasks_send_no_large_graph():
     """Arguments are scattered once, not put into the graph of every task (dask warned 'Sending large graph')."""
     from distributed import LocalCluster
@@ -392,6 +393,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 def test_embed_workers_die_with_a_killed_parent(demo_dir, tmp_path):
     # Four patch sizes: a unit's features (256 nuclei x 27 x 4 sizes, float32) are larger than a pipe's buffer, so

@@ -30,6 +30,7 @@ def encoder():
     return load_encoder("efficientnet-lite0")
 
 
+@pytest.mark.integration  # reads the weights files the pip packages installed
 @pytest.mark.parametrize("name", LITE)
 def test_features_equal_the_reference_implementation(name):
     """Through the registry's own path (package weights file, key map, strict load) at the native input size."""

@@ -98,6 +98,7 @@ def test_other_settings_never_overwrite_an_entry(demo_dir, tmp_path):
     assert set(store.entries()["patch_size"]) == {"16", "24"}
 
 
+@pytest.mark.slow
 def test_two_processes_fill_disjoint_chunks_of_one_cache(demo_dir, embedded_cache, tmp_path):
     """torchrun-style sharding: RANK / WORLD_SIZE split the pending chunks; the result equals one process."""
     cache = tmp_path / "features.zarr"

@@ -91,6 +91,7 @@ def test_missing_weights_path(tmp_path):
         load_encoder(TINY_VIT, weights=tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_gated_model_without_token_says_what_to_do(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

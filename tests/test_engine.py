@@ -195,6 +195,7 @@ def test_nothing_to_learn_from_is_refused():
         ArraySource([replace(matrix, group=np.full(len(matrix), "test", dtype=object))], genes())
 
 
+@pytest.mark.slow
 def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedded_cache):
     from distributed import LocalCluster
 

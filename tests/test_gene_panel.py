@@ -66,6 +66,7 @@ def _assert_full_panel(frame: pd.DataFrame, cell_ids: np.ndarray, genes: list[st
     assert set(frame["gene"].astype(str)) == set(genes)
 
 
+@pytest.mark.slow
 def test_a_377_gene_panel_runs_embed_fit_submit_validate(panel_dir, staged):
     samples = open_samples(panel_dir)
     genes = next(s.genes for s in samples if s.has_expression)
@@ -79,6 +80,7 @@ def test_a_377_gene_panel_runs_embed_fit_submit_validate(panel_dir, staged):
         _assert_full_panel(frame[frame["sample"] == sample.name], _held_out(sample), genes)
 
 
+@pytest.mark.slow
 def test_train_and_infer_on_a_377_gene_panel(panel_dir, staged, tmp_path):
     from submission.main import infer, train
 
@@ -92,6 +94,7 @@ def test_train_and_infer_on_a_377_gene_panel(panel_dir, staged, tmp_path):
         _assert_full_panel(frame, _held_out(open_sample(panel_dir / f"{name}.zarr")), genes)
 
 
+@pytest.mark.slow
 def test_training_samples_with_different_panels_are_refused(panel_dir, staged, tmp_path, capsys):
     """A second sample on 300 genes beside demo1's 377: every stage refuses it, naming its file and where the panels
     first differ (position 300: no gene there, GENE300 in demo1)."""
@@ -135,6 +138,7 @@ def xenium_pancreas() -> Path:
 
 @pytest.mark.skipif(not xenium_pancreas().is_dir(),
                     reason=f"the real Xenium pancreas crops are not at {xenium_pancreas()} (set {XENIUM_ENV})")
+@pytest.mark.integration
 def test_a_real_xenium_crop_opens_with_its_own_377_genes():
     """One real crop (10x Xenium, human pancreas): its panel is read as genes.txt lists it. Opening reads the
     tables only; nothing is embedded."""

@@ -2,15 +2,18 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from slidedata import open_sample
+
+pytestmark = pytest.mark.slow  # train and infer end to end, each embedding the demo samples
 
 
 def test_train_then_infer_is_deterministic(demo_dir, tmp_path):
     from submission.main import infer, train
 
     model_dir = tmp_path / "model"
-    train(str(demo_dir), str(model_dir), models=("mean-profile", "ridge"))
+    train(str(demo_dir), str(model_dir), models=("mean-profile", "ridge"), patch_sizes=(24,))  # one small size
     assert (model_dir / "predictor.joblib").exists()
 
     first = infer(str(demo_dir / "demo0.zarr"), str(model_dir))
@@ -45,15 +48,16 @@ def test_neural_encoder_weights_travel_with_the_model(demo_dir, tmp_path, monkey
 
 
 def test_infer_embeds_every_feature_block_the_model_reads(demo_dir, tmp_path):
-    """A model on handcrafted features plus an EfficientNet block (resampled to 32 px) predicts through infer
-    exactly as from the training cache: infer embeds the extra encoder too, with the recorded input size."""
+    """A model on handcrafted features plus an EfficientNet block (resampled to 32 px) predicts through infer what
+    the saved estimator predicts from the training cache: infer embeds the extra encoder too, with the recorded input
+    size, and labels every row with its own nucleus. The expected values come from the fit's own reading of the
+    cache (`CacheSource`, the engine's path), not from `predict_held_out`, which infer calls."""
     from embed.pipeline import EmbedSettings, embed_dataset
     from regress.features import FeatureSpec
     from regress.fit import fit_and_evaluate
     from regress.settings import FitSettings
-    from slidedata.feature_store import FeatureStore
+    from regress.source import CacheSource
     from submission.main import infer
-    from submission.predict import predict_held_out
 
     cache, model_dir = tmp_path / "features.zarr", tmp_path / "model"
     embed_dataset(demo_dir, cache, "handcrafted", settings=EmbedSettings(patch_sizes=(24,), chunk_nuclei=128),
@@ -63,8 +67,14 @@ def test_infer_embeds_every_feature_block_the_model_reads(demo_dir, tmp_path):
     spec = FeatureSpec(encoder="handcrafted", patch_sizes=(24,), extra_keys=(("efficientnet-lite0", 48),))
     _, predictor = fit_and_evaluate(demo_dir, cache, model_dir, FitSettings(features=spec, models=("ridge",)),
                                     progress=False)
-    sample = open_sample(demo_dir / "demo2.zarr")
-    expected = predict_held_out(predictor, FeatureStore(cache), sample)
+    source = CacheSource.open(demo_dir, cache, predictor.feature_spec, reducer=predictor.reducer, progress=False)
+    matrix = source.matrix(next(s for s in source.samples if s.name == "demo2"))
+    held = np.isin(matrix.group, ["validation", "test"])
+    assert held.sum() > 10
+    expected = np.round(predictor.estimator.predict(matrix.X[held]).astype(np.float64), 2)
     frame = infer(str(demo_dir / "demo2.zarr"), str(model_dir))
-    wide = frame.pivot(index="cell_id", columns="gene", values="prediction").loc[expected.cell_ids, predictor.genes]
-    np.testing.assert_allclose(wide.to_numpy(), expected.values, atol=1e-6)
+    groups = open_sample(demo_dir / "demo2.zarr").groups
+    assert set(frame["cell_id"]) == set(groups.index[groups.isin(["validation", "test"])])
+    wide = frame.pivot(index="cell_id", columns="gene", values="prediction").loc[matrix.cell_id[held],
+                                                                                 predictor.genes]
+    np.testing.assert_allclose(wide.to_numpy(), expected, atol=1e-6)

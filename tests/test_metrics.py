@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-from regress.metrics import (
-    cellwise_mse, cellwise_spearman, genewise_pearson, held_out_regions, official_score, score_table,
-)
+from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson, held_out_regions, official_score
 
 
 def test_spearman_hand_computed_with_ties():
@@ -58,25 +56,25 @@ def test_held_out_regions_are_connected_regions_per_sample():
 
 
 def test_scoring_many_nuclei_is_vectorised():
+    """The cell-wise Spearman of 1.67 M nuclei must not be a Python loop over rows. On few genes, where a loop's
+    per-row overhead dominates, it is at least 10 times faster than scipy's spearmanr row by row (here about 100
+    times; a per-row loop, even of numpy calls, about 1.5 times). Timed side by side, so the ratio holds on a loaded
+    machine."""
     import time
 
+    from scipy.stats import spearmanr
+
     rng = np.random.default_rng(1)
-    truth, pred = rng.random((20000, 460)), rng.random((20000, 460))
-    start = time.perf_counter()
-    table = score_table(truth, pred, np.array(["A"] * 20000), rng.random((20000, 2)) * 1000)
-    assert set(table) == {"spearman_official", "spearman_mean", "mse", "gene_pearson"}
-    assert time.perf_counter() - start < 60  # a per-row Python loop would take minutes
-
-
-def test_official_score_uses_the_given_held_out_regions():
-    """One region of 1 nucleus scoring -1 and one of 3 nuclei scoring +1 weigh equally: official 0, plain mean 0.5."""
-    up = np.arange(10, dtype=float)
-    truth = np.tile(up, (4, 1))
-    pred = np.vstack([-up, up, up, up])
-    coords = np.array([[0, 0], [0, 1], [0, 2], [0, 3]], dtype=float)  # all touching: one connected patch
-    samples = np.array(["A"] * 4)
-    connected = score_table(truth, pred, samples, coords)
-    assert connected["spearman_official"] == pytest.approx(0.5)
-    given = score_table(truth, pred, samples, coords, regions=np.array([7, 9, 9, 9]))
-    assert given["spearman_official"] == pytest.approx(0.0)
-    assert given["spearman_mean"] == pytest.approx(0.5)
+    truth, pred = rng.random((1000, 20)), rng.random((1000, 20))
+    results = []
+    for score, repeats in ((lambda: cellwise_spearman(truth, pred), 5),
+                           (lambda: np.array([spearmanr(t, p).statistic for t, p in zip(truth, pred)]), 1)):
+        best = np.inf
+        for _ in range(repeats):  # the best of five: a busy core only slows the fast one down
+            start = time.perf_counter()
+            values = score()
+            best = min(best, time.perf_counter() - start)
+        results.append((best, values))
+    (vectorised, ours), (per_row, scipy_values) = results
+    np.testing.assert_allclose(ours, scipy_values, atol=1e-12)
+    assert per_row > 10 * vectorised, f"vectorised {vectorised:.3f} s, scipy row by row {per_row:.3f} s"

@@ -10,6 +10,7 @@ from submission.cli import main as he2expr
 from tests.layouts import rewrite_spatialdata_io_style, string_id
 
 STAGE_ARGS = ["--patch-sizes", "24"]
+pytestmark = pytest.mark.slow  # whole stages end to end
 
 
 @pytest.fixture(autouse=True)

@@ -374,6 +374,7 @@ def test_a_held_out_section_is_all_test_without_expression(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "truth").iterdir()) == ["S2.h5ad"]
 
 
+@pytest.mark.slow
 def test_round_trip_import_embed_fit_submit_score(tmp_path, capsys):
     """Imported tissue, held out in blocks, goes through every stage's command and is scored by the project's
     own metric: a model's file scores, the truth itself scores 1, a file missing rows is refused."""
@@ -460,6 +461,7 @@ def test_counts_must_be_non_negative_integers(tmp_path, value, problem):
 HER2ST_DIR = Path(os.environ.get("HER2ST_DIR", Path(__file__).resolve().parents[2] / "shared/data/her2st"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (HER2ST_DIR / "B4").is_dir(), reason=f"real her2st data absent ({HER2ST_DIR})")
 def test_real_her2st_b4_spot_mode(tmp_path):
     section = read_her2st_section(HER2ST_DIR / "B4")

@@ -12,18 +12,18 @@ from embed.pipeline import EmbedSettings, embed_sample, encode_patches
 from slidedata import open_sample
 from slidedata.feature_store import CacheMismatchError, FeatureStore
 
-CROP, INPUT = 48, 64  # small crops resampled to a small input: a few seconds on a CPU
+CROP, INPUT = 48, 32  # small crops resampled to a small input (the CNN's 32 px stride: a 1 x 1 map): fast on a CPU
 CPU = torch.device("cpu")
 ONE_SIZE = dict(patch_sizes=(24,), chunk_nuclei=128)
 
 
 @pytest.fixture(scope="module")
 def crops(demo_dir, tmp_path_factory):
-    """Six real crops of demo1 with their masks (this nucleus, any nucleus), as the embed stage cuts them."""
+    """Three real crops of demo1 with their masks (this nucleus, any nucleus), as the embed stage cuts them."""
     sample = open_sample(demo_dir / "demo1.zarr")
     nuclei = FeatureStore(tmp_path_factory.mktemp("tta") / "c.zarr").nuclei(sample)
     reader = TileReader(sample, tile_size=256, margin=CROP // 2 + 1, with_mask=True)
-    cut = unit_patches(reader, nuclei.iloc[:6], (PatchCut(CROP, CROP),), unit=0)
+    cut = unit_patches(reader, nuclei.iloc[:3], (PatchCut(CROP, CROP),), unit=0)
     return cut.patches[CROP], cut.masks[CROP]
 
 
@@ -35,7 +35,7 @@ def encoder(request):
 
 def _encode(encoder, patches, masks, tta: bool):
     masks = masks if encoder.spec.use_mask else None
-    settings = EmbedSettings(batch_size=4, tta=tta)  # 6 crops: two batches
+    settings = EmbedSettings(batch_size=2, tta=tta)  # 3 crops: two batches
     return torch.from_numpy(encode_patches(encoder, patches, masks, settings, CPU, INPUT, CROP))
 
 
@@ -58,9 +58,9 @@ def test_tta_features_are_the_mean_over_the_8_views(encoder, crops):
     assert (features - _encode(encoder, patches, masks, tta=False)).abs().max() > 1e-4  # TTA did change something
 
 
-@pytest.mark.parametrize("transform", [lambda x: torch.rot90(x, 1, dims=(-2, -1)), lambda x: x.flip(-1),
-                                       lambda x: x.flip(-2), lambda x: x.transpose(-2, -1)],
-                         ids=["quarter-turn", "mirror", "upside-down", "transpose"])
+# A quarter turn and a mirror generate the dihedral group: features unchanged by both are unchanged by all 8 views.
+@pytest.mark.parametrize("transform", [lambda x: torch.rot90(x, 1, dims=(-2, -1)), lambda x: x.flip(-1)],
+                         ids=["quarter-turn", "mirror"])
 def test_tta_features_do_not_change_when_the_crop_is_rotated_or_flipped(encoder, crops, transform):
     patches, masks = crops
     features = _encode(encoder, patches, masks, tta=True)

@@ -315,6 +315,7 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
 
 
+@pytest.mark.slow  # other processes
 def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir, tmp_path):
     """stderr to a file (not a terminal): no carriage returns, a line per step, `error:` at a line's start, and
     nothing at all with --quiet."""
@@ -347,6 +348,7 @@ def test_step_lines_count_and_close_once(capsys):
     assert [line.split(" in ")[0] for line in lines] == ["step: 3/3 item", "bar: 4/10 nucleus"]
 
 
+@pytest.mark.slow  # other processes
 def test_he2expr_help_starts_in_under_a_second():
     """`he2expr --help` imports no stage (it printed after 8-11 s when submission/__init__ loaded the models)."""
     code = "import time; t = time.perf_counter(); import submission.cli, sys; print(time.perf_counter() - t)"
@@ -370,6 +372,7 @@ def test_the_fit_names_every_report_it_wrote(demo_dir, embedded_cache, tmp_path,
         assert name in last and (model / name).is_file(), (name, last)
 
 
+@pytest.mark.slow  # other processes
 def test_the_makefile_quotes_paths_with_spaces(tmp_path):
     """`make -n` prints the commands: every path variable stays one word however many spaces it holds."""
     folder = tmp_path / "my data"
