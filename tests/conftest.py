@@ -90,3 +90,17 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid} is marked {sorted(tiers)}: one tier per test")
         if not tiers:
             item.add_marker("integration" if FILE_FIXTURES & set(item.fixturenames) else "unit")
+
+
+def local_cluster(n_workers: int):
+    """A dask LocalCluster of `n_workers` worker processes, tried a second time where its event loop did not start
+    within distributed's 10 s (`distributed.utils.LoopRunner` then asserts `loop is not None`: seen about once in
+    a few runs of the suite on 2 busy cores, before any of our code runs)."""
+    from distributed import LocalCluster
+
+    for attempt in (1, 2):
+        try:
+            return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        except AssertionError:
+            if attempt == 2:
+                raise

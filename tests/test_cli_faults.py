@@ -255,13 +255,12 @@ def test_unreachable_scheduler_is_one_line_within_seconds(address, demo_dir, emb
 @pytest.mark.slow
 def test_cluster_tasks_send_no_large_graph():
     """Arguments are scattered once, not put into the graph of every task (dask warned 'Sending large graph')."""
-    from distributed import LocalCluster
-
     from regress.tasks import compute
+    from tests.conftest import local_cluster
 
     big = np.ones(2_000_000)  # 16 MB, shared by every call like a source with the axes of wide blocks
     # worker processes: an in-process cluster's event loop sometimes failed to start after other tests' clients
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with local_cluster(1) as cluster:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             results = compute(_weighed, [(big, i) for i in range(3)], cluster.scheduler_address, "t", progress=False)

@@ -197,16 +197,14 @@ def test_nothing_to_learn_from_is_refused():
 
 @pytest.mark.slow
 def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedded_cache):
-    from distributed import LocalCluster
-
     from regress.source import CacheSource
-    from tests.conftest import FIXTURE_PATCH_SIZES
+    from tests.conftest import FIXTURE_PATCH_SIZES, local_cluster
 
     settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, block_components=8, context_k=15),
                            models=("ridge", "ridge+context"))
     here = select_and_fit(CacheSource.open(demo_dir, embedded_cache, settings.features, progress=False), settings,
                           progress=False)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with local_cluster(2) as cluster:
         remote = replace(settings, scheduler=cluster.scheduler_address)
         there = select_and_fit(CacheSource.open(demo_dir, embedded_cache, remote.features, progress=False,
                                                 scheduler=remote.scheduler), remote, progress=False)
