@@ -23,7 +23,7 @@ def set_quiet(quiet: bool) -> None:
 
 
 def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-             enabled: bool = True, leave: bool = True):
+                 enabled: bool = True, leave: bool = True):
     """A tqdm bar on a terminal, one closing line in a log, nothing when disabled or quiet. Use it as tqdm:
     iterate over it, or `update(n)` and `close()` (also a context manager). `leave=False`: the bar of an inner step
     disappears when done (its log line stays)."""

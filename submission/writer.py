@@ -131,7 +131,7 @@ def id_positions(expected: pd.Index, written: pd.Series) -> tuple[np.ndarray, np
     truncated or wrapped into one. Other ids (Xenium's strings) compare as text. The one rule of the validator and
     the scorer."""
     if pd.api.types.is_integer_dtype(expected.dtype):
-        ids, not_an_id = _integer_ids(written)
+        ids, not_an_id = _whole_number_ids(written)
         return expected.get_indexer(ids), not_an_id
     return expected.astype(str).get_indexer(written.astype(str).to_numpy()), np.zeros(len(written), dtype=bool)
 
@@ -149,17 +149,17 @@ def read_submission_blocks(path: str | Path, rows_per_block: int = 5_000_000) ->
                                **read_csv_options(path))
 
 
-def _integer_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def _whole_number_ids(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """A cell_id column as int64 (-1 where it holds no id), and which rows hold no id: not a whole number (1.5), not
     positive, or beyond int64."""
     numbers = pd.to_numeric(column, errors="coerce")
-    if pd.api.types.is_integer_dtype(numbers) and not pd.api.types.is_unsigned_integer_dtype(numbers):
-        ids = numbers.to_numpy(np.int64)
-        valid = ids > 0
-    elif pd.api.types.is_unsigned_integer_dtype(numbers):
+    if pd.api.types.is_unsigned_integer_dtype(numbers):
         raw = numbers.to_numpy(np.uint64)
         valid = (raw > 0) & (raw <= np.iinfo(np.int64).max)
         ids = np.where(valid, raw, 0).astype(np.int64)
+    elif pd.api.types.is_integer_dtype(numbers):
+        ids = numbers.to_numpy(np.int64)
+        valid = ids > 0
     else:
         values = numbers.to_numpy(np.float64)
         with np.errstate(invalid="ignore"):
