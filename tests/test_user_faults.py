@@ -315,24 +315,33 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, **kwargs)
 
 
-@pytest.mark.slow  # other processes
-def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir, tmp_path):
+@pytest.mark.slow  # another process
+def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir, tmp_path, capsys, monkeypatch):
     """stderr to a file (not a terminal): no carriage returns, a line per step, `error:` at a line's start, and
-    nothing at all with --quiet."""
+    nothing at all with --quiet. The embed runs as its own process with stderr to a pipe, as a batch job's would;
+    the demo writer's three runs are its CLI in this process, where stderr is pytest's capture (not a terminal
+    either), which saves three interpreter starts."""
+    from slidedata import progress
+    from synthetic.demo import main as demo_main
+
+    monkeypatch.setattr(progress, "_quiet", False)  # --quiet below is process-wide: other tests must not inherit it
     done = _run("-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(tmp_path / "features.zarr"),
                 "--patch-sizes", "24", "--chunk-nuclei", "128")
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr
     steps = [line for line in done.stderr.splitlines() if line.startswith("demo1: ")]
     assert [s.split(":")[1].strip() for s in steps] == ["nuclei", "handcrafted"], done.stderr
-    quiet = _run("-m", "synthetic.demo", "--out", str(tmp_path / "demo"), "--n-nuclei", "60", "--quiet")
-    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    capsys.readouterr()
+    assert demo_main(["--out", str(tmp_path / "demo"), "--n-nuclei", "60", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
     a_file = tmp_path / "a-file"
     a_file.write_text("")
-    failed = _run("-m", "synthetic.demo", "--out", str(a_file / "demo"), "--n-nuclei", "60")
-    assert failed.returncode == 2 and [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
-    usage = _run("-m", "synthetic.demo", "--n-nuclei", "0")
-    assert usage.returncode == 2 and usage.stderr.splitlines()[-1].startswith("error: "), usage.stderr
+    assert demo_main(["--out", str(a_file / "demo"), "--n-nuclei", "60"]) == 2
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    with pytest.raises(SystemExit) as usage:
+        demo_main(["--n-nuclei", "0"])
+    assert usage.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: ")
 
 
 def test_step_lines_count_and_close_once(capsys):
