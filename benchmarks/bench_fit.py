@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from regress.models import DEFAULT_ALPHAS, LightGBMRegressor, RidgeCVRegressor
+from regress.boosting import LightGBMRegressor
+from regress.ridge import DEFAULT_ALPHAS, RidgeCVRegressor
 
 
 def synthetic(n: int, d: int, g: int, seed: int = 0, block: int = 100_000):

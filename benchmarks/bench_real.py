@@ -29,12 +29,11 @@ import numpy as np
 import pandas as pd
 
 from embed.pipeline import EmbedSettings, embed_dataset
-from regress.catalogue import model_inputs
 from regress.engine import HeldOutPredictions, evaluate, select_and_fit
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
 from regress.metrics import cellwise_mse, cellwise_spearman, genewise_pearson
-from regress.models import ALPHA_CRITERIA
 from regress.plots import informative_genes, plot_maps
+from regress.ridge import ALPHA_CRITERIA
 from regress.settings import FitSettings
 from regress.source import CacheSource
 from slidedata.sample import open_samples
@@ -223,8 +222,8 @@ def run_mode(data: ModeData, feature_sets: tuple[FeatureSet, ...], models: tuple
             chosen = select_and_fit(source.subset([s for s in sections if s != section]), settings, progress=False)
             matrix = source.matrix(info)
             test = np.flatnonzero(matrix.measured & (matrix.group == "train"))
-            predictions = chosen.estimator.predict(model_inputs(chosen.best, matrix.X[test], matrix.coords[test],
-                                                                info.code, source.base_dim))
+            inputs = chosen.gathered.layouts[chosen.best].take(matrix.X[test], matrix.coords[test], info.code)
+            predictions = chosen.estimator.predict(inputs)
             rows.append({"mode": data.mode, "features": label, "model": "selected", "chosen": chosen.best,
                          "section": section, **section_scores(matrix.Y[test], predictions, top[section],
                                                               spots(section, matrix.cell_id[test]))})

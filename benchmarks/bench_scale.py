@@ -10,7 +10,7 @@ Stages (a-d on one real-size synthetic slide, e-g on a synthetic feature cache o
     d  submit it
     e  write the synthetic full-challenge cache: 8 samples, 1.67 M nuclei, 1536-d features at 2 patch sizes (~10 GB)
     f  fit on that cache: mean-profile, ridge+context
-    g  fit the neighbourhood-set head on that cache: deepsets on the features plus their neighbours' mean and max
+    g  fit the MLP ensemble on that cache: mlp-ensemble on the features plus their neighbours' mean and max
        within 15 and 30 um (its row subsample: --sample-rows, 100,000 rows by default)
 
 A stage that fails, runs past `--timeout` or grows past `--max-rss-gb` (polled from /proc, the whole process group
@@ -77,11 +77,11 @@ def stages(work: Path, scale: float, python: str = sys.executable) -> list[Stage
               [python, "-m", "regress", "--data", str(full / "data"), "--cache", str(full / "features.zarr"),
                "--model-dir", str(work / "full-model"), "--encoder", "uni2-h", "--patch-sizes", "64", "224",
                "--models", "mean-profile", "ridge+context"], work / "full-model"),
-        Stage("g", "fit deepsets on full-challenge cache",
+        Stage("g", "fit mlp-ensemble on full-challenge cache",
               [python, "-m", "regress", "--data", str(full / "data"), "--cache", str(full / "features.zarr"),
-               "--model-dir", str(work / "full-model-deepsets"), "--encoder", "uni2-h", "--patch-sizes", "64", "224",
-               "--models", "deepsets", "--context-radius", "70", "141", "--context-pool", "mean", "max"],
-              work / "full-model-deepsets"),
+               "--model-dir", str(work / "full-model-mlp-ensemble"), "--encoder", "uni2-h", "--patch-sizes", "64", "224",
+               "--models", "mlp-ensemble", "--context-radius", "70", "141", "--context-pool", "mean", "max"],
+              work / "full-model-mlp-ensemble"),
     ]
 
 

@@ -17,8 +17,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     from regress.features import CONTEXT_POOLS, FeatureSpec
     from regress.fit import fit_and_evaluate
     from regress.model_dir import ModelDir
-    from regress.models import ALPHA_CRITERIA
-    from regress.settings import BASELINES, MODELS, PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
+    from regress.families import model_names
+    from regress.ridge import ALPHA_CRITERIA
+    from regress.settings import PROTOCOLS, TUNING_FOLDS, FitSettings, default_features
     from regress.tasks import SchedulerUnreachable
 
     defaults, feature_defaults = FitSettings(), default_features()
@@ -30,16 +31,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     parser.add_argument("--encoder", default=feature_defaults.encoder, help="the encoder whose features to read")
     parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(feature_defaults.patch_sizes),
                         help="slide pixels (64) or microns (32um), as embedded")
-    parser.add_argument("--models", nargs="+", default=list(defaults.models), choices=list(BASELINES) + list(MODELS),
-                        metavar="MODEL",
-                        help=f"models to evaluate, the best one saved: {', '.join(BASELINES + MODELS)}")
+    parser.add_argument("--models", nargs="+", default=list(defaults.models), metavar="MODEL",
+                        help=f"models to evaluate, the best one saved: {', '.join(model_names())}")
     parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
-                        help="neighbours pooled for the +context models and deepsets (0: none, then give "
+                        help="neighbours pooled for the +context models and mlp-ensemble (0: none, then give "
                              "--context-radius)")
     parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=defaults.ridge_criterion,
                         help="what ridge's alpha is chosen by: the held-out squared error or cell-wise Spearman")
     parser.add_argument("--context-radius", type=positive_float, nargs="+",
-                        help="px: the +context models and deepsets pool all nuclei within this radius (or each of "
+                        help="px: the +context models and mlp-ensemble pool all nuclei within this radius (or each of "
                              "several) instead of the k nearest")
     parser.add_argument("--context-pool", nargs="+", choices=CONTEXT_POOLS, default=list(feature_defaults.context_pool),
                         help="how the neighbours' features are pooled: one block per pool and neighbourhood")

@@ -23,10 +23,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from regress.catalogue import FROM_STATISTICS, family, input_width, make_estimator, model_inputs, statistics_width
+from regress.families import InputLayout, ModelSpec
 from regress.metrics import (cellwise_mse, cellwise_spearman, default_region_radius, gene_moments, held_out_regions,
                              official_score, pearson_from_moments)
-from regress.models import MomentStats, ridge_fold_of
+from regress.ridge import MomentStats
 from regress.selection import best_model
 from regress.settings import FitSettings
 from regress.source import SampleInfo, Source
@@ -70,8 +70,10 @@ class Gathered:
     protocol: str  # resolved, never 'auto'
     with_blocks: bool
     n_blocks: int
-    stats: dict  # stratum key -> MomentStats of the leading columns the statistics models read (statistics_width)
+    stats: dict  # stratum key -> MomentStats of the columns the statistics-trained models read (`stat_columns`)
     rows: RowSample
+    layouts: dict  # model name -> InputLayout: its columns of the gathered matrix
+    stat_columns: slice | np.ndarray  # the columns of the gathered matrix that `stats` cover
 
     @property
     def strata(self) -> pd.DataFrame:
@@ -127,17 +129,16 @@ def _strata_of(matrix, info: SampleInfo, n_blocks: int, with_blocks: bool) -> tu
 
 
 def gather_sample(source: Source, info: SampleInfo, n_blocks: int, with_blocks: bool, max_rows: int,
-                  random_state: int = 0, width: int | None = None) -> tuple[dict, RowSample]:
-    """Ridge statistics per stratum (of the first `width` feature columns; None: all) and a subsample of `max_rows`
-    rows at most, the same share of every role and spatial block."""
+                  random_state: int = 0, columns: slice | np.ndarray = slice(None)) -> tuple[dict, RowSample]:
+    """Statistics per stratum (of the feature `columns` the statistics-trained models read) and a subsample of
+    `max_rows` rows at most, the same share of every role and spatial block."""
     matrix = source.matrix(info)
     keys, blocks = _strata_of(matrix, info, n_blocks, with_blocks)
     rows_of: dict = {}
     for row, key in enumerate(keys):
         if key is not None:
             rows_of.setdefault(key, []).append(row)
-    columns = slice(None) if width is None else slice(0, width)
-    stats = {key: MomentStats.of(matrix.X[rows, columns], matrix.Y[rows]) for key, rows in rows_of.items()}
+    stats = {key: MomentStats.of(_columns(matrix.X, rows, columns), matrix.Y[rows]) for key, rows in rows_of.items()}
     measured = np.flatnonzero([key is not None for key in keys])
     if len(measured) > max_rows:
         rng = np.random.default_rng(random_state + info.code)
@@ -152,7 +153,12 @@ def gather_sample(source: Source, info: SampleInfo, n_blocks: int, with_blocks: 
     return stats, rows
 
 
-def score_sample(source: Source, info: SampleInfo, n_blocks: int, with_blocks: bool, base_dim: int,
+def _columns(X: np.ndarray, rows: list, columns: slice | np.ndarray) -> np.ndarray:
+    """X[rows, columns] for a slice or an index array of columns."""
+    return X[rows, columns] if isinstance(columns, slice) else X[rows][:, columns]
+
+
+def score_sample(source: Source, info: SampleInfo, n_blocks: int, with_blocks: bool, layouts: dict,
                  work: list[tuple[int, frozenset, dict]], protocol: str, keep_predictions: bool = False
                  ) -> dict[int, _SplitScores]:
     """For each (split, strata held out here, {model: fitted estimator}): scores of the held-out rows."""
@@ -166,8 +172,7 @@ def score_sample(source: Source, info: SampleInfo, n_blocks: int, with_blocks: b
             spearman, mse, moments, kept = [], [], 0.0, []
             for start in range(0, len(rows), PREDICT_BLOCK):
                 block = rows[start: start + PREDICT_BLOCK]
-                predictions = estimator.predict(model_inputs(name, matrix.X[block], matrix.coords[block], info.code,
-                                                             base_dim))
+                predictions = estimator.predict(layouts[name].take(matrix.X[block], matrix.coords[block], info.code))
                 spearman.append(cellwise_spearman(matrix.Y[block], predictions))
                 mse.append(cellwise_mse(matrix.Y[block], predictions))
                 moments = moments + gene_moments(matrix.Y[block], predictions)
@@ -192,55 +197,69 @@ def gather(source: Source, settings: FitSettings, progress: bool = True) -> Gath
     protocol = choose_protocol(settings.protocol, any(s.n_validation for s in samples), n_training)
     with_blocks = needs_blocks(protocol, n_training, settings.tuning_folds)
     total = sum(s.n_measured for s in samples)
-    width = statistics_width(settings.models, source.base_dim)
+    layouts = model_layouts(source, settings)
+    stat_columns = _as_slice(np.unique(np.concatenate(
+        [np.zeros(0, np.int64)] + [_indices_of(layouts[s.name].columns) for s in map(ModelSpec.parse, settings.models)
+                                   if s.family.trains_from == "statistics" and s.family.reads == "features"])))
     parts = compute(gather_sample, [(source, s, settings.n_blocks, with_blocks,
-                                     max(1, int(round(settings.sample_rows * s.n_measured / total))), 0, width)
+                                     max(1, int(round(settings.sample_rows * s.n_measured / total))), 0, stat_columns)
                                     for s in samples], settings.scheduler, "statistics", progress)
     stats = {}
     for part, _ in parts:
         stats.update(part)
     return Gathered(source, protocol, with_blocks, settings.n_blocks, stats,
-                    RowSample.concat([rows for _, rows in parts]))
+                    RowSample.concat([rows for _, rows in parts]), layouts, stat_columns)
+
+
+def model_layouts(source: Source, settings: FitSettings) -> dict[str, InputLayout]:
+    """{model name: where its inputs are} in the matrices of `source` (built for `settings.gathered_features`)."""
+    built = settings.gathered_features
+    return {name: ModelSpec.parse(name).layout(built, settings.features, source.base_dim, source.scale_sets)
+            for name in settings.models}
+
+
+def _indices_of(columns: slice | np.ndarray) -> np.ndarray:
+    """The column indices that a slice (with its stop) or an index array selects."""
+    return np.arange(columns.stop)[columns] if isinstance(columns, slice) else np.asarray(columns)
+
+
+def _as_slice(index: np.ndarray) -> slice | np.ndarray:
+    """A slice where the indices are one run (numpy then takes a view, not a copy)."""
+    if not len(index):
+        return slice(0, 0)
+    if np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return index
 
 
 def fit_model(name: str, gathered: Gathered, strata: frozenset, settings: FitSettings):
-    """Model `name` fitted on the rows of `strata`: ridge and the mean profile from their statistics, the others on
-    their rows of the bounded subsample."""
-    source = gathered.source
+    """Model `name` fitted on the rows of `strata`: a statistics-trained family from every row's statistics
+    (`regress.families.StatisticsTrained`), the others on their rows of the bounded subsample."""
+    spec, layout = ModelSpec.parse(name), gathered.layouts[name]
     by_sample = tunes_by_sample(len({k[0] for k in strata}), settings.tuning_folds)
-    width = input_width(name, source.base_dim)
-    sets = None if source.scale_sets is None else source.scale_sets[:width]
-    estimator = make_estimator(name, settings, sets)
-    if family(name) in FROM_STATISTICS:
+    estimator = spec.make(settings, layout)
+    if spec.family.trains_from == "statistics":
         keys = sorted(strata)
-        stats = [gathered.stats[k] if width is None else gathered.stats[k].columns(width) for k in keys]
-        if family(name) == "mean-profile":
-            return estimator.fit_statistics(MomentStats.combine(stats))
-        labels = tuning_labels(keys, by_sample)
-        fold_of = ridge_fold_of(labels, estimator.n_folds, estimator.random_state)
-        folds: dict = {}
-        fold_keys: dict = {}
-        for part, key, label in zip(stats, keys, labels.tolist()):
-            folds.setdefault(fold_of[label], []).append(part)
-            fold_keys.setdefault(fold_of[label], []).append(key)
-        held = None
-        if estimator.criterion == "spearman":  # scored on each fold's rows of the bounded subsample
-            held = [_scoring_rows(name, gathered, frozenset(fold_keys[k])) for k in sorted(folds)]
-        return estimator.fit_statistics([MomentStats.combine(folds[k]) for k in sorted(folds)], held)
+        stats = [gathered.stats[k] for k in keys]
+        if spec.family.reads == "features":  # its columns among those the statistics cover
+            within = _as_slice(np.searchsorted(_indices_of(gathered.stat_columns), _indices_of(layout.columns)))
+            stats = [part.select(within) for part in stats]
+        return estimator.fit_statistics(stats, tuning_labels(keys, by_sample),
+                                        lambda positions: _scoring_rows(layout, gathered,
+                                                                        frozenset(keys[i] for i in positions)))
     rows = gathered.rows.take(strata)
-    inputs = model_inputs(name, rows.X, rows.coords, rows.codes, source.base_dim)
     labels = tuning_labels(rows.strata, by_sample)
-    return estimator.fit(inputs, rows.Y, groups=pd.factorize(labels)[0] if by_sample else labels)
+    return estimator.fit(layout.take(rows.X, rows.coords, rows.codes), rows.Y,
+                         groups=pd.factorize(labels)[0] if by_sample else labels)
 
 
-def _scoring_rows(name: str, gathered: Gathered, strata: frozenset, max_rows: int = ALPHA_SCORING_ROWS
+def _scoring_rows(layout: InputLayout, gathered: Gathered, strata: frozenset, max_rows: int = ALPHA_SCORING_ROWS
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs of model `name`, expression) of at most `max_rows` subsample rows of `strata`, evenly spread."""
+    """(a model's inputs, expression) of at most `max_rows` subsample rows of `strata`, evenly spread."""
     rows = gathered.rows.take(strata)
     keep = np.unique(np.linspace(0, len(rows.Y) - 1, min(max_rows, len(rows.Y))).round().astype(int)) \
         if len(rows.Y) else np.zeros(0, int)
-    inputs = model_inputs(name, rows.X[keep], rows.coords[keep], rows.codes[keep], gathered.source.base_dim)
-    return inputs, rows.Y[keep]
+    return layout.take(rows.X[keep], rows.coords[keep], rows.codes[keep]), rows.Y[keep]
 
 
 def evaluate(source: Source, settings: FitSettings, progress: bool = True,
@@ -266,7 +285,7 @@ def evaluate(source: Source, settings: FitSettings, progress: bool = True,
         work = [(i, frozenset(k for k in test if k[0] == info.code), {m: fitted[i, m] for m in settings.models})
                 for i, (_, test) in enumerate(splits) if any(k[0] == info.code for k in test)]
         if work:
-            calls.append((source, info, gathered.n_blocks, gathered.with_blocks, source.base_dim, work, protocol,
+            calls.append((source, info, gathered.n_blocks, gathered.with_blocks, gathered.layouts, work, protocol,
                           sink is not None))
             owners.append(info)
 

@@ -9,7 +9,7 @@ import pandas as pd
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from regress.models import principal_basis, project
+from regress.components import principal_basis, project
 from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 
@@ -28,10 +28,9 @@ class FeatureSpec:
     extra_keys: tuple[tuple[str, PatchSize], ...] = ()  # more (encoder, patch size) blocks, e.g. a second encoder's
     morphology: bool = True  # nucleus area and ellipse axes from the mask
     context_k: int = 0  # append the mean features of the k nearest nuclei (0 = none)
-    context_weighted: bool = False  # weight neighbours by a Gaussian of their distance instead of equally
     # px: pool all nuclei within this radius (or each of several radii: one block per radius) instead of the k nearest
     context_radius: float | tuple[float, ...] | None = None
-    # how neighbours' features are pooled, one block per pool and neighbourhood: 'mean', 'max' (DeepSets: a set of
+    # how neighbours' features are pooled, one block per pool and neighbourhood: 'mean', 'max' (a set of
     # neighbours summarised by permutation-invariant pools)
     context_pool: tuple[str, ...] = ("mean",)
     # z-score every feature within each sample: removes what differs between slides as a whole (stain, scanner,
@@ -70,16 +69,17 @@ class FeatureSpec:
         neighbourhoods = len(self.context_radius) if self.context_radius else int(bool(self.context_k))
         return neighbourhoods * len(self.context_pool)
 
-    def __setstate__(self, state: dict) -> None:
-        # Models pickled before patch sizes were typed hold them as text.
-        object.__setattr__(self, "__dict__", {"context_pool": ("mean",), **state})
-        object.__setattr__(self, "context_radius", _radii(self.context_radius))
-        object.__setattr__(self, "patch_sizes", patch_sizes(self.patch_sizes))
-        object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s)) for e, s in self.extra_keys))
-        object.__setattr__(self, "keys", tuple((e, PatchSize.parse(s)) for e, s in self.keys))
-
     def without_context(self) -> "FeatureSpec":
-        return replace(self, context_k=0, context_radius=None, context_pool=("mean",), context_weighted=False)
+        return replace(self, context_k=0, context_radius=None, context_pool=("mean",))
+
+    def blocks(self, base_dim: int) -> list[tuple[tuple, int]]:
+        """(name, width) of each block of columns of `sample_features`, in order: the base features (the cached
+        blocks and the nucleus shape, `base_dim` wide), then one context block per (neighbourhood, pool). Two specs
+        that differ only in their blocks build matrices whose shared blocks are the same columns
+        (`feature_columns`)."""
+        neighbourhoods = self.context_radius or ((f"k{self.context_k}",) if self.context_k else ())
+        return [(("base",), base_dim)] + [(("context", n, p), base_dim) for n in neighbourhoods
+                                          for p in self.context_pool]
 
     def as_dict(self) -> dict:
         """Plain values (patch sizes written as their keys), for JSON summaries."""
@@ -156,7 +156,7 @@ class FeatureReducer:
 def scale_sets(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer: FeatureReducer | None
                ) -> np.ndarray:
     """Per column of `sample_features`, the id of the set of columns standardised together: the components of a
-    reduced block share one (see `regress.models.column_scale`); every other column is a set of its own."""
+    reduced block share one (see `regress.components.column_scale`); every other column is a set of its own."""
     sets, next_id = [], 0
     for encoder, size in spec.keys:
         key, dim = entry_key(encoder, size), store.open_entry(sample_name, encoder, size).features.shape[1]
@@ -173,20 +173,38 @@ def scale_sets(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer
     return np.concatenate([base + i * next_id for i in range(1 + spec.n_context_blocks)])  # context mirrors its block
 
 
-def knn_weights(coords: np.ndarray, k: int, weighted: bool = False) -> sparse.csr_matrix:
-    """Row-stochastic (n, n) matrix averaging each nucleus' k nearest other nuclei, optionally Gaussian-weighted."""
+def feature_columns(read: FeatureSpec, built: FeatureSpec, base_dim: int) -> slice | np.ndarray:
+    """The columns of a matrix built for `built` that hold the blocks of `read` (a slice where they are one run)."""
+    starts, at = {}, 0
+    for name, width in built.blocks(base_dim):
+        starts[name], at = (at, width), at + width
+    missing = [name for name, _ in read.blocks(base_dim) if name not in starts]
+    if missing:
+        raise ValueError(f"the features hold no block {missing[0]}")
+    index = np.concatenate([np.arange(starts[n][0], starts[n][0] + starts[n][1]) for n, _ in read.blocks(base_dim)])
+    if len(index) and np.array_equal(index, np.arange(index[0], index[0] + len(index))):
+        return slice(int(index[0]), int(index[0]) + len(index))
+    return index
+
+
+def covering(specs: list[FeatureSpec]) -> FeatureSpec:
+    """The spec among `specs` whose blocks include every other's: the one matrix from which every model's columns
+    are taken (`feature_columns`)."""
+    names = [{name for name, _ in spec.blocks(1)} for spec in specs]
+    for spec, own in sorted(zip(specs, names), key=lambda pair: -len(pair[1])):
+        if all(other <= own for other in names):
+            return spec
+    raise ValueError("the models read feature blocks that no one feature matrix holds together")
+
+
+def knn_weights(coords: np.ndarray, k: int) -> sparse.csr_matrix:
+    """Row-stochastic (n, n) matrix averaging each nucleus' k nearest other nuclei."""
     n = len(coords)
     k_eff = min(k + 1, n)
     if k_eff < 2:
         return sparse.csr_matrix((n, n))
-    distances, idx = cKDTree(coords).query(coords, k=k_eff)
-    distances, idx = distances[:, 1:], idx[:, 1:]  # the nucleus itself is its own nearest neighbour
-    if weighted:
-        bandwidth = np.median(distances[:, -1]) + 1e-6
-        weights = np.exp(-((distances / bandwidth) ** 2))
-    else:
-        weights = np.ones_like(distances)
-    weights /= weights.sum(axis=1, keepdims=True)
+    idx = cKDTree(coords).query(coords, k=k_eff)[1][:, 1:]  # the nucleus itself is its own nearest neighbour
+    weights = np.full(idx.shape, 1.0 / idx.shape[1])
     return sparse.csr_matrix((weights.ravel(), idx.ravel(), np.arange(0, n * (k_eff - 1) + 1, k_eff - 1)),
                              shape=(n, n))
 
@@ -227,14 +245,9 @@ def apply_weights(weights: sparse.csr_matrix, features: np.ndarray, block: int =
     return out
 
 
-def neighbourhood_mean(coords: np.ndarray, features: np.ndarray, k: int, weighted: bool = False) -> np.ndarray:
-    """Mean features of each nucleus' k nearest other nuclei (KD-tree), optionally Gaussian distance-weighted."""
-    return apply_weights(knn_weights(coords, k, weighted), features)
-
-
-def radius_mean(coords: np.ndarray, features: np.ndarray, radius: float) -> np.ndarray:
-    """Mean features of the other nuclei within `radius` px of each nucleus (zeros where there are none)."""
-    return apply_weights(radius_weights(coords, radius), features)
+def neighbourhood_mean(coords: np.ndarray, features: np.ndarray, k: int) -> np.ndarray:
+    """Mean features of each nucleus' k nearest other nuclei (KD-tree)."""
+    return apply_weights(knn_weights(coords, k), features)
 
 
 def standardize_columns(block: np.ndarray, columns: int = 256) -> None:
@@ -278,7 +291,7 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
     if spec.has_context:
         coords = nuclei[["y", "x"]].to_numpy(np.float64)
         neighbourhoods = [radius_weights(coords, r) for r in spec.context_radius] if spec.context_radius else \
-            [knn_weights(coords, spec.context_k, spec.context_weighted)]
+            [knn_weights(coords, spec.context_k)]
         offset = base_width
         for weights in neighbourhoods:
             for pool in spec.context_pool:

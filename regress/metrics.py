@@ -13,6 +13,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from scipy.stats import rankdata
 
+from regress.components import principal_axes
+
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation of each row of a with the same row of b; 0 where either row is constant."""
@@ -112,7 +114,7 @@ def expression_state_oracle(train_Y: np.ndarray, test_Y: np.ndarray, k: int = 30
     train_Y = np.asarray(train_Y, dtype=np.float64)
     centre = train_Y.mean(0)
     components = min(n_components, *train_Y.shape)
-    basis = np.linalg.svd(train_Y - centre, full_matrices=False)[2][:components].T
+    basis = principal_axes(train_Y - centre, components, exact=True)
     points = ((train_Y - centre) @ basis).astype(np.float32)
     norms = (points * points).sum(1)
     k = min(k, len(train_Y))

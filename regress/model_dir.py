@@ -1,6 +1,7 @@
 """The model directory: the one place that knows its file names, and writes each file whole (`slidedata.publish`).
 
-    predictor.joblib    the fitted ExpressionPredictor (what `infer` and the submit stage load)
+    predictor.joblib    the fitted ExpressionPredictor, with its format version (what `infer` and the submit stage load;
+                        older formats through `regress.model_format`)
     predictor.json      a readable summary of it, written after it
     scores.csv          one row per evaluated model (regress.engine.SCORE_COLUMNS)
     gene_pearson.csv    per-gene Pearson of every evaluated model (rows: genes, index 'gene')
@@ -21,6 +22,7 @@ from pathlib import Path
 import joblib
 import pandas as pd
 
+from regress.model_format import load, migrate
 from regress.predictor import ExpressionPredictor
 from slidedata.errors import DataError
 from slidedata.publish import publishing, publishing_folder
@@ -72,7 +74,7 @@ class ModelDir:
                 old = self.load_predictor()
             except Exception:  # unreadable: nothing to compare, and the fit replaces it anyway
                 return f"{self.path} holds a model that cannot be read; this fit replaces it"
-            recorded_data, recorded_genes = getattr(old, "data", "") or recorded_data, list(old.genes)
+            recorded_data, recorded_genes = old.data or recorded_data, list(old.genes)
         new_data = str(Path(data).resolve())
         if (recorded_data and recorded_data != new_data) or list(recorded_genes) != list(genes):
             what = f"{recorded_data or 'other data'} ({len(recorded_genes)} genes)"
@@ -87,7 +89,7 @@ class ModelDir:
         if not path.is_file():
             raise DataError(path, "-", "is not a file; run the fit stage (make fit) again")
         try:
-            predictor = joblib.load(path)
+            predictor = load(path)
         except Exception as exc:  # a damaged pickle fails anywhere in the unpickler (EOFError, KeyError: 25, ...)
             line = (str(exc).strip().splitlines() or [""])[0][:160]
             reason = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
@@ -95,7 +97,10 @@ class ModelDir:
                                        "version; run the fit stage (make fit) again to write it anew") from exc
         if not isinstance(predictor, ExpressionPredictor):
             raise DataError(path, "-", f"holds a {type(predictor).__name__}, not an ExpressionPredictor")
-        return predictor
+        try:
+            return migrate(predictor)
+        except ValueError as exc:
+            raise DataError(path, "-", str(exc)) from None
 
     # -- the evaluation -------------------------------------------------------------------------------------------
     def save_scores(self, scores: pd.DataFrame, gene_pearson: pd.DataFrame) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from regress.metrics import genewise_pearson
-from regress.settings import BASELINES
+from regress.families import is_baseline
 
 MAP_WINDOW_PX = 4096  # the square of tissue drawn in maps: wide enough for structure, one image read
 MAP_IMAGE_EDGE = 512  # the H&E beside the maps, downsampled to at most this many pixels a side
@@ -36,7 +36,7 @@ def plot_scores(scores: pd.DataFrame, gene_scores: dict[str, np.ndarray], best: 
     low, high = float(np.nanmin(np.concatenate(every))), float(np.nanmax(np.concatenate(every)))
     margin = max(0.1 * (high - low), 0.005)
     for y, (name, value) in enumerate(zip(names, values)):
-        colour = "#999999" if name in BASELINES else "#4c72b0"
+        colour = "#999999" if is_baseline(name) else "#4c72b0"
         if split_scores and name in split_scores:
             left.plot(split_scores[name], np.full(len(split_scores[name]), y) + 0.18, ".", color=colour, alpha=0.6,
                       markersize=5)

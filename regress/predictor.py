@@ -10,6 +10,9 @@ import pandas as pd
 from regress.features import FeatureReducer, FeatureSpec, sample_features
 from slidedata.feature_store import FeatureStore
 
+# The saved format (regress.model_format): 1 since models record it; older ones load through its migration.
+FORMAT_VERSION = 1
+
 
 @dataclass
 class ExpressionPredictor:
@@ -20,10 +23,11 @@ class ExpressionPredictor:
     embed_settings: dict = field(default_factory=dict)  # encoder, pad mode, pixel size... to re-embed new samples alike
     scores: dict = field(default_factory=dict)  # held-out scores from the evaluation that chose this model
     # The settings of the cache entries it was trained on ('encoder:patch_size' -> settings_of(attrs)): features
-    # made otherwise are refused at prediction. Empty for models saved before this was recorded.
+    # made otherwise are refused at prediction.
     feature_settings: dict = field(default_factory=dict)
     reducer: FeatureReducer | None = None  # the principal axes of the wide feature blocks, fitted with the model
-    data: str = ""  # the data folder it was fitted on (absolute); "" for models saved before this was recorded
+    data: str = ""  # the data folder it was fitted on (absolute)
+    format_version: int = FORMAT_VERSION
 
     def predict_features(self, X: np.ndarray) -> np.ndarray:
         return self.estimator.predict(X)
@@ -36,8 +40,8 @@ class ExpressionPredictor:
         block at a time: at submission the train nuclei cost no prediction memory.
         """
         nuclei = store.read_nuclei(sample_name) if nuclei is None else nuclei
-        store.check_settings(sample_name, getattr(self, "feature_settings", {}))
-        X = sample_features(store, sample_name, self.feature_spec, nuclei, getattr(self, "reducer", None))
+        store.check_settings(sample_name, self.feature_settings)
+        X = sample_features(store, sample_name, self.feature_spec, nuclei, self.reducer)
         rows = np.arange(len(nuclei)) if rows is None else np.asarray(rows)
         out = np.empty((len(rows), len(self.genes)), dtype=np.float32)
         for start in range(0, len(rows), block):
@@ -46,7 +50,7 @@ class ExpressionPredictor:
 
     def summary(self) -> dict:
         """What `predictor.json` shows of the model (for people; nothing loads it)."""
-        return {"model": self.model_name, "data": getattr(self, "data", ""), "features": self.feature_spec.as_dict(),
+        return {"model": self.model_name, "data": self.data, "format_version": self.format_version, "features": self.feature_spec.as_dict(),
                 "n_genes": len(self.genes), "genes": list(self.genes),
                 "embed_settings": self.embed_settings, "feature_settings": self.feature_settings,
                 "scores": self.scores, "estimator": repr(self.estimator)}

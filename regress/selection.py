@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from regress.catalogue import COMPLEXITY_ORDER
+from regress.families import ModelSpec
 
 
 def best_model(scores: pd.DataFrame, split_scores: dict[str, np.ndarray] | None = None) -> tuple[str, str]:
@@ -15,10 +15,11 @@ def best_model(scores: pd.DataFrame, split_scores: dict[str, np.ndarray] | None 
     mean shortfall from the best, split by split, is within one standard error of that shortfall (the one-standard-
     error rule, paired): on four real sections the best of the inner folds was LightGBM every time, and on the
     section left out it lost to ridge+context every time. The mean profile stays a candidate on purpose: where
-    nothing beats it on held-out tissue, it is the honest choice. The spatial baseline predicts from positions alone
-    and cannot serve new tissue.
+    nothing beats it on held-out tissue, it is the honest choice. A family that cannot serve tissue it never saw
+    (the spatial baseline: positions alone) is no candidate. Simplest first: each family's rank in the registry.
     """
-    candidates = scores[scores["model"] != "spatial-knn"]
+    specs = {name: ModelSpec.parse(name) for name in scores["model"]}
+    candidates = scores[[specs[m].family.serves_unseen_tissue for m in scores["model"]]]
     if not len(candidates):
         raise ValueError("no model to choose from: add a model or the mean-profile baseline")
     ranked = candidates.sort_values("spearman_official", ascending=False, kind="stable")
@@ -26,7 +27,7 @@ def best_model(scores: pd.DataFrame, split_scores: dict[str, np.ndarray] | None 
     if not split_scores or len(split_scores.get(best, ())) < 2:
         return best, f"{best} has the best held-out score ({top:.4f})"
     names = list(candidates["model"])
-    ordered = [m for m in COMPLEXITY_ORDER if m in names] + [m for m in names if m not in COMPLEXITY_ORDER]
+    ordered = sorted(names, key=lambda m: specs[m].rank)
     for name in ordered:
         shortfall = split_scores[best] - split_scores[name]
         error = shortfall.std(ddof=1) / np.sqrt(len(shortfall))

@@ -8,7 +8,8 @@ strata, built once over the table of strata with scikit-learn's splitters, then 
 * 'loso': leave one sample out (`LeaveOneGroupOut` over samples);
 * 'spatial-kfold': whole spatial blocks of the train strata, assigned to K folds at random (`PredefinedSplit`).
 
-Neighbouring nuclei share signal, so nothing is ever split at random row by row.
+Neighbouring nuclei share signal, so nothing is ever split at random row by row. The models' own tuning folds are
+whole groups too, assigned here and nowhere else (`group_folds`, `row_folds`, `tuning_split`, `member_holdouts`).
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ def evaluation_splits(strata: pd.DataFrame, protocol: str, n_folds: int, sample_
         return [(train[a], train[b]) for a, b in LeaveOneGroupOut().split(train, groups=names)]
     if protocol == "spatial-kfold":
         blocks = strata["block"].to_numpy()[train]
-        unique = np.unique(blocks)
-        fold_of = dict(zip(unique.tolist(), (np.random.default_rng(0).permutation(len(unique)) % n_folds).tolist()))
+        fold_of = group_folds(blocks, n_folds, random_state=0)
         test_fold = np.array([fold_of[b] for b in blocks.tolist()], dtype=np.int64)
         return [(train[a], train[b]) for a, b in PredefinedSplit(test_fold).split()]
     raise ValueError(f"unknown protocol '{protocol}'")
@@ -100,3 +100,46 @@ def region_labels(protocol: str, code: int, blocks: np.ndarray) -> np.ndarray:
     if protocol == "loso":
         return np.full(len(blocks), code)
     return np.full(len(blocks), -1)
+
+
+# -- the models' own tuning folds -----------------------------------------------------------------------------------
+def group_folds(groups: np.ndarray, n_folds: int, random_state: int = 0) -> dict:
+    """{group label: fold}: whole groups (samples, spatial blocks) assigned to at most `n_folds` folds at random."""
+    unique = np.unique(groups)
+    shuffled = np.random.default_rng(random_state).permutation(len(unique))
+    return dict(zip(unique.tolist(), (shuffled % min(n_folds, len(unique))).tolist()))
+
+
+def row_folds(n_rows: int, groups: np.ndarray | None, n_folds: int, random_state: int = 0) -> np.ndarray:
+    """The fold of each row: its group's (`group_folds`), or a random one where no groups are given."""
+    if groups is None:
+        return np.random.default_rng(random_state).integers(0, n_folds, n_rows)
+    fold_of = group_folds(groups, n_folds, random_state)
+    return np.array([fold_of[g] for g in np.asarray(groups).tolist()], dtype=np.int64)
+
+
+def tuning_split(n_rows: int, groups: np.ndarray | None, random_state: int = 0) -> np.ndarray:
+    """Rows held out to tune a row-trained model (early stopping, a grid): a fifth of the groups (whole samples or
+    blocks, at least one) when `groups` is given, else a random fifth of the rows."""
+    rng = np.random.default_rng(random_state)
+    if groups is not None and len(np.unique(groups)) > 1:  # one group cannot be both trained on and held out
+        unique = np.unique(groups)
+        return np.isin(groups, rng.choice(unique, size=max(len(unique) // 5, 1), replace=False))
+    return rng.random(n_rows) < 0.2
+
+
+def member_holdouts(n_rows: int, groups: np.ndarray | None, n_members: int, random_state: int) -> list[np.ndarray]:
+    """The held-out rows of each member of an ensemble: whole groups in turn (the groups split into as many chunks
+    as members, at most one per group; member i holds out chunk i modulo their number), else a random fifth."""
+    rng = np.random.default_rng(random_state)
+    if groups is None or len(np.unique(groups)) < 2:
+        return [rng.random(n_rows) < 0.2 for _ in range(n_members)]
+    chunks = np.array_split(rng.permutation(np.unique(groups)), min(n_members, len(np.unique(groups))))
+    return [np.isin(groups, chunks[m % len(chunks)]) for m in range(n_members)]
+
+
+def scored_rows(candidates: np.ndarray, max_rows: int, random_state: int = 0) -> np.ndarray:
+    """At most `max_rows` of the row indices `candidates`, drawn at random and sorted: the held-out rows a tuning
+    step scores by the cell-wise Spearman (ranking every gene of every row costs)."""
+    rng = np.random.default_rng(random_state)
+    return np.sort(rng.choice(candidates, size=min(max_rows, len(candidates)), replace=False))

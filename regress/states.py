@@ -14,11 +14,12 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
 from threadpoolctl import threadpool_limits
 
+from regress.components import ComponentInputs
+from regress.estimator import ExpressionRegressor, Integral, Interval, Real
 from regress.metrics import cellwise_spearman
-from regress.models import ClippedRegressorMixin, ComponentInputs, scored_rows, tuning_split
+from regress.splits import scored_rows, tuning_split
 
 TUNING_ROWS = 4000  # held-out rows on which each candidate is scored (ranking 377-460 genes per row costs)
 # BLAS and OpenMP threads for k-means and the classifier. Their products are small (64 components, 16-32 states),
@@ -62,12 +63,22 @@ def state_oracle(train_Y: np.ndarray, test_Y: np.ndarray, n_states: int = 32, ra
     return out
 
 
-class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
+class ExpressionStates(ExpressionRegressor):
     """Features -> posterior over k-means states of the measured expression -> posterior-weighted state profiles.
 
     `n_states`, `C` (inverse penalty of the logistic regression) and `power` are grids; the combination with the best
     held-out cell-wise Spearman on a tuning fold (whole samples when `groups` is given) is refitted on every row.
     """
+
+    _parameter_constraints = {
+        "n_states": ["array-like"], "C": ["array-like"], "power": ["array-like"],
+        "n_feature_components": [Interval(Integral, 1, None, closed="left"), None],
+        "max_iter": [Interval(Integral, 1, None, closed="left")], "scale_sets": ["array-like", None],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+    }
+    _element_constraints = {"n_states": [Interval(Integral, 1, None, closed="left")],
+                            "C": [Interval(Real, 0, None, closed="neither")],
+                            "power": [Interval(Real, 0, None, closed="neither")]}
 
     def __init__(self, n_states: tuple[int, ...] = (16, 32), C: tuple[float, ...] = (0.01, 0.1),
                  power: tuple[float, ...] = (0.5, 1.0, 2.0), n_feature_components: int | None = 64,
@@ -96,6 +107,7 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
             return self._fit(X, Y, groups)
 
     def _fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None):
+        X, Y = self._fit_data(X, Y)
         X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
         self.inputs_ = ComponentInputs.fit(X, self.n_feature_components, self.scale_sets)
         Z = self.inputs_.transform(X)
@@ -104,6 +116,7 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.n_states_, self.C_, self.power_ = best
         labels, self.profiles_ = expression_states(Y, self.n_states_, self.random_state)
         self.classifier_ = self._classifier(Z, labels, self.C_)
+        self.n_iter_ = int(np.max(self.classifier_.n_iter_))  # the classifier's iterations (max_iter caps them)
         self._set_clip(Y)
         return self
 
@@ -125,6 +138,7 @@ class ExpressionStates(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         return scores
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        X = self._predict_data(X)
         with threadpool_limits(limits=THREADS):
             return self._clip(self._expected(self.classifier_, self.profiles_, self.inputs_.transform(X),
                                              self.power_))

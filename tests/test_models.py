@@ -2,8 +2,11 @@ import numpy as np
 import pytest
 from sklearn.linear_model import Ridge
 
-from regress.features import neighbourhood_mean, radius_mean
-from regress.models import LightGBMRegressor, MeanProfile, RidgeCVRegressor, SpatialKNNProfile
+from regress.baselines import MeanProfile, SpatialKNNProfile
+from regress.boosting import LightGBMRegressor
+from regress.features import apply_weights, neighbourhood_mean, radius_weights
+from regress.ridge import RidgeCVRegressor
+from regress.splits import row_folds
 
 
 @pytest.fixture()
@@ -30,7 +33,7 @@ def test_ridge_cv_picks_the_alpha_that_explicit_refits_pick(linear_data, offset)
     alphas = [0.01, 1.0, 100.0, 1e4]
     groups = np.arange(len(X)) % 10
     model = RidgeCVRegressor(alphas=alphas, n_folds=5, standardize=False).fit(X, Y, groups=groups)
-    folds = model._folds(len(X), groups)
+    folds = row_folds(len(X), groups, 5, model.random_state)
     brute = []
     for alpha in alphas:
         sse = 0.0
@@ -84,10 +87,13 @@ def test_lightgbm_on_target_components_beats_the_mean(linear_data):
 
 
 def test_spatial_knn_keeps_samples_apart():
-    X = np.array([[0, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)  # y, x, sample code
+    from regress.families import ModelSpec
+
+    layout = ModelSpec.parse("spatial-knn").layout(None, None, 0)
+    coords, codes = np.array([[0, 0], [0, 1], [0, 0]], dtype=float), np.array([0, 0, 1])  # the third: sample 1
     Y = np.array([[1.0], [3.0], [100.0]])
-    model = SpatialKNNProfile(k=2).fit(X, Y)
-    assert model.predict(np.array([[0, 0.5, 0]]))[0, 0] == pytest.approx(2.0)
+    model = SpatialKNNProfile(k=2).fit(layout.take(None, coords, codes), Y)
+    assert model.predict(layout.take(None, np.array([[0, 0.5]]), 0))[0, 0] == pytest.approx(2.0)
 
 
 def test_neighbourhood_mean_matches_brute_force():
@@ -98,14 +104,12 @@ def test_neighbourhood_mean_matches_brute_force():
         distances = np.linalg.norm(coords - coords[i], axis=1)
         distances[i] = np.inf
         np.testing.assert_allclose(result[i], features[np.argsort(distances)[:4]].mean(0))
-    weighted = neighbourhood_mean(coords, features, k=4, weighted=True)
-    assert weighted.shape == features.shape and not np.allclose(weighted, result)
 
 
 def test_radius_mean_matches_brute_force():
     rng = np.random.default_rng(3)
     coords, features = rng.random((60, 2)) * 100, rng.random((60, 3)).astype(np.float32)
-    result = radius_mean(coords, features, radius=15.0)
+    result = apply_weights(radius_weights(coords, radius=15.0), features)
     for i in range(60):
         distances = np.linalg.norm(coords - coords[i], axis=1)
         near = (distances <= 15.0) & (np.arange(60) != i)
@@ -145,7 +149,7 @@ def test_ridge_on_principal_components_equals_scikit_learn_pca_then_ridge():
 
 
 def test_a_scale_set_shares_one_scale_and_a_rotation_inside_it_changes_nothing():
-    from regress.models import column_scale
+    from regress.components import column_scale
 
     np.testing.assert_allclose(column_scale([1.0, 4.0, 9.0, 16.0], np.array([0, 1, 1, 2])),
                                [1.0, np.sqrt(6.5), np.sqrt(6.5), 4.0])
@@ -164,7 +168,7 @@ def test_a_scale_set_shares_one_scale_and_a_rotation_inside_it_changes_nothing()
 
 
 def test_moment_statistics_combine_exactly_far_from_zero():
-    from regress.models import MomentStats
+    from regress.ridge import MomentStats
 
     rng = np.random.default_rng(0)
     X = rng.normal(1000.0, 1.0, (3000, 5))  # far from zero relative to the spread: naive sums cancel
@@ -200,19 +204,3 @@ def test_wide_blocks_are_reduced_to_their_principal_components(embedded_cache):
     np.testing.assert_allclose(np.linalg.svd(basis.T @ reference, compute_uv=False), 1.0, atol=1e-6)
     projected = reducer.transform(key, rows[:10])
     np.testing.assert_allclose(np.abs(projected), np.abs(standardized[:10] @ reference), rtol=1e-4, atol=1e-4)
-
-
-def test_a_feature_spec_pickled_with_text_patch_sizes_loads_typed():
-    """Models saved before patch sizes were typed hold them as text; they must still predict."""
-    import pickle
-
-    from regress.features import FeatureSpec
-    from slidedata.patch_size import PatchSize
-
-    old = object.__new__(FeatureSpec)
-    state = dict(FeatureSpec(patch_sizes=(24,), extra_keys=(("uni", "32um"),)).__dict__)
-    state.update(patch_sizes=("24",), extra_keys=(("uni", "32um"),), keys=(("handcrafted", "24"), ("uni", "32um")))
-    object.__setattr__(old, "__dict__", state)
-    loaded = pickle.loads(pickle.dumps(old))
-    assert loaded.patch_sizes == (PatchSize(24.0, "px"),)
-    assert loaded.keys == (("handcrafted", PatchSize(24.0, "px")), ("uni", PatchSize(32.0, "um")))

@@ -1,9 +1,10 @@
-"""The neighbourhood-set head: an ensemble of small MLPs on a nucleus' features and its neighbours' pooled ones.
+"""The MLP ensemble (`mlp-ensemble`, formerly `deepsets`): small MLPs on a nucleus' features and its neighbours'
+pooled ones, combined by the median.
 
-As the winner of Crunch 1 (DeepSpot's single-cell variant) did: each nucleus is its own feature blocks plus the
-mean and max of its neighbours' within one or two radii (a DeepSets summary of the set of neighbours: pooling makes
-it independent of their order and number; `FeatureSpec(context_radius=(r1, r2), context_pool=('mean', 'max'))`),
-per-gene standardised targets, MSE, dropout, and several MLPs combined by the median.
+Each nucleus is its own feature blocks plus the mean and max of its neighbours' within one or two radii, pooled by
+a fixed rule when the features are built (`FeatureSpec(context_radius=(r1, r2), context_pool=('mean', 'max'))`):
+nothing about the neighbours is learned here. Per-gene standardised targets, MSE, dropout, and several MLPs
+combined by the median, as DeepSpot's ensemble does.
 
 Each member trains with torch in mini-batches on a CPU or a GPU and stops early on its own whole-sample tuning fold
 (the groups, whole samples or spatial blocks, are split into as many folds as there are members, at most one per
@@ -18,21 +19,13 @@ import time
 from contextlib import contextmanager
 
 import numpy as np
-from sklearn.base import BaseEstimator, RegressorMixin
 
+from regress.components import ComponentInputs
+from regress.estimator import ExpressionRegressor, Integral, Interval, Real
 from regress.metrics import cellwise_spearman
-from regress.models import ClippedRegressorMixin, ComponentInputs, scored_rows
+from regress.splits import member_holdouts, scored_rows
 
 TUNING_ROWS = 3000  # held-out rows scored after each epoch
-
-
-def _folds(n_rows: int, groups: np.ndarray | None, n_members: int, random_state: int) -> list[np.ndarray]:
-    """The held-out rows of each member: whole groups in turn (samples or blocks), else a random fifth."""
-    rng = np.random.default_rng(random_state)
-    if groups is None or len(np.unique(groups)) < 2:
-        return [rng.random(n_rows) < 0.2 for _ in range(n_members)]
-    chunks = np.array_split(rng.permutation(np.unique(groups)), min(n_members, len(np.unique(groups))))
-    return [np.isin(groups, chunks[m % len(chunks)]) for m in range(n_members)]
 
 
 @contextmanager
@@ -58,8 +51,22 @@ def mlp_forward(layers: list[tuple[np.ndarray, np.ndarray]], Z: np.ndarray) -> n
     return out
 
 
-class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
+class MLPEnsembleRegressor(ExpressionRegressor):
     """Median of `n_members` MLPs (`hidden` units per hidden layer, `dropout`) trained on standardised targets."""
+
+    _parameter_constraints = {
+        "n_members": [Interval(Integral, 1, None, closed="left")], "hidden": ["array-like"],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "n_feature_components": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "patience": [Interval(Integral, 1, None, closed="left")], "device": [str, None],
+        "torch_threads": [Interval(Integral, 1, None, closed="left")], "scale_sets": ["array-like", None],
+        "random_state": [Interval(Integral, 0, None, closed="left")],
+    }
+    _element_constraints = {"hidden": [Interval(Integral, 1, None, closed="left")]}
 
     def __init__(self, n_members: int = 5, hidden: tuple[int, ...] = (256, 256), dropout: float = 0.2,
                  n_feature_components: int | None = 256, batch_size: int = 256, learning_rate: float = 1e-3,
@@ -75,6 +82,7 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         self.scale_sets, self.random_state = scale_sets, random_state
 
     def fit(self, X: np.ndarray, Y: np.ndarray, groups: np.ndarray | None = None):
+        X, Y = self._fit_data(X, Y)
         X, Y = np.asarray(X, dtype=np.float32), np.asarray(Y, dtype=np.float32)
         self.inputs_ = ComponentInputs.fit(X, self.n_feature_components, self.scale_sets)
         Z = self.inputs_.transform(X)
@@ -82,7 +90,7 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         T = ((Y - self.y_mean_) / self.y_scale_).astype(np.float32)
         self.members_, self.epochs_, self.tuning_scores_, self.epoch_seconds_ = [], [], [], []
         with _torch_threads(self.torch_threads):
-            for member, valid in enumerate(_folds(len(Z), groups, self.n_members, self.random_state)):
+            for member, valid in enumerate(member_holdouts(len(Z), groups, self.n_members, self.random_state)):
                 start = time.perf_counter()
                 layers, epochs, score, ran = self._train_member(Z, T, Y, valid, self.random_state + member)
                 self.epoch_seconds_.append((time.perf_counter() - start) / ran)  # training and scoring one epoch
@@ -142,6 +150,7 @@ class DeepSetsRegressor(ClippedRegressorMixin, RegressorMixin, BaseEstimator):
         return T * self.y_scale_ + self.y_mean_
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        X = self._predict_data(X)
         Z = self.inputs_.transform(X)
         members = np.stack([self._destandardise(mlp_forward(layers, Z)) for layers in self.members_])
         return self._clip(np.median(members, axis=0))
