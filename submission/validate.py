@@ -195,13 +195,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission.valida
                                run_reporting_input_errors)
 
     parser = StageParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("file", help="submission CSV or Parquet")
+    parser.add_argument("file", nargs="?", help="submission CSV or Parquet")
+    parser.add_argument("--submission", help="the same file, named as `he2expr score` names it")
     parser.add_argument("--data", required=True, help="a sample zarr or folder of <sample>.zarr")
     parser.add_argument("--model-dir", help="the model that wrote the file: its genes are expected of samples "
                                             "without expression (default: those of the samples with expression)")
     add_sample_arguments(parser)
     add_output_flags(parser)
     args = parser.parse_args(argv)
+    if (args.file is None) == (args.submission is None):
+        parser.error("give the submission file once: as the first argument or as --submission")
+    args.file = args.file or args.submission
 
     def stage() -> int:
         genes = None
@@ -209,13 +213,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m submission.valida
             from regress.model_dir import ModelDir
 
             genes = ModelDir(args.model_dir).load_predictor().genes
-        problems = validate_submission(args.file, open_samples(args.data, elements=elements_from_args(args)), genes)
+        samples = open_samples(args.data, elements=elements_from_args(args))
+        problems = validate_submission(args.file, samples, genes)
         if problems:
             print(f"{args.file}: INVALID")
             for problem in problems:
                 print(f"  - {problem}")
             return 1
-        print(f"{args.file}: valid")
+        held_out = sum(len(ids) for ids in expected_held_out(samples).values())
+        print(f"{args.file}: valid" + ("" if held_out else " (and empty: no nucleus of the data is held out, so "
+                                       "there is nothing to predict; he2expr import --hold-out-blocks holds tissue "
+                                       "out)"))
         return 0
 
     return run_reporting_input_errors(stage, args)

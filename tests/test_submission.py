@@ -267,6 +267,10 @@ def test_no_held_out_nuclei_is_an_empty_valid_submission(nothing_held_out, embed
     assert len(notices) == 1 and "no sample has held-out nuclei" in notices[0]
     assert out.read_text() == ",".join(COLUMNS) + "\n"
     assert validate_main([str(out), "--data", str(nothing_held_out.parent)]) == 0
+    assert "valid (and empty: no nucleus of the data is held out" in capsys.readouterr().out
+    assert validate_main(["--submission", str(out), "--data", str(nothing_held_out.parent)]) == 0  # as score takes it
+    with pytest.raises(SystemExit):
+        validate_main([str(out), "--submission", str(out), "--data", str(nothing_held_out.parent)])
 
     report = make_submission(nothing_held_out.parent, embedded_cache, model_dir, tmp_path / "submission.parquet")
     assert report.problems == [] and report.rows == 0
