@@ -22,6 +22,9 @@ __all__ = ["ExpressionRegressor", "FAILS_EVERYWHERE", "Integral", "Interval", "R
 FAILS_EVERYWHERE = {
     "check_regressor_multioutput": "predictions are float32 by design (10^6 nuclei x 460 genes); the check asks for "
                                    "float64",
+    "check_methods_sample_order_invariance": "float32 products (BLAS) may round the last bit of a row differently "
+                                             "when the rows are reordered: ridge failed it once in 12 runs by "
+                                             "6e-8 of 0.548, beyond the check's float64 tolerance",
 }
 
 
