@@ -9,6 +9,7 @@ from regress.deepsets import DeepSetsRegressor
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec
 from regress.models import ALPHA_CRITERIA, DEFAULT_ALPHAS, LightGBMRegressor
 from regress.states import ExpressionStates
+from slidedata.recipe import PIXEL_RECIPE, Recipe
 
 BASELINES = ("mean-profile", "spatial-knn")
 MODELS = ("ridge", "ridge+context", "lightgbm", "lightgbm+context", "states", "states+context", "deepsets")
@@ -23,10 +24,14 @@ def reads_context(name: str) -> bool:
     return name.endswith("+context") or name in ALWAYS_WITH_CONTEXT
 
 
-def default_features() -> FeatureSpec:
-    """What `make fit` reads: the default patch sizes, nucleus shape, and the mean of the DEFAULT_CONTEXT_K nearest
-    nuclei for the +context models."""
-    return FeatureSpec(context_k=DEFAULT_CONTEXT_K)
+def default_features(recipe: Recipe = PIXEL_RECIPE, microns_per_pixel: float | None = None) -> FeatureSpec:
+    """What `make fit` reads where no features are named: the blocks of `recipe` (slidedata.recipe, which the embed
+    stage's defaults come from too; by default the one that needs no pixel size), nucleus shape, and its neighbourhood
+    for the +context models (radii in microns converted at `microns_per_pixel`)."""
+    main, *extra = recipe.blocks
+    return FeatureSpec(encoder=main.encoder, patch_sizes=main.patch_sizes,
+                       extra_keys=tuple((block.encoder, size) for block in extra for size in block.patch_sizes),
+                       context_k=recipe.context_k, context_radius=recipe.context_radius_px(microns_per_pixel))
 
 
 @dataclass
