@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from embed.__main__ import main as embed_main
@@ -77,15 +76,8 @@ def without_pixel_size(src: Path, dst: Path) -> Path:
 
     sample, tables = open_sample(src), sd.read_zarr(src).tables
     groups = tables["cell_id-group"].obs[["cell_id", "group"]].reset_index(drop=True)
-    return write_sample(dst, np.asarray(sample.image), np.asarray(sample.mask)[0] if np.ndim(sample.mask) == 3
-                        else np.asarray(sample.mask), groups, tables["anucleus"], chunk_size=256)
-
-
-def embed_and_fit(data: Path, cache: Path, model: Path, embed_args=(), fit_args=()) -> FeatureSpec:
-    assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu", *embed_args]) == 0
-    assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(model), "--models",
-                     "mean-profile", "ridge+context", "--quiet", *fit_args]) == 0
-    return FeatureStore(cache, create=False), saved_features(model)
+    return write_sample(dst, np.asarray(sample.image), np.asarray(sample.mask), groups, tables["anucleus"],
+                        chunk_size=256)
 
 
 @pytest.mark.slow  # both stages, EfficientNet-Lite0 included
@@ -93,15 +85,15 @@ def test_a_sample_with_a_pixel_size_gets_the_recipe_and_the_fit_reads_it(demo_di
     data = demo_dir / "demo1.zarr"
     assert open_sample(data).microns_per_pixel == pytest.approx(DEMO_MICRONS_PER_PIXEL)
     cache = tmp_path / "features.zarr"
-    embed_and_fit(data, cache, tmp_path / "model")
+    assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu"]) == 0
     assert cached_keys(cache) == set(MICRON_KEYS)
     assert FeatureStore(cache, create=False).open_entry("demo1", "efficientnet-lite0", "48um").attrs[
         "input_size"] == 64
-    # Whichever model was saved, its context is the recipe's: 50 um at 0.2125 um/px, read with the fit's own spec.
+    assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(tmp_path / "model"), "--models",
+                     "ridge+context", "--quiet"]) == 0
     spec = saved_features(tmp_path / "model")
     assert keys(spec) == MICRON_KEYS
-    scores = pd.read_csv(tmp_path / "model" / "scores.csv")
-    assert set(scores["model"]) == {"mean-profile", "ridge+context"}
+    assert spec.context_radius == pytest.approx((50 / DEMO_MICRONS_PER_PIXEL,))  # 235.3 px
 
 
 @pytest.mark.slow  # both stages
