@@ -3,6 +3,8 @@
 # make check  : the unit tier only, in seconds (the inner loop)
 # make docs   : regenerate docs/benchmarks.md's tables from benchmarks/results/*.csv
 # Stages on your own data: make embed fit submit DATA=/path/to/folder/of/sample.zarr OUT=outputs/mydata ENCODER=uni WEIGHTS=/path
+# Without ENCODER and PATCH_SIZES, embed and fit use the default features (slidedata/recipe.py): the recipe measured on
+# real H&E where every sample's pixel size is known, else the handcrafted features at pixel sizes.
 
 PYTHON      ?= python3.11
 VENV        ?= .venv
@@ -14,9 +16,13 @@ OUT         ?= outputs
 CACHE       ?= $(OUT)/features.zarr
 MODEL_DIR   ?= $(OUT)/model
 SUBMISSION  ?= $(OUT)/submission.csv
-ENCODER     ?= handcrafted
+# empty: the default features (slidedata.recipe.DEFAULT_FEATURES); set either to name the features yourself
+ENCODER     ?=
 WEIGHTS     ?=
-PATCH_SIZES ?= 32 64 128 224
+PATCH_SIZES ?=
+# The demo names its patch sizes (so its encoder is the handcrafted one): its samples store a pixel size, and the
+# default features would add EfficientNet-Lite0 to its minute.
+DEMO_PATCH_SIZES ?= 32 64 128 224
 # empty: regress.settings.FitSettings' default candidates, the ones measured on the real-tissue benchmarks
 MODELS      ?=
 DEMO_NUCLEI ?= 3000
@@ -40,17 +46,18 @@ $(DEMO_DATA)/demo1.zarr: | $(STAMP)
 
 # Each stage prints its own time; a second run reuses the cache (embed), so it is much faster.
 demo: $(STAMP) $(DEMO_DATA)/demo1.zarr
-	@$(MAKE) --no-print-directory embed DATA=$(DEMO_DATA)
-	@$(MAKE) --no-print-directory fit DATA=$(DEMO_DATA)
+	@$(MAKE) --no-print-directory embed DATA=$(DEMO_DATA) PATCH_SIZES="$(DEMO_PATCH_SIZES)"
+	@$(MAKE) --no-print-directory fit DATA=$(DEMO_DATA) PATCH_SIZES="$(DEMO_PATCH_SIZES)"
 	@$(MAKE) --no-print-directory submit DATA=$(DEMO_DATA)
 
 embed: $(STAMP)
-	$(PY) -m embed --data "$(DATA)" --cache "$(CACHE)" --encoder $(ENCODER) --patch-sizes $(PATCH_SIZES) \
-	  $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(EMBED_ARGS)
+	$(PY) -m embed --data "$(DATA)" --cache "$(CACHE)" $(if $(ENCODER),--encoder $(ENCODER)) \
+	  $(if $(PATCH_SIZES),--patch-sizes $(PATCH_SIZES)) $(if $(WEIGHTS),--weights "$(WEIGHTS)") $(EMBED_ARGS)
 
 fit: $(STAMP)
-	$(PY) -m regress --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" --encoder $(ENCODER) \
-	  --patch-sizes $(PATCH_SIZES) $(if $(MODELS),--models $(MODELS))
+	$(PY) -m regress --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" \
+	  $(if $(ENCODER),--encoder $(ENCODER)) $(if $(PATCH_SIZES),--patch-sizes $(PATCH_SIZES)) \
+	  $(if $(MODELS),--models $(MODELS))
 
 submit: $(STAMP)
 	$(PY) -m submission --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" --out "$(SUBMISSION)" $(SUBMIT_ARGS)

@@ -1,5 +1,8 @@
 """python -m embed --data DIR --cache DIR [--encoder NAME] [--weights PATH] [--patch-sizes 32 64 ...]
 
+Without --encoder and --patch-sizes it embeds the default features (slidedata.recipe): the recipe measured on real
+H&E where every sample's pixel size is known, else the handcrafted features at pixel sizes.
+
 Under torchrun (or any launcher that sets RANK and WORLD_SIZE) each process embeds its own share of the pending
 chunks of every sample into the same cache.
 """
@@ -17,6 +20,7 @@ from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags,
                            elements_from_args, non_negative_int, positive_float, positive_int,
                            run_reporting_input_errors)
 from slidedata.patch_size import patch_size_arg
+from slidedata.recipe import DEFAULT_FEATURES
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
@@ -28,10 +32,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
                                      formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--data", help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the zarr feature cache")
-    parser.add_argument("--encoder", default="handcrafted", help="registry name (see --list-encoders)")
-    parser.add_argument("--weights", help="local weights file or hub-layout folder (else the hub, HF_TOKEN)")
-    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(defaults.patch_sizes),
-                        help="context sizes: slide pixels (64) or microns of tissue (32um)")
+    parser.add_argument("--encoder", help="registry name (see --list-encoders) (default: with --patch-sizes not "
+                        "given either, the default features, chosen by the samples' pixel sizes: known, "
+                        f"{DEFAULT_FEATURES.pixel_size_known.describe(context=False)}; unknown, "
+                        f"{DEFAULT_FEATURES.pixel_size_unknown.describe(context=False)}; handcrafted where "
+                        "--patch-sizes is given)")
+    parser.add_argument("--weights", help="local weights file or hub-layout folder (else the hub, HF_TOKEN); needs "
+                        "--encoder")
+    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg,
+                        help="context sizes: slide pixels (64) or microns of tissue (32um) (default: the default "
+                             f"features'; {' '.join(map(str, defaults.patch_sizes))} where --encoder is given)")
     parser.add_argument("--microns-per-pixel", type=positive_float,
                         help="the slides' pixel size, for samples that do not store it (Xenium H&E: 0.2125); "
                              "one that disagrees with a stored size is refused")
@@ -80,13 +90,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     if not args.data:
         parser.error("--data is required")
 
-    from embed.pipeline import embed_dataset
+    from embed.pipeline import embed_dataset, embed_recipe
     from embed.encoders import EncoderLoadError
 
     from embed.registry import get_spec
 
+    default = args.encoder is None and args.patch_sizes is None  # the default features, chosen by the pixel sizes
+    if default and args.weights:
+        parser.error("--weights needs --encoder: the default features' encoders bring their own weights")
     try:
-        get_spec(args.encoder)
+        get_spec(args.encoder or "handcrafted")
     except KeyError as exc:  # only the name lookup: a KeyError from deeper down is a bug and keeps its traceback
         print(f"error: {exc.args[0]}", file=sys.stderr)
         return 2
@@ -102,7 +115,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
         parser.error(f"RANK and WORLD_SIZE must be integers, got {os.environ.get('RANK')!r} and "
                      f"{os.environ.get('WORLD_SIZE')!r}")
     try:  # the settings check themselves (the API's callers get the same checks): their ValueError is a usage error
-        settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes), batch_size=args.batch_size,
+        settings = EmbedSettings(patch_sizes=tuple(args.patch_sizes or defaults.patch_sizes),
+                                 batch_size=args.batch_size,
                                  input_size=args.input_size,
                                  chunk_nuclei=args.chunk_nuclei, num_workers=args.workers,
                                  torch_threads=args.torch_threads,
@@ -113,13 +127,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
     start = time.perf_counter()
 
     def stage() -> int:
-        reports = embed_dataset(args.data, args.cache, args.encoder, args.weights, settings, device,
-                                microns_per_pixel=args.microns_per_pixel,
-                                force_microns_per_pixel=args.force_microns_per_pixel,
-                                elements=elements_from_args(args))
+        options = dict(device=device, microns_per_pixel=args.microns_per_pixel,
+                       force_microns_per_pixel=args.force_microns_per_pixel, elements=elements_from_args(args))
+        if default:
+            recipe, _ = DEFAULT_FEATURES.for_data(args.data, microns_per_pixel=args.microns_per_pixel,
+                                                  force_microns_per_pixel=args.force_microns_per_pixel,
+                                                  elements=options["elements"])
+            print(f"default features, the {recipe.describe(context=False)}")
+            reports = embed_recipe(args.data, args.cache, recipe, settings, **options)
+        else:
+            reports = embed_dataset(args.data, args.cache, args.encoder or "handcrafted", args.weights, settings,
+                                    **options)
         for r in reports:
-            print(f"{r.sample}: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} chunks "
-                  f"in {r.seconds:.1f} s")
+            print(f"{r.sample} [{r.encoder}]: {r.nuclei} nuclei, computed {r.units_computed} of {r.units_total} "
+                  f"chunks in {r.seconds:.1f} s")
         print(f"embed: {time.perf_counter() - start:.1f} s, cache {args.cache}")
         return 0
 

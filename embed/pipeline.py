@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from slidedata.feature_store import FeatureEntry, FeatureStore, identity_attrs
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
 from slidedata.progress import progress_bar
 from slidedata.publish import check_writable, is_disk_full
+from slidedata.recipe import Recipe
 from slidedata.sample import Elements, Sample, open_samples
 from slidedata.tiles import DEFAULT_MAX_TILE
 
@@ -94,6 +95,7 @@ class EmbedReport:
     units_computed: int
     seconds: float
     entries: list[Path] = field(default_factory=list)
+    encoder: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def embed_sample(sample: Sample, store: FeatureStore, encoder: PatchEncoder, set
                 waiting_logged = True
             time.sleep(WAIT_POLL_S)
     return EmbedReport(sample.name, len(nuclei), n_units, computed, time.perf_counter() - start,
-                       [e.path for e in entries.values()])
+                       [e.path for e in entries.values()], encoder.name)
 
 
 def _embed_units(sample: Sample, store: FeatureStore, encoder: PatchEncoder, settings: EmbedSettings, nuclei,
@@ -341,3 +343,17 @@ def embed_dataset(data: str | Path, cache: str | Path, encoder_name: str = "hand
         raise CacheDiskFull(cache, "-", f"{exc.strerror or 'no space left'} while writing the feature cache; it stays "
                                         "resumable: free some space and run the embed stage again, which goes on "
                                         "from the chunks already finished") from exc
+
+
+def embed_recipe(data: str | Path, cache: str | Path, recipe: Recipe, settings: EmbedSettings | None = None,
+                 **options) -> list[EmbedReport]:
+    """Embed every block of `recipe` (slidedata.recipe: what the fit stage reads by default), one encoder after the
+    other, each at its patch sizes and input size (`settings.input_size`, where given, for every block).
+    `options`: those of `embed_dataset` but the encoder's name and weights (each block's come with its package)."""
+    settings = settings or EmbedSettings()
+    reports = []
+    for block in recipe.blocks:
+        block_settings = replace(settings, patch_sizes=block.patch_sizes,
+                                 input_size=settings.input_size or block.input_size)
+        reports += embed_dataset(data, cache, block.encoder, settings=block_settings, **options)
+    return reports

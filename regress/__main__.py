@@ -1,9 +1,14 @@
-"""python -m regress --data DIR --cache DIR --model-dir DIR [--models ridge ridge+context lightgbm ...]"""
+"""python -m regress --data DIR --cache DIR --model-dir DIR [--models ridge ridge+context lightgbm ...]
+
+Without --encoder, --patch-sizes and --extra-features it reads the default features (slidedata.recipe), chosen by
+the samples' pixel sizes as the embed stage chose them: what `python -m embed` wrote without those options.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 
 import pandas as pd
 
@@ -11,6 +16,7 @@ from slidedata.cli import (DefaultsHelpFormatter, StageParser, add_output_flags,
                            elements_from_args, non_negative_int, positive_float, positive_int,
                            run_reporting_input_errors)
 from slidedata.patch_size import PatchSize, patch_size_arg
+from slidedata.recipe import DEFAULT_FEATURES
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
@@ -28,14 +34,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
     parser.add_argument("--data", required=True, help="a sample zarr or a folder of <sample>.zarr")
     parser.add_argument("--cache", default="outputs/features.zarr", help="the feature cache the embed stage wrote")
     parser.add_argument("--model-dir", default="outputs/model", help="where the chosen model and its scores go")
-    parser.add_argument("--encoder", default=feature_defaults.encoder, help="the encoder whose features to read")
-    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg, default=list(feature_defaults.patch_sizes),
-                        help="slide pixels (64) or microns (32um), as embedded")
+    parser.add_argument("--encoder", help="the encoder whose features to read (default: the default features, "
+                        "those the embed stage writes without --encoder and --patch-sizes, chosen by the samples' "
+                        f"pixel sizes; {feature_defaults.encoder} where --patch-sizes or --extra-features is given)")
+    parser.add_argument("--patch-sizes", nargs="+", type=patch_size_arg,
+                        help="slide pixels (64) or microns (32um), as embedded (default: the default features'; "
+                             f"{' '.join(map(str, feature_defaults.patch_sizes))} where --encoder is given)")
     parser.add_argument("--models", nargs="+", default=list(defaults.models), metavar="MODEL",
                         help=f"models to evaluate, the best one saved: {', '.join(model_names())}")
-    parser.add_argument("--context-k", type=non_negative_int, default=feature_defaults.context_k,
+    parser.add_argument("--context-k", type=non_negative_int,
                         help="neighbours pooled for the +context models and mlp-ensemble (0: none, then give "
-                             "--context-radius)")
+                             f"--context-radius) (default: the default features' neighbourhood, within "
+                             f"{DEFAULT_FEATURES.pixel_size_known.context_radius_um[0]:g} um where the pixel size is "
+                             f"known, else the {feature_defaults.context_k} nearest; the {feature_defaults.context_k} "
+                             "nearest where features are named)")
     parser.add_argument("--ridge-criterion", choices=list(ALPHA_CRITERIA), default=defaults.ridge_criterion,
                         help="what ridge's alpha is chosen by: the held-out squared error or cell-wise Spearman")
     parser.add_argument("--context-radius", type=positive_float, nargs="+",
@@ -78,9 +90,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
 
     try:
         settings = FitSettings(
-            features=FeatureSpec(encoder=args.encoder, patch_sizes=tuple(args.patch_sizes),
+            features=FeatureSpec(encoder=args.encoder or feature_defaults.encoder,
+                                 patch_sizes=tuple(args.patch_sizes or feature_defaults.patch_sizes),
                                  extra_keys=tuple(extra_key(k) for k in args.extra_features),
-                                 morphology=not args.no_morphology, context_k=args.context_k,
+                                 morphology=not args.no_morphology,
+                                 context_k=feature_defaults.context_k if args.context_k is None else args.context_k,
                                  context_radius=args.context_radius, context_pool=args.context_pool,
                                  standardize_per_sample=args.standardize_per_sample,
                                  block_components=args.pca or None),
@@ -91,8 +105,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
         parser.error(str(exc))
     start = time.perf_counter()
 
+    named = args.encoder is not None or args.patch_sizes is not None or bool(args.extra_features)
+
     def stage() -> int:
-        scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, settings,
+        chosen = settings
+        if not named:  # the default features, as the embed stage chose them for these samples
+            recipe, microns_per_pixel = DEFAULT_FEATURES.for_data(args.data, cache=args.cache,
+                                                                  elements=elements_from_args(args))
+            print(f"default features, the {recipe.describe()}")
+            recipe_features = default_features(recipe, microns_per_pixel)
+            context = {} if args.context_k is not None or args.context_radius else \
+                {"context_k": recipe_features.context_k, "context_radius": recipe_features.context_radius}
+            chosen = replace(settings, features=replace(
+                settings.features, encoder=recipe_features.encoder, patch_sizes=recipe_features.patch_sizes,
+                extra_keys=recipe_features.extra_keys, **context))
+        scores, predictor = fit_and_evaluate(args.data, args.cache, args.model_dir, chosen,
                                              elements=elements_from_args(args))
         with pd.option_context("display.float_format", "{:.4f}".format, "display.width", 140):
             print(scores.to_string(index=False))

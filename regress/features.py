@@ -12,9 +12,10 @@ from scipy.spatial import cKDTree
 from regress.components import principal_basis, project
 from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize, patch_sizes
+from slidedata.recipe import PIXEL_RECIPE
 
 MORPHOLOGY_COLUMNS = ("area", "major_axis", "minor_axis", "eccentricity")
-DEFAULT_CONTEXT_K = 15  # neighbours averaged by the +context models unless told otherwise
+DEFAULT_CONTEXT_K = PIXEL_RECIPE.context_k  # neighbours averaged by the +context models unless told otherwise
 FEATURE_DTYPE = np.float16
 REDUCER_ROWS = 20000  # rows, over all samples, that fit the principal axes of each wide block
 

@@ -7,15 +7,20 @@ from dataclasses import dataclass, field
 from regress.families import REGISTRY, ModelSpec, parameters, renamed
 from regress.features import DEFAULT_CONTEXT_K, FeatureSpec, covering
 from regress.ridge import DEFAULT_ALPHAS
+from slidedata.recipe import PIXEL_RECIPE, Recipe
 
 PROTOCOLS = ("auto", "validation", "spatial-kfold", "loso")
 TUNING_FOLDS = ("auto", "samples", "blocks")
 
 
-def default_features() -> FeatureSpec:
-    """What `make fit` reads: the default patch sizes, nucleus shape, and the mean of the DEFAULT_CONTEXT_K nearest
-    nuclei for the +context models."""
-    return FeatureSpec(context_k=DEFAULT_CONTEXT_K)
+def default_features(recipe: Recipe = PIXEL_RECIPE, microns_per_pixel: float | None = None) -> FeatureSpec:
+    """What `make fit` reads where no features are named: the blocks of `recipe` (slidedata.recipe, which the embed
+    stage's defaults come from too; by default the one that needs no pixel size), nucleus shape, and its neighbourhood
+    for the +context models (radii in microns converted at `microns_per_pixel`)."""
+    main, *extra = recipe.blocks
+    return FeatureSpec(encoder=main.encoder, patch_sizes=main.patch_sizes,
+                       extra_keys=tuple((block.encoder, size) for block in extra for size in block.patch_sizes),
+                       context_k=recipe.context_k, context_radius=recipe.context_radius_px(microns_per_pixel))
 
 
 @dataclass

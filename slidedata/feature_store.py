@@ -358,6 +358,17 @@ class FeatureStore:
         rows.sort(key=lambda r: (r["sample"], r["encoder"], *_size_order(r["patch_size"])))
         return pd.DataFrame(rows, columns=["sample", "encoder", "patch_size", "n_nuclei", "dim", "units_done", "units"])
 
+    def recorded_pixel_size(self, sample_name: str) -> float | None:
+        """The pixel size the sample's entries were embedded with (given then, where the sample stores none); None
+        where no entry of the sample records one."""
+        for zjson in sorted((self.root / sample_name).glob("*/*/zarr.json")):
+            if zjson.parent.name.startswith(".") or zjson.parent.parent.name == NUCLEI_GROUP:
+                continue
+            size = zarr.open_group(zjson.parent, mode="r").attrs.get("sample_microns_per_pixel")
+            if size is not None:
+                return float(size)
+        return None
+
     @staticmethod
     def _check_identity(entry: FeatureEntry, attrs: dict) -> None:
         """Refuse `entry` unless it records the identity keys `attrs` records, split alike, with the same values."""

@@ -471,7 +471,7 @@ def test_help_shows_defaults_as_written_on_the_command_line(capsys):
         for option in options:  # its help, up to the next option, names its default once
             assert shown.split(f" {option} ", 1)[1].split(" --", 1)[0].count("(default: ") == 1, option
         if main is regress_main:
-            assert "(default: 32 64 128 224)" in shown and "(default: outputs/model)" in shown
+            assert "32 64 128 224 where --encoder is given)" in shown and "(default: outputs/model)" in shown
         if main is embed_main:
             assert f"at most {MAX_CPU_WORKERS}" in shown and "handcrafted" in shown
 

@@ -95,7 +95,9 @@ def test_the_cli_flag_reaches_the_settings(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(embed.pipeline, "embed_dataset", lambda *args, **kwargs: seen.append(args[4]) or [])
     for argv, tta in ((["--tta"], True), ([], False)):
-        assert embed_main(["--data", str(tmp_path), "--cache", str(tmp_path / "c.zarr"), *argv]) == 0
+        # An encoder named: the default features would open the (here empty) data folder to choose their recipe.
+        assert embed_main(["--data", str(tmp_path), "--cache", str(tmp_path / "c.zarr"), "--encoder", "handcrafted",
+                           *argv]) == 0
         assert seen.pop().tta is tta
 
 
