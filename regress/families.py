@@ -17,7 +17,7 @@ What a record says:
 * `reads`: 'features', 'positions' ((y, x, sample code)) or 'nothing' (the mean profile).
 * `context`: 'optional' (`family` and `family+context`), 'always' or 'never'.
 * `features(spec, context) -> FeatureSpec`: the features the model reads, given the settings' spec (default: the
-  spec with its context blocks when the model reads context, without them otherwise). The matrix the engine
+  spec with its context blocks when the model reads context, without them otherwise; never a neighbour set). The matrix the engine
   gathers covers every model's spec (`regress.features.covering`) and each model takes its columns
   (`regress.features.feature_columns`); the saved model stores its own spec, so prediction builds exactly them.
 * `serves_unseen_tissue`: False keeps it out of selection (it cannot predict a slide it never saw).
@@ -83,7 +83,8 @@ class InputLayout:
 
 
 def _with_or_without_context(spec: FeatureSpec, context: bool) -> FeatureSpec:
-    return spec if context else spec.without_context()
+    # the neighbour set is a block for a family that asks for it in its own hook, never read by default
+    return spec.without_neighbour_set() if context else spec.without_context()
 
 
 @dataclass(frozen=True)

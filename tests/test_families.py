@@ -170,6 +170,10 @@ def test_the_features_a_model_reads_follow_from_its_family():
     assert layout.columns == slice(0, 21) and layout.width == 21 and len(layout.scale_sets) == 21
     only_max = FeatureSpec(context_k=5, context_pool=("max",))
     np.testing.assert_array_equal(feature_columns(only_max, spec, 2), [0, 1, 4, 5])  # base, then the max block
+    # a neighbour set in the settings' spec is read by no family that does not ask for one in its own hook
+    with_set = FitSettings(features=FeatureSpec(context_k=5, neighbour_set=3), models=("ridge", "ridge+context"))
+    assert with_set.model_features("ridge+context") == FeatureSpec(context_k=5)
+    assert with_set.model_features("ridge") == FeatureSpec()
 
 
 NAME_FREE = ("engine.py", "selection.py", "fit.py", "tasks.py", "settings.py", "source.py", "predictor.py")
