@@ -38,6 +38,7 @@ from regress.boosting import LightGBMRegressor
 from regress.estimator import FAILS_EVERYWHERE, check_parameters
 from regress.features import FeatureSpec, feature_columns
 from regress.mlp_ensemble import MLPEnsembleRegressor
+from regress.neighbour_set import NeighbourSetRegressor, make_neighbour_set, neighbour_features
 from regress.ridge import MomentStats, RidgeCVRegressor, settings_parameters
 from regress.states import ExpressionStates
 
@@ -231,6 +232,8 @@ register(Family("ridge", RidgeCVRegressor, complexity=1, trains_from="statistics
 register(Family("states", ExpressionStates, complexity=2))
 register(Family("lightgbm", LightGBMRegressor, complexity=3))
 register(Family("mlp-ensemble", MLPEnsembleRegressor, complexity=4, context="always", renamed_from=("deepsets",)))
+register(Family("neighbour-set", NeighbourSetRegressor, complexity=5, context="always", features=neighbour_features,
+                make=make_neighbour_set))
 
 __all__ = ["Family", "InputLayout", "ModelSpec", "REGISTRY", "StatisticsTrained", "is_baseline", "model_names",
            "parameters", "register"]

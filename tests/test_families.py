@@ -20,7 +20,11 @@ MAX_LOG_EXPRESSION = float(np.log1p(100))
 # Parameters that keep each family's fit to a fraction of a second here (a family absent uses its defaults)
 TINY = {"lightgbm": {"n_estimators": 10, "n_target_components": 2, "n_feature_components": 3},
         "states": {"n_states": (3,), "C": (0.1,), "power": (1.0,), "n_feature_components": 3},
-        "mlp-ensemble": {"n_members": 2, "hidden": (8,), "max_epochs": 2, "n_feature_components": 4}}
+        "mlp-ensemble": {"n_members": 2, "hidden": (8,), "max_epochs": 2, "n_feature_components": 4},
+        # built from no FeatureSpec, its layout has no neighbour slots (K = 0: rho on the row alone); the set itself
+        # is tested in tests/test_neighbour_set.py
+        "neighbour-set": {"n_members": 2, "phi_hidden": (4,), "phi_dim": 4, "rho_hidden": (8,), "max_epochs": 2,
+                          "n_feature_components": 4}}
 FAMILIES = sorted(REGISTRY)
 
 
