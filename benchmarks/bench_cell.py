@@ -41,7 +41,9 @@ from regress.states import ExpressionStates, state_oracle  # noqa: E402
 from slidedata.sample import open_samples  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "xenium-pancreas"
-MODELS = ("mean-profile", "ridge", "ridge+context", "lightgbm+context", "states+context", "mlp-ensemble")
+MODELS = ("mean-profile", "ridge", "ridge+context", "lightgbm+context", "states+context", "mlp-ensemble",
+          "neighbour-set")
+# neighbour-set is compared, not a candidate: it lost to mlp-ensemble on every crop (docs/fit.md)
 SELECTION_MODELS = ("mean-profile", "ridge", "ridge+context", "states+context", "mlp-ensemble")
 # A cell, its neighbours, its niche; neighbours pooled by mean and max within 15 and 30 um (DeepSets).
 CELL = ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), CNN: ("48um",)},

@@ -88,7 +88,7 @@ MODES = {
                        input_size={HANDCRAFTED: None, CNN: None}, models=MODELS, context_k=6),
     # A nucleus, its neighbours, and about a spot; EfficientNet at 64 px and no LightGBM keep the CPU run short.
     "nuclei": ModeConfig(patch_sizes={HANDCRAFTED: ("12um", "24um", "48um"), CNN: ("48um",)},
-                         input_size={HANDCRAFTED: None, CNN: 64}, models=MODELS[:3],
+                         input_size={HANDCRAFTED: None, CNN: 64}, models=(*MODELS[:3], "neighbour-set"),
                          context_radius_um=(50.0,)),
 }
 

@@ -17,7 +17,7 @@ What a record says:
 * `reads`: 'features', 'positions' ((y, x, sample code)) or 'nothing' (the mean profile).
 * `context`: 'optional' (`family` and `family+context`), 'always' or 'never'.
 * `features(spec, context) -> FeatureSpec`: the features the model reads, given the settings' spec (default: the
-  spec with its context blocks when the model reads context, without them otherwise). The matrix the engine
+  spec with its context blocks when the model reads context, without them otherwise; never a neighbour set). The matrix the engine
   gathers covers every model's spec (`regress.features.covering`) and each model takes its columns
   (`regress.features.feature_columns`); the saved model stores its own spec, so prediction builds exactly them.
 * `serves_unseen_tissue`: False keeps it out of selection (it cannot predict a slide it never saw).
@@ -38,6 +38,7 @@ from regress.boosting import LightGBMRegressor
 from regress.estimator import FAILS_EVERYWHERE, check_parameters
 from regress.features import FeatureSpec, feature_columns
 from regress.mlp_ensemble import MLPEnsembleRegressor
+from regress.neighbour_set import NeighbourSetRegressor, make_neighbour_set, neighbour_features
 from regress.ridge import MomentStats, RidgeCVRegressor, settings_parameters
 from regress.states import ExpressionStates
 
@@ -83,7 +84,8 @@ class InputLayout:
 
 
 def _with_or_without_context(spec: FeatureSpec, context: bool) -> FeatureSpec:
-    return spec if context else spec.without_context()
+    # the neighbour set is a block for a family that asks for it in its own hook, never read by default
+    return spec.without_neighbour_set() if context else spec.without_context()
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,8 @@ register(Family("ridge", RidgeCVRegressor, complexity=1, trains_from="statistics
 register(Family("states", ExpressionStates, complexity=2))
 register(Family("lightgbm", LightGBMRegressor, complexity=3))
 register(Family("mlp-ensemble", MLPEnsembleRegressor, complexity=4, context="always", renamed_from=("deepsets",)))
+register(Family("neighbour-set", NeighbourSetRegressor, complexity=5, context="always", features=neighbour_features,
+                make=make_neighbour_set))
 
 __all__ = ["Family", "InputLayout", "ModelSpec", "REGISTRY", "StatisticsTrained", "is_baseline", "model_names",
            "parameters", "register"]

@@ -1,4 +1,5 @@
-"""Feature matrices from the cache: several (encoder, patch size) blocks, nucleus shape and neighbourhood context."""
+"""Feature matrices from the cache: several (encoder, patch size) blocks, nucleus shape, neighbourhood context and
+the set of nearest neighbours."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ class FeatureSpec:
     # the fit stage's memory and time whatever the encoder: a 1,536-d encoder at 2 sizes plus context is 1,032
     # columns instead of 6,152.
     block_components: int | None = 256
+    # The set of each nucleus' `neighbour_set` nearest other nuclei (0 = none), for a head that learns a function of
+    # each neighbour: per neighbour, nearest first, its base features, its offset and distance, and a presence flag
+    # (`NEIGHBOUR_GEOMETRY`); only those within `neighbour_radius` ('30um', or whole slide pixels; None: the k nearest
+    # at any distance). Its block follows the pooled context blocks (`neighbour_set_block`).
+    neighbour_set: int = 0
+    neighbour_radius: PatchSize | None = None
     keys: tuple[tuple[str, PatchSize], ...] = field(init=False)
 
     def __post_init__(self):
@@ -56,6 +63,13 @@ class FeatureSpec:
             raise ValueError(f"context_pool must be one or more of {', '.join(CONTEXT_POOLS)}, got {self.context_pool}")
         if self.block_components is not None and self.block_components < 1:
             raise ValueError(f"block_components must be positive or None, got {self.block_components}")
+        if isinstance(self.neighbour_set, bool) or int(self.neighbour_set) != self.neighbour_set \
+                or self.neighbour_set < 0:
+            raise ValueError(f"neighbour_set must be 0 (none) or a positive number of neighbours, got "
+                             f"{self.neighbour_set}")
+        object.__setattr__(self, "neighbour_set", int(self.neighbour_set))
+        if self.neighbour_radius is not None:
+            object.__setattr__(self, "neighbour_radius", PatchSize.parse(self.neighbour_radius))
         object.__setattr__(self, "patch_sizes", patch_sizes(self.patch_sizes))
         object.__setattr__(self, "extra_keys", tuple((e, PatchSize.parse(s)) for e, s in self.extra_keys))
         object.__setattr__(self, "keys", tuple((self.encoder, s) for s in self.patch_sizes) + self.extra_keys)
@@ -71,16 +85,34 @@ class FeatureSpec:
         return neighbourhoods * len(self.context_pool)
 
     def without_context(self) -> "FeatureSpec":
-        return replace(self, context_k=0, context_radius=None, context_pool=("mean",))
+        """The base features alone: no pooled context, no neighbour set."""
+        return replace(self.without_neighbour_set(), context_k=0, context_radius=None, context_pool=("mean",))
+
+    def without_neighbour_set(self) -> "FeatureSpec":
+        return replace(self, neighbour_set=0, neighbour_radius=None)
 
     def blocks(self, base_dim: int) -> list[tuple[tuple, int]]:
         """(name, width) of each block of columns of `sample_features`, in order: the base features (the cached
-        blocks and the nucleus shape, `base_dim` wide), then one context block per (neighbourhood, pool). Two specs
-        that differ only in their blocks build matrices whose shared blocks are the same columns
-        (`feature_columns`)."""
+        blocks and the nucleus shape, `base_dim` wide), then one context block per (neighbourhood, pool), then the
+        neighbour set (K slots of `base_dim` + `NEIGHBOUR_GEOMETRY` columns). Two specs that differ only in their
+        blocks build matrices whose shared blocks are the same columns (`feature_columns`)."""
         neighbourhoods = self.context_radius or ((f"k{self.context_k}",) if self.context_k else ())
-        return [(("base",), base_dim)] + [(("context", n, p), base_dim) for n in neighbourhoods
-                                          for p in self.context_pool]
+        blocks = [(("base",), base_dim)] + [(("context", n, p), base_dim) for n in neighbourhoods
+                                            for p in self.context_pool]
+        if self.neighbour_set:
+            radius = self.neighbour_radius.key if self.neighbour_radius else None
+            blocks.append((("neighbours", self.neighbour_set, radius),
+                           self.neighbour_set * (base_dim + len(NEIGHBOUR_GEOMETRY))))
+        return blocks
+
+    def base_width(self, width: int) -> int:
+        """How many of the `width` columns of a matrix built for this spec are the base features (the inverse of
+        the sum of `blocks`' widths)."""
+        base, rest = divmod(width - self.neighbour_set * len(NEIGHBOUR_GEOMETRY),
+                            1 + self.n_context_blocks + self.neighbour_set)
+        if rest or base < 0:
+            raise ValueError(f"{width} columns are not a feature matrix of this spec")
+        return base
 
     def as_dict(self) -> dict:
         """Plain values (patch sizes written as their keys), for JSON summaries."""
@@ -89,10 +121,14 @@ class FeatureSpec:
         out["extra_keys"] = [f"{e}:{s.key}" for e, s in self.extra_keys]
         out["context_radius"] = list(self.context_radius) if self.context_radius else None
         out["context_pool"] = list(self.context_pool)
+        out["neighbour_radius"] = self.neighbour_radius.key if self.neighbour_radius else None
         return out
 
 
 CONTEXT_POOLS = ("mean", "max")
+# What follows a neighbour's base features in its slot of the neighbour set: its offset from the nucleus (y, x) and
+# distance, in microns where the sample's pixel size is known (else slide pixels), and 1 (0: an empty slot).
+NEIGHBOUR_GEOMETRY = ("dy", "dx", "distance", "present")
 
 
 def _radii(value) -> tuple[float, ...] | None:
@@ -171,7 +207,13 @@ def scale_sets(store: FeatureStore, sample_name: str, spec: FeatureSpec, reducer
         sets += list(range(next_id, next_id + len(MORPHOLOGY_COLUMNS)))
         next_id += len(MORPHOLOGY_COLUMNS)
     base = np.asarray(sets, dtype=np.int64)
-    return np.concatenate([base + i * next_id for i in range(1 + spec.n_context_blocks)])  # context mirrors its block
+    blocks = [base + i * next_id for i in range(1 + spec.n_context_blocks)]  # context mirrors its block
+    start = next_id * (1 + spec.n_context_blocks)
+    geometry = np.array([0, 0, 1, 2])  # an offset's two axes share one scale: no direction is stretched
+    for _ in range(spec.neighbour_set):  # each slot mirrors the base block, then its geometry
+        blocks += [base + start, geometry + start + next_id]
+        start += next_id + 3
+    return np.concatenate(blocks)
 
 
 def feature_columns(read: FeatureSpec, built: FeatureSpec, base_dim: int) -> slice | np.ndarray:
@@ -251,6 +293,43 @@ def neighbourhood_mean(coords: np.ndarray, features: np.ndarray, k: int) -> np.n
     return apply_weights(knn_weights(coords, k), features)
 
 
+def neighbour_set_block(coords: np.ndarray, features: np.ndarray, k: int, radius: float | None = None,
+                        unit: float = 1.0, out: np.ndarray | None = None, rows: int = 4096) -> np.ndarray:
+    """(n, k x (d + 4)): for each nucleus, its k nearest other nuclei within `radius` px (None: at any distance),
+    nearest first, each as [its d features, dy, dx, distance, 1] with the offset and distance in px x `unit`; the
+    slots beyond the neighbours found are zeros. Written into `out` (the columns of a larger matrix) if given.
+
+    A block of `rows` nuclei at a time against one KD-tree: memory is the output plus rows x k indices.
+    """
+    n, d = features.shape
+    width = d + len(NEIGHBOUR_GEOMETRY)
+    out = np.zeros((n, k * width), dtype=features.dtype) if out is None else out
+    if out.shape != (n, k * width):
+        raise ValueError(f"out has shape {out.shape}, expected {(n, k * width)}")
+    out[:] = 0
+    if n < 2 or k == 0:
+        return out
+    coords = np.asarray(coords, dtype=np.float64)
+    tree = cKDTree(coords)
+    bound = np.inf if radius is None else np.nextafter(radius, np.inf)  # within the radius inclusive, as query_pairs
+    for start in range(0, n, rows):
+        own = np.arange(start, min(start + rows, n))
+        _, found = tree.query(coords[own], k=min(k + 1, n), distance_upper_bound=bound)
+        found = found.reshape(len(own), -1)
+        # the nucleus itself is among its nearest (at distance 0): moved last, the others keep their order
+        found = np.take_along_axis(found, np.argsort(found == own[:, None], axis=1, kind="stable"), axis=1)[:, :k]
+        for slot in range(found.shape[1]):
+            present = found[:, slot] < n  # the tree returns index n for a slot with no neighbour within the bound
+            i, j = own[present], found[present, slot]
+            offset = (coords[j] - coords[i]) * unit
+            columns = slot * width
+            out[i, columns: columns + d] = features[j]
+            out[i, columns + d: columns + d + 2] = offset
+            out[i, columns + d + 2] = np.hypot(offset[:, 0], offset[:, 1])
+            out[i, columns + d + 3] = 1
+    return out
+
+
 def standardize_columns(block: np.ndarray, columns: int = 256) -> None:
     """In place: each column minus its mean, over its standard deviation (constant columns become 0)."""
     for start in range(0, block.shape[1], columns):
@@ -272,7 +351,7 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
     widths = {key: reducer.width(key, entry.features.shape[1]) if reducer else entry.features.shape[1]
               for key, entry in entries.items()}
     base_width = sum(widths.values()) + (len(MORPHOLOGY_COLUMNS) if spec.morphology else 0)
-    out = np.empty((len(nuclei), base_width * (1 + spec.n_context_blocks)), dtype=FEATURE_DTYPE)
+    out = np.empty((len(nuclei), sum(width for _, width in spec.blocks(base_width))), dtype=FEATURE_DTYPE)
     offset = 0
     for key, entry in entries.items():
         columns = slice(offset, offset + widths[key])
@@ -300,4 +379,10 @@ def sample_features(store: FeatureStore, sample_name: str, spec: FeatureSpec,
                     neighbour_max(weights, out[:, :base_width])
                 out[:, offset: offset + base_width] = pooled
                 offset += base_width
+    if spec.neighbour_set:
+        # microns where the sample's pixel size is known, so neighbours mean the same on any scanner
+        microns = next(iter(entries.values())).attrs.get("sample_microns_per_pixel")
+        radius = spec.neighbour_radius.pixels(microns, sample_name) if spec.neighbour_radius else None
+        neighbour_set_block(nuclei[["y", "x"]].to_numpy(np.float64), out[:, :base_width], spec.neighbour_set, radius,
+                            unit=microns or 1.0, out=out[:, base_width * (1 + spec.n_context_blocks):])
     return out

@@ -11,12 +11,16 @@ Each member trains with torch in mini-batches on a CPU or a GPU and stops early 
 group, and member i holds out fold i modulo their number: every group is held out by some member), by the held-out
 cell-wise Spearman. The fitted weights are kept as numpy arrays: prediction is numpy alone, and a saved model loads
 without torch.
+
+The member loop is also a set of helpers another torch head calls (`fit_members`, `train_early_stopped`,
+`mlp_module`, `linear_layers`, `torch_device`), so every head trains by the same protocol.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 
@@ -41,6 +45,86 @@ def _torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
+def torch_device(name: str | None):
+    """The torch device named (None: the GPU where there is one, else the CPU)."""
+    import torch
+
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def fit_members(estimator, n_rows: int, groups: np.ndarray | None, train_member: Callable) -> None:
+    """`estimator.members_`, with their `epochs_`, `tuning_scores_` and `epoch_seconds_`: one member per held-out
+    fold of `member_holdouts` (`estimator.n_members`, `.random_state`), each from `train_member(held-out rows,
+    seed)` -> (weights, its epochs, its score, the epochs run), on `estimator.torch_threads` threads."""
+    estimator.members_, estimator.epochs_, estimator.tuning_scores_, estimator.epoch_seconds_ = [], [], [], []
+    with _torch_threads(estimator.torch_threads):
+        for member, valid in enumerate(member_holdouts(n_rows, groups, estimator.n_members, estimator.random_state)):
+            start = time.perf_counter()
+            weights, epochs, score, ran = train_member(valid, estimator.random_state + member)
+            estimator.epoch_seconds_.append((time.perf_counter() - start) / ran)  # training and scoring one epoch
+            estimator.members_.append(weights)
+            estimator.epochs_.append(epochs)
+            estimator.tuning_scores_.append(score)
+
+
+def train_early_stopped(estimator, networks: list, forward: Callable, inputs: list[np.ndarray], T: np.ndarray,
+                        valid: np.ndarray, seed: int, snapshot: Callable, held_score: Callable
+                        ) -> tuple[object, int, float, int]:
+    """One member: `forward(*input rows)` fitted to the standardised targets T by MSE, AdamW on the `networks`'
+    parameters in mini-batches (the estimator's `learning_rate`, `weight_decay`, `batch_size`, `max_epochs`,
+    `device`), on the rows not in `valid`. After each epoch `snapshot()` (the weights as numpy) is scored by
+    `held_score(weights, held rows)` (cell-wise Spearman per row) on at most TUNING_ROWS of `valid`; training stops
+    `estimator.patience` epochs after the best. Returns (the best weights, their epoch, their score, epochs run)."""
+    import torch
+
+    device = torch_device(estimator.device)
+    parameters = [p for network in networks for p in network.parameters()]
+    optimiser = torch.optim.AdamW(parameters, lr=estimator.learning_rate, weight_decay=estimator.weight_decay)
+    train = np.flatnonzero(~valid)
+    held = scored_rows(np.flatnonzero(valid), TUNING_ROWS, seed)
+    tensors = [torch.from_numpy(a[train]).to(device) for a in inputs]
+    targets = torch.from_numpy(T[train]).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    best, best_weights, best_epoch, stale = -np.inf, None, 0, 0
+    for epoch in range(1, estimator.max_epochs + 1):
+        for network in networks:
+            network.train()
+        for batch in torch.randperm(len(train), generator=generator).split(estimator.batch_size):
+            batch = batch.to(device)
+            loss = torch.nn.functional.mse_loss(forward(*(t[batch] for t in tensors)), targets[batch])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        weights = snapshot()
+        score = float(np.mean(held_score(weights, held))) if len(held) else -float(loss)
+        if best_weights is None or score > best:  # a member always keeps some weights
+            best, best_weights, best_epoch, stale = score, weights, epoch, 0
+        else:
+            stale += 1
+            if stale >= estimator.patience:
+                break
+    return best_weights, best_epoch, best, epoch
+
+
+def mlp_module(widths: list[int], dropout: float, last_relu: bool = False):
+    """torch layers widths[0] -> ... -> widths[-1]: Linear, ReLU and Dropout between, a ReLU after the last if
+    `last_relu`; `mlp_forward` is its numpy twin (given its `linear_layers`)."""
+    from torch import nn
+
+    blocks: list[nn.Module] = []
+    for a, b in zip(widths[:-2], widths[1:-1]):
+        blocks += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*blocks, nn.Linear(widths[-2], widths[-1]), *([nn.ReLU()] if last_relu else []))
+
+
+def linear_layers(network) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (weight as in x @ weight, bias) of each Linear layer of a torch Sequential, as numpy copies."""
+    from torch import nn
+
+    return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
+            for m in network if isinstance(m, nn.Linear)]
+
+
 def mlp_forward(layers: list[tuple[np.ndarray, np.ndarray]], Z: np.ndarray) -> np.ndarray:
     """The trained network in numpy (evaluation mode: dropout off), ReLU between layers."""
     out = Z
@@ -51,21 +135,25 @@ def mlp_forward(layers: list[tuple[np.ndarray, np.ndarray]], Z: np.ndarray) -> n
     return out
 
 
+# The parameters of every head trained by `fit_members` / `train_early_stopped`, as `_parameter_constraints`
+MEMBER_LOOP_CONSTRAINTS = {
+    "n_members": [Interval(Integral, 1, None, closed="left")],
+    "dropout": [Interval(Real, 0, 1, closed="left")],
+    "n_feature_components": [Interval(Integral, 1, None, closed="left"), None],
+    "batch_size": [Interval(Integral, 1, None, closed="left")],
+    "learning_rate": [Interval(Real, 0, None, closed="neither")],
+    "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "max_epochs": [Interval(Integral, 1, None, closed="left")],
+    "patience": [Interval(Integral, 1, None, closed="left")], "device": [str, None],
+    "torch_threads": [Interval(Integral, 1, None, closed="left")], "scale_sets": ["array-like", None],
+    "random_state": [Interval(Integral, 0, None, closed="left")],
+}
+
+
 class MLPEnsembleRegressor(ExpressionRegressor):
     """Median of `n_members` MLPs (`hidden` units per hidden layer, `dropout`) trained on standardised targets."""
 
-    _parameter_constraints = {
-        "n_members": [Interval(Integral, 1, None, closed="left")], "hidden": ["array-like"],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
-        "n_feature_components": [Interval(Integral, 1, None, closed="left"), None],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "learning_rate": [Interval(Real, 0, None, closed="neither")],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "patience": [Interval(Integral, 1, None, closed="left")], "device": [str, None],
-        "torch_threads": [Interval(Integral, 1, None, closed="left")], "scale_sets": ["array-like", None],
-        "random_state": [Interval(Integral, 0, None, closed="left")],
-    }
+    _parameter_constraints = {**MEMBER_LOOP_CONSTRAINTS, "hidden": ["array-like"]}
     _element_constraints = {"hidden": [Interval(Integral, 1, None, closed="left")]}
 
     def __init__(self, n_members: int = 5, hidden: tuple[int, ...] = (256, 256), dropout: float = 0.2,
@@ -88,15 +176,7 @@ class MLPEnsembleRegressor(ExpressionRegressor):
         Z = self.inputs_.transform(X)
         self.y_mean_, self.y_scale_ = Y.mean(0), np.maximum(Y.std(0), 1e-3).astype(np.float32)
         T = ((Y - self.y_mean_) / self.y_scale_).astype(np.float32)
-        self.members_, self.epochs_, self.tuning_scores_, self.epoch_seconds_ = [], [], [], []
-        with _torch_threads(self.torch_threads):
-            for member, valid in enumerate(member_holdouts(len(Z), groups, self.n_members, self.random_state)):
-                start = time.perf_counter()
-                layers, epochs, score, ran = self._train_member(Z, T, Y, valid, self.random_state + member)
-                self.epoch_seconds_.append((time.perf_counter() - start) / ran)  # training and scoring one epoch
-                self.members_.append(layers)
-                self.epochs_.append(epochs)
-                self.tuning_scores_.append(score)
+        fit_members(self, len(Z), groups, lambda valid, seed: self._train_member(Z, T, Y, valid, seed))
         self._set_clip(Y)
         return self
 
@@ -105,46 +185,12 @@ class MLPEnsembleRegressor(ExpressionRegressor):
         """One MLP, stopped where its held-out cell-wise Spearman peaked: (layers as numpy, its epochs, its score,
         the epochs run)."""
         import torch
-        from torch import nn
 
         torch.manual_seed(seed)
-        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        widths = [Z.shape[1], *self.hidden]
-        blocks: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
-            blocks += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(self.dropout)]
-        network = nn.Sequential(*blocks, nn.Linear(widths[-1], T.shape[1])).to(device)
-        optimiser = torch.optim.AdamW(network.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
-        train = np.flatnonzero(~valid)
-        held = scored_rows(np.flatnonzero(valid), TUNING_ROWS, seed)
-        inputs, targets = torch.from_numpy(Z[train]).to(device), torch.from_numpy(T[train]).to(device)
-        generator = torch.Generator().manual_seed(seed)
-        best, best_layers, best_epoch, stale = -np.inf, None, 0, 0
-        for epoch in range(1, self.max_epochs + 1):
-            network.train()
-            for batch in torch.randperm(len(train), generator=generator).split(self.batch_size):
-                batch = batch.to(device)
-                loss = nn.functional.mse_loss(network(inputs[batch]), targets[batch])
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-            layers = self._layers(network)
-            score = float(cellwise_spearman(Y[held], self._destandardise(mlp_forward(layers, Z[held]))).mean()) \
-                if len(held) else -float(loss)
-            if best_layers is None or score > best:  # a member always keeps some weights
-                best, best_layers, best_epoch, stale = score, layers, epoch, 0
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        return best_layers, best_epoch, best, epoch
-
-    @staticmethod
-    def _layers(network) -> list[tuple[np.ndarray, np.ndarray]]:
-        from torch import nn
-
-        return [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
-                for m in network if isinstance(m, nn.Linear)]
+        network = mlp_module([Z.shape[1], *self.hidden, T.shape[1]], self.dropout).to(torch_device(self.device))
+        return train_early_stopped(
+            self, [network], network, [Z], T, valid, seed, lambda: linear_layers(network),
+            lambda layers, held: cellwise_spearman(Y[held], self._destandardise(mlp_forward(layers, Z[held]))))
 
     def _destandardise(self, T: np.ndarray) -> np.ndarray:
         return T * self.y_scale_ + self.y_mean_

@@ -118,8 +118,8 @@ class CacheSource:
 
     @property
     def base_dim(self) -> int:
-        """Width of the features without the context block."""
-        return len(self.scale_sets) // (1 + self.spec.n_context_blocks)
+        """Width of the features without the context blocks (and the neighbour set)."""
+        return self.spec.base_width(len(self.scale_sets))
 
     def subset(self, names: list[str]) -> "CacheSource":
         """The same source restricted to some samples (renumbered), with the same principal axes."""

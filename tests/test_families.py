@@ -20,7 +20,11 @@ MAX_LOG_EXPRESSION = float(np.log1p(100))
 # Parameters that keep each family's fit to a fraction of a second here (a family absent uses its defaults)
 TINY = {"lightgbm": {"n_estimators": 10, "n_target_components": 2, "n_feature_components": 3},
         "states": {"n_states": (3,), "C": (0.1,), "power": (1.0,), "n_feature_components": 3},
-        "mlp-ensemble": {"n_members": 2, "hidden": (8,), "max_epochs": 2, "n_feature_components": 4}}
+        "mlp-ensemble": {"n_members": 2, "hidden": (8,), "max_epochs": 2, "n_feature_components": 4},
+        # built from no FeatureSpec, its layout has no neighbour slots (K = 0: rho on the row alone); the set itself
+        # is tested in tests/test_neighbour_set.py
+        "neighbour-set": {"n_members": 2, "phi_hidden": (4,), "phi_dim": 4, "rho_hidden": (8,), "max_epochs": 2,
+                          "n_feature_components": 4}}
 FAMILIES = sorted(REGISTRY)
 
 
@@ -170,6 +174,10 @@ def test_the_features_a_model_reads_follow_from_its_family():
     assert layout.columns == slice(0, 21) and layout.width == 21 and len(layout.scale_sets) == 21
     only_max = FeatureSpec(context_k=5, context_pool=("max",))
     np.testing.assert_array_equal(feature_columns(only_max, spec, 2), [0, 1, 4, 5])  # base, then the max block
+    # a neighbour set in the settings' spec is read by no family that does not ask for one in its own hook
+    with_set = FitSettings(features=FeatureSpec(context_k=5, neighbour_set=3), models=("ridge", "ridge+context"))
+    assert with_set.model_features("ridge+context") == FeatureSpec(context_k=5)
+    assert with_set.model_features("ridge") == FeatureSpec()
 
 
 NAME_FREE = ("engine.py", "selection.py", "fit.py", "tasks.py", "settings.py", "source.py", "predictor.py")

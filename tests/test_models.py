@@ -4,7 +4,7 @@ from sklearn.linear_model import Ridge
 
 from regress.baselines import MeanProfile, SpatialKNNProfile
 from regress.boosting import LightGBMRegressor
-from regress.features import apply_weights, neighbourhood_mean, radius_weights
+from regress.features import FeatureSpec, apply_weights, neighbour_set_block, neighbourhood_mean, radius_weights
 from regress.ridge import RidgeCVRegressor
 from regress.splits import row_folds
 
@@ -115,6 +115,79 @@ def test_radius_mean_matches_brute_force():
         near = (distances <= 15.0) & (np.arange(60) != i)
         expected = features[near].mean(0) if near.any() else np.zeros(3)
         np.testing.assert_allclose(result[i], expected, rtol=1e-5, atol=1e-6)
+
+
+def brute_force_neighbour_set(coords, features, k, radius, unit):
+    """The neighbour set, one nucleus at a time over all pairs: [features, dy, dx, distance, 1] of the k nearest
+    others within the radius (inclusive), nearest first, zeros after."""
+    n, d = features.shape
+    out = np.zeros((n, k * (d + 4)))
+    for i in range(n):
+        distances = np.linalg.norm(coords - coords[i], axis=1)
+        distances[i] = np.inf
+        order = [j for j in np.argsort(distances, kind="stable") if distances[j] <= (radius or np.inf)][:k]
+        for slot, j in enumerate(order):
+            dy, dx = (coords[j] - coords[i]) * unit
+            out[i, slot * (d + 4): (slot + 1) * (d + 4)] = [*features[j], dy, dx, distances[j] * unit, 1.0]
+    return out
+
+
+@pytest.mark.parametrize("radius", [12.0, None])
+def test_neighbour_set_matches_brute_force(radius):
+    rng = np.random.default_rng(4)
+    coords, features = rng.random((70, 2)) * 100, rng.normal(size=(70, 3)).astype(np.float32)
+    coords[4], coords[5] = [50.0, 50.0], [50.0, 62.0]  # exactly 12 apart: a neighbour at the radius counts
+    expected = brute_force_neighbour_set(coords, features, 5, radius, unit=0.25)
+    result = neighbour_set_block(coords, features, 5, radius, unit=0.25, rows=16)  # several row blocks
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+    if radius is not None:
+        counts = result[:, np.arange(5) * 7 + 6].sum(1)
+        assert counts.min() < 5 and counts.max() == 5  # some nuclei have padded slots, some are full
+        assert any(result[4, s * 7: s * 7 + 6].tolist() == [*features[5], 0.0, 3.0, 3.0] for s in range(5))
+
+
+def test_a_neighbour_set_is_appended_and_leaves_the_other_blocks_as_they_were(embedded_cache):
+    """The neighbour set follows the pooled context, which stays as it was; its block is the brute-force set of the
+    base columns, offsets in microns (the fixture stores its pixel size); its columns are found by name."""
+    from regress.features import feature_columns, sample_features, scale_sets
+    from slidedata.feature_store import FeatureStore
+    from tests.conftest import FIXTURE_PATCH_SIZES
+
+    store = FeatureStore(embedded_cache)
+    before = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, context_radius=(40.0,), context_pool=("mean", "max"))
+    spec = FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, context_radius=(40.0,), context_pool=("mean", "max"),
+                       neighbour_set=3, neighbour_radius="10um")
+    old, new = sample_features(store, "demo1", before), sample_features(store, "demo1", spec)
+    base = before.base_width(old.shape[1])
+    assert new.shape[1] == old.shape[1] + 3 * (base + 4) == sum(w for _, w in spec.blocks(base))
+    assert len(scale_sets(store, "demo1", spec, None)) == new.shape[1]
+    assert spec.base_width(new.shape[1]) == base
+    np.testing.assert_array_equal(new[:, : old.shape[1]], old)
+    np.testing.assert_array_equal(new[:, feature_columns(before, spec, base)], old)
+    microns = store.open_entry("demo1", "handcrafted", FIXTURE_PATCH_SIZES[0]).attrs["sample_microns_per_pixel"]
+    coords = store.read_nuclei("demo1")[["y", "x"]].to_numpy(np.float64)
+    expected = brute_force_neighbour_set(coords, old[:, :base].astype(np.float64), 3, round(10 / microns), microns)
+    np.testing.assert_allclose(new[:, old.shape[1]:].astype(np.float64), expected, rtol=2e-3, atol=2e-3)
+    assert 0 < new[:, old.shape[1] + base + 3].mean() < 1  # some nuclei have a neighbour within 10 um, some not
+
+
+def test_neighbour_set_options_are_checked_and_old_specs_load_without_one():
+    import pickle
+
+    with pytest.raises(ValueError, match="neighbour_set"):
+        FeatureSpec(neighbour_set=-1)
+    with pytest.raises(ValueError, match="patch size"):
+        FeatureSpec(neighbour_set=4, neighbour_radius="-3um")
+    spec = FeatureSpec(context_k=5, neighbour_set=4, neighbour_radius="30um")
+    assert spec.as_dict()["neighbour_radius"] == "30um" and spec.without_context().neighbour_set == 0
+    assert spec.without_neighbour_set() == FeatureSpec(context_k=5)
+    assert [name for name, _ in spec.blocks(10)][-1] == ("neighbours", 4, "30um")
+    old = object.__new__(FeatureSpec)  # a spec pickled (in a model of format 1) before the neighbour set existed
+    state = dict(FeatureSpec().__dict__)
+    del state["neighbour_set"], state["neighbour_radius"]
+    object.__setattr__(old, "__dict__", state)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.neighbour_set == 0 and loaded == FeatureSpec() and loaded.blocks(10) == [(("base",), 10)]
 
 
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
