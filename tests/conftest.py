@@ -29,9 +29,12 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 TIERS = ("unit", "integration", "slow")
 # Fixtures that write files: a test that asks for one of them (directly or through another fixture) is integration.
-FILE_FIXTURES = {"tmp_path", "tmp_path_factory", "demo_dir", "embedded_cache"}
+FILE_FIXTURES = {"tmp_path", "tmp_path_factory", "demo_dir", "small_demo_dir", "embedded_cache"}
 
 FIXTURE_NUCLEI = 500
+# For tests of a stage's plumbing (what it writes, reads and refuses), whose point needs no score: a third of the
+# nuclei, a third of the embedding and fitting.
+SMALL_FIXTURE_NUCLEI = 150
 FIXTURE_PATCH_SIZES = (24, 48)
 
 
@@ -67,6 +70,19 @@ def demo_dir(tmp_path_factory):
             make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256)
 
     return _made_once(tmp_path_factory, "demo", make)
+
+
+@pytest.fixture(scope="session")
+def small_demo_dir(tmp_path_factory):
+    """The same three demo samples with ~150 nuclei each (`SMALL_FIXTURE_NUCLEI`)."""
+    from synthetic.demo import make_demo_dataset
+
+    def make(folder):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_demo_dataset(folder, n_nuclei=SMALL_FIXTURE_NUCLEI, seed=7, chunk_size=256)
+
+    return _made_once(tmp_path_factory, "small-demo", make)
 
 
 @pytest.fixture(scope="session")

@@ -72,11 +72,13 @@ def test_a_subset_of_stages_updates_its_rows_of_the_table(stub_stages):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stages", ["a b c d", "e f g"], ids=["one-slide", "whole-challenge"])
+@pytest.mark.parametrize("stages", ["a b c d", "e f"], ids=["one-slide", "whole-challenge"])
 def test_the_whole_bench_at_a_tiny_scale(tmp_path, stages):
-    """Every stage's real command, at 0.03% of the challenge (about 60 nuclei per slide, 500 in the whole-challenge
+    """The stages' real commands, at 0.03% of the challenge (about 60 nuclei per slide, 500 in the whole-challenge
     cache): the plumbing of `make bench-scale`, in CI. Each stage is a fresh Python process; the two independent
-    groups (the slide a-d, the whole-challenge cache e-g) run as two tests, so two workers share them."""
+    groups (the slide a-d, the whole-challenge cache e-f) run as two tests, so two workers share them. Stage g is
+    stage f's command with another model (the MLP ensemble, fitted, saved and served in test_cell_models): at this
+    scale it would add a minute of torch start-up and training to CI and no plumbing f does not run."""
     table = bench_scale.main(["--work", str(tmp_path), "--scale", "0.0003", "--stages", *stages.split()])
     assert list(table["stage"]) == stages.split()
     assert (table["status"] == "ok").all(), table

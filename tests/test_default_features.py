@@ -81,8 +81,8 @@ def without_pixel_size(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.slow  # both stages, EfficientNet-Lite0 included
-def test_a_sample_with_a_pixel_size_gets_the_recipe_and_the_fit_reads_it(demo_dir, tmp_path):
-    data = demo_dir / "demo1.zarr"
+def test_a_sample_with_a_pixel_size_gets_the_recipe_and_the_fit_reads_it(small_demo_dir, tmp_path):
+    data = small_demo_dir / "demo1.zarr"
     assert open_sample(data).microns_per_pixel == pytest.approx(DEMO_MICRONS_PER_PIXEL)
     cache = tmp_path / "features.zarr"
     assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu"]) == 0
@@ -97,8 +97,9 @@ def test_a_sample_with_a_pixel_size_gets_the_recipe_and_the_fit_reads_it(demo_di
 
 
 @pytest.mark.slow  # both stages
-def test_a_sample_without_a_pixel_size_keeps_the_pixel_sizes_and_a_given_one_reaches_the_fit(demo_dir, tmp_path):
-    data = without_pixel_size(demo_dir / "demo1.zarr", tmp_path / "data" / "demo1.zarr")
+def test_a_sample_without_a_pixel_size_keeps_the_pixel_sizes_and_a_given_one_reaches_the_fit(small_demo_dir,
+                                                                                             tmp_path):
+    data = without_pixel_size(small_demo_dir / "demo1.zarr", tmp_path / "data" / "demo1.zarr")
     assert open_sample(data).microns_per_pixel is None
     cache = tmp_path / "pixels.zarr"
     assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu"]) == 0
@@ -119,8 +120,8 @@ def test_a_sample_without_a_pixel_size_keeps_the_pixel_sizes_and_a_given_one_rea
     assert keys(spec) == MICRON_KEYS and spec.context_radius == pytest.approx((200.0,))  # 50 um at 0.25 um/px
 
 
-def test_named_features_win_over_the_recipe(demo_dir, tmp_path, capsys):
-    data = demo_dir / "demo1.zarr"  # stores a pixel size: the defaults would be the micron recipe
+def test_named_features_win_over_the_recipe(small_demo_dir, tmp_path, capsys):
+    data = small_demo_dir / "demo1.zarr"  # stores a pixel size: the defaults would be the micron recipe
     cache = tmp_path / "features.zarr"
     assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu", "--patch-sizes", "24"]) == 0
     assert cached_keys(cache) == {("handcrafted", "24")}

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from slidedata import DataError, open_sample, open_samples
-from tests.conftest import FIXTURE_NUCLEI, FIXTURE_PATCH_SIZES
+from tests.conftest import FIXTURE_PATCH_SIZES, SMALL_FIXTURE_NUCLEI
 
 N_PANEL = 377  # not the challenge's 460: nothing may assume it
 PATCH_ARGS = [str(s) for s in FIXTURE_PATCH_SIZES]
@@ -26,13 +26,13 @@ XENIUM_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "xeni
 @pytest.fixture(scope="module")
 def panel_dir(tmp_path_factory) -> Path:
     """The demo dataset (two samples with expression, one without) on a 377-gene panel: the shared fixture's
-    tissue (its size and seed), so its masks are known to open."""
+    tissue (the small fixture's size and seed), so its masks are known to open."""
     from synthetic.demo import make_demo_dataset
 
     folder = tmp_path_factory.mktemp("panel377")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256, n_genes=N_PANEL)
+        make_demo_dataset(folder, n_nuclei=SMALL_FIXTURE_NUCLEI, seed=7, chunk_size=256, n_genes=N_PANEL)
     return folder
 
 

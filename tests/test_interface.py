@@ -1,4 +1,4 @@
-"""The challenge's train / infer interface, on the fixture, through the same library code as the Makefile."""
+"""The challenge's train / infer interface, on the small fixture, through the same library code as the Makefile."""
 
 import numpy as np
 import pandas as pd
@@ -9,24 +9,24 @@ from slidedata import open_sample
 pytestmark = pytest.mark.slow  # train and infer end to end, each embedding the demo samples
 
 
-def test_train_then_infer_is_deterministic(demo_dir, tmp_path):
+def test_train_then_infer_is_deterministic(small_demo_dir, tmp_path):
     from submission.main import infer, train
 
     model_dir = tmp_path / "model"
-    train(str(demo_dir), str(model_dir), models=("mean-profile", "ridge"), patch_sizes=(24,))  # one small size
+    train(str(small_demo_dir), str(model_dir), models=("mean-profile", "ridge"), patch_sizes=(24,))  # one small size
     assert (model_dir / "predictor.joblib").exists()
 
-    first = infer(str(demo_dir / "demo0.zarr"), str(model_dir))
-    second = infer(str(demo_dir / "demo0.zarr"), str(model_dir))
+    first = infer(str(small_demo_dir / "demo0.zarr"), str(model_dir))
+    second = infer(str(small_demo_dir / "demo0.zarr"), str(model_dir))
     pd.testing.assert_frame_equal(first, second)  # the runner may call twice and compare
     assert list(first.columns) == ["cell_id", "gene", "prediction"]
-    groups = open_sample(demo_dir / "demo0.zarr").groups
+    groups = open_sample(small_demo_dir / "demo0.zarr").groups
     held_out = groups.index[groups.isin(["validation", "test"])]
     assert len(first) == len(held_out) * 460 and set(first["cell_id"]) == set(held_out)
     assert (first["prediction"] >= 0).all() and np.isfinite(first["prediction"]).all()
 
 
-def test_neural_encoder_weights_travel_with_the_model(demo_dir, tmp_path, monkeypatch):
+def test_neural_encoder_weights_travel_with_the_model(small_demo_dir, tmp_path, monkeypatch):
     """train copies the weights into the model folder; infer loads them from there (the runner is offline)."""
     from embed.registry import ENCODERS
     from submission.main import infer, train
@@ -35,19 +35,19 @@ def test_neural_encoder_weights_travel_with_the_model(demo_dir, tmp_path, monkey
     monkeypatch.setitem(ENCODERS, TINY_VIT.name, TINY_VIT)
     weights = _save_hub_layout(_fresh(TINY_VIT, seed=5), tmp_path / "hub", TINY_VIT.architecture)
     model_dir = tmp_path / "model"
-    train(str(demo_dir), str(model_dir), encoder=TINY_VIT.name, weights=str(weights), models=("ridge",),
+    train(str(small_demo_dir), str(model_dir), encoder=TINY_VIT.name, weights=str(weights), models=("ridge",),
           patch_sizes=(48,))
     assert (model_dir / "encoder" / "model.safetensors").exists()
 
     import shutil
 
     shutil.rmtree(weights)  # the original weights are gone, as on the runner's machine
-    predictions = infer(str(demo_dir / "demo1.zarr"), str(model_dir))
-    groups = open_sample(demo_dir / "demo1.zarr").groups
+    predictions = infer(str(small_demo_dir / "demo1.zarr"), str(model_dir))
+    groups = open_sample(small_demo_dir / "demo1.zarr").groups
     assert len(predictions) == groups.isin(["validation", "test"]).sum() * 460
 
 
-def test_infer_embeds_every_feature_block_the_model_reads(demo_dir, tmp_path):
+def test_infer_embeds_every_feature_block_the_model_reads(small_demo_dir, tmp_path):
     """A model on handcrafted features plus an EfficientNet block (resampled to 32 px) predicts through infer what
     the saved estimator predicts from the training cache: infer embeds the extra encoder too, with the recorded input
     size, and labels every row with its own nucleus. The expected values come from the fit's own reading of the
@@ -60,20 +60,20 @@ def test_infer_embeds_every_feature_block_the_model_reads(demo_dir, tmp_path):
     from submission.main import infer
 
     cache, model_dir = tmp_path / "features.zarr", tmp_path / "model"
-    embed_dataset(demo_dir, cache, "handcrafted", settings=EmbedSettings(patch_sizes=(24,), chunk_nuclei=128),
+    embed_dataset(small_demo_dir, cache, "handcrafted", settings=EmbedSettings(patch_sizes=(24,), chunk_nuclei=128),
                   device="cpu", progress=False)
-    embed_dataset(demo_dir, cache, "efficientnet-lite0", device="cpu", progress=False,
+    embed_dataset(small_demo_dir, cache, "efficientnet-lite0", device="cpu", progress=False,
                   settings=EmbedSettings(patch_sizes=(48,), chunk_nuclei=128, input_size=32))
     spec = FeatureSpec(encoder="handcrafted", patch_sizes=(24,), extra_keys=(("efficientnet-lite0", 48),))
-    _, predictor = fit_and_evaluate(demo_dir, cache, model_dir, FitSettings(features=spec, models=("ridge",)),
+    _, predictor = fit_and_evaluate(small_demo_dir, cache, model_dir, FitSettings(features=spec, models=("ridge",)),
                                     progress=False)
-    source = CacheSource.open(demo_dir, cache, predictor.feature_spec, reducer=predictor.reducer, progress=False)
+    source = CacheSource.open(small_demo_dir, cache, predictor.feature_spec, reducer=predictor.reducer, progress=False)
     matrix = source.matrix(next(s for s in source.samples if s.name == "demo2"))
     held = np.isin(matrix.group, ["validation", "test"])
     assert held.sum() > 10
     expected = np.round(predictor.estimator.predict(matrix.X[held]).astype(np.float64), 2)
-    frame = infer(str(demo_dir / "demo2.zarr"), str(model_dir))
-    groups = open_sample(demo_dir / "demo2.zarr").groups
+    frame = infer(str(small_demo_dir / "demo2.zarr"), str(model_dir))
+    groups = open_sample(small_demo_dir / "demo2.zarr").groups
     assert set(frame["cell_id"]) == set(groups.index[groups.isin(["validation", "test"])])
     wide = frame.pivot(index="cell_id", columns="gene", values="prediction").loc[matrix.cell_id[held],
                                                                                  predictor.genes]

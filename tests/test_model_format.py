@@ -1,5 +1,6 @@
 """Saved models carry a format version; models saved before it existed (the fixture: five families saved by the
-code of f50d596, `deepsets` among them) load through the one migration step and predict as they did (to float32's last bit)."""
+code of f50d596, `deepsets` among them) load through the one migration step and predict as they did (to float32's
+last bit)."""
 
 from __future__ import annotations
 
