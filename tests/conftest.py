@@ -59,30 +59,28 @@ def _made_once(tmp_path_factory, name: str, make) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    """Three demo samples (two with expression, one like DC1 without), ~500 nuclei each, 256 px chunks."""
+def _demo_samples(tmp_path_factory, name: str, n_nuclei: int) -> Path:
+    """Three demo samples (two with expression, one like DC1 without), `n_nuclei` each, 256 px chunks, seed 7."""
     from synthetic.demo import make_demo_dataset
 
     def make(folder):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            make_demo_dataset(folder, n_nuclei=FIXTURE_NUCLEI, seed=7, chunk_size=256)
+            make_demo_dataset(folder, n_nuclei=n_nuclei, seed=7, chunk_size=256)
 
-    return _made_once(tmp_path_factory, "demo", make)
+    return _made_once(tmp_path_factory, name, make)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo samples, ~500 nuclei each."""
+    return _demo_samples(tmp_path_factory, "demo", FIXTURE_NUCLEI)
 
 
 @pytest.fixture(scope="session")
 def small_demo_dir(tmp_path_factory):
-    """The same three demo samples with ~150 nuclei each (`SMALL_FIXTURE_NUCLEI`)."""
-    from synthetic.demo import make_demo_dataset
-
-    def make(folder):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            make_demo_dataset(folder, n_nuclei=SMALL_FIXTURE_NUCLEI, seed=7, chunk_size=256)
-
-    return _made_once(tmp_path_factory, "small-demo", make)
+    """The same demo samples with ~150 nuclei each (`SMALL_FIXTURE_NUCLEI`)."""
+    return _demo_samples(tmp_path_factory, "small-demo", SMALL_FIXTURE_NUCLEI)
 
 
 @pytest.fixture(scope="session")
