@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from embed.encoders import load_encoder, resolve_weights_file
-from embed.pipeline import EmbedSettings, embed_sample
+from embed.pipeline import EmbedSettings, embed_recipe, embed_sample
 from embed.registry import get_spec
 from regress.fit import fit_and_evaluate
 from regress.model_dir import ModelDir
@@ -23,6 +23,7 @@ from regress.settings import FitSettings, default_features
 from slidedata.feature_store import FeatureStore, entry_key
 from slidedata.patch_size import DEFAULT_PATCH_SIZES, PatchSize
 from slidedata.publish import check_writable
+from slidedata.recipe import DEFAULT_FEATURES
 from slidedata.sample import HELD_OUT_GROUPS, Elements, open_sample, open_samples
 from submission.predict import SamplePredictions, check_gene_panel, predict_held_out
 from submission.writer import long_blocks
@@ -35,29 +36,44 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
           elements: Elements | None = None) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder.
 
-    `microns_per_pixel` serves samples that store no pixel size; one that disagrees with a stored size is refused
-    unless `force_microns_per_pixel`. `patch_sizes`: the context sizes (default: DEFAULT_PATCH_SIZES); `infer`
-    embeds new samples at the same ones. `elements`: where the samples' parts are, where not laid out as the
-    challenge's (`slidedata.sample.Elements`)."""
+    Without `encoder` and `patch_sizes`, the default features of `make embed` and `make fit` (slidedata.recipe): the
+    micron recipe where every sample's pixel size is known (the challenge's samples store it), else the handcrafted
+    features at DEFAULT_PATCH_SIZES. Naming either opts out: that encoder (default handcrafted) at those sizes
+    (default DEFAULT_PATCH_SIZES); `infer` embeds new samples at the same ones. `microns_per_pixel` serves samples
+    that store no pixel size; one that disagrees with a stored size is refused unless `force_microns_per_pixel`.
+    `elements`: where the samples' parts are, where not laid out as the challenge's (`slidedata.sample.Elements`)."""
     model_dir = ModelDir(check_writable(model_directory_path))  # before any work, as the stages check
     if cache_directory_path:
         check_writable(cache_directory_path)
     model_dir.path.mkdir(parents=True, exist_ok=True)
-    encoder = encoder or "handcrafted"
+    sample_options = {"microns_per_pixel": microns_per_pixel, "force_microns_per_pixel": force_microns_per_pixel,
+                      "elements": elements}
+    with _cache(cache_directory_path) as cache:
+        if encoder is None and patch_sizes is None:
+            # each block's weights come with its pip package, which the runner installs: nothing to copy
+            recipe, recipe_microns = DEFAULT_FEATURES.for_data(data_directory_path, **sample_options)
+            embed_recipe(data_directory_path, cache, recipe, **sample_options)
+            features = default_features(recipe, recipe_microns)
+        else:
+            features = _embed_one_encoder(data_directory_path, cache, model_dir, encoder or "handcrafted", weights,
+                                          patch_sizes or DEFAULT_PATCH_SIZES, sample_options)
+        fit_settings = FitSettings(features=features, **({"models": tuple(models)} if models else {}))
+        fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings, elements=elements)
+
+
+def _embed_one_encoder(data_directory_path: str, cache: Path, model_dir: ModelDir, encoder: str,
+                       weights: str | None, patch_sizes: tuple, sample_options: dict):
+    """Embed every sample with `encoder` at `patch_sizes`, its weights copied into the model folder first; the
+    features the fit then reads."""
     spec = get_spec(encoder)
     if spec.library != "handcrafted":
         model_dir.copy_encoder_weights(resolve_weights_file(spec, weights))
-    with _cache(cache_directory_path) as cache:
-        module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
-        store = FeatureStore(cache)
-        settings = EmbedSettings(patch_sizes=patch_sizes or DEFAULT_PATCH_SIZES)
-        for sample in open_samples(data_directory_path, microns_per_pixel=microns_per_pixel,
-                                   force_microns_per_pixel=force_microns_per_pixel, elements=elements):
-            embed_sample(sample, store, module, settings, progress=True)
-        fit_settings = FitSettings(features=replace(default_features(), encoder=encoder,
-                                                    patch_sizes=settings.patch_sizes),
-                                   **({"models": tuple(models)} if models else {}))
-        fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings, elements=elements)
+    module = load_encoder(spec, weights=_bundled_weights(model_dir, spec.library))
+    store = FeatureStore(cache)
+    settings = EmbedSettings(patch_sizes=patch_sizes)
+    for sample in open_samples(data_directory_path, **sample_options):
+        embed_sample(sample, store, module, settings, progress=True)
+    return replace(default_features(), encoder=encoder, patch_sizes=settings.patch_sizes)
 
 
 def infer(data_file_path: str, model_directory_path: str, cache_directory_path: str | None = None,

@@ -78,3 +78,23 @@ def test_infer_embeds_every_feature_block_the_model_reads(small_demo_dir, tmp_pa
     wide = frame.pivot(index="cell_id", columns="gene", values="prediction").loc[matrix.cell_id[held],
                                                                                  predictor.genes]
     np.testing.assert_allclose(wide.to_numpy(), expected, atol=1e-6)
+
+
+def test_train_with_no_features_named_takes_the_default_features_and_infer_serves_them(small_demo_dir, tmp_path):
+    """As `make embed fit`: the demo samples store their pixel size (0.2125 um/px), so train embeds and fits the
+    micron recipe (docs/fit.md: handcrafted at 12, 24, 48 um, EfficientNet-Lite0 at 48 um, neighbours within 50 um),
+    and infer embeds a new sample's blocks at the same sizes."""
+    from regress.model_dir import ModelDir
+    from submission.main import infer, train
+
+    model_dir = tmp_path / "model"
+    train(str(small_demo_dir), str(model_dir), models=("ridge+context",))
+    spec = ModelDir(model_dir).load_predictor().feature_spec
+    assert [(e, s.key) for e, s in spec.keys] == [("handcrafted", "12um"), ("handcrafted", "24um"),
+                                                  ("handcrafted", "48um"), ("efficientnet-lite0", "48um")]
+    assert spec.context_radius == pytest.approx((50 / 0.2125,))
+    assert not (model_dir / "encoder").exists()  # the recipe's weights come with their packages
+    frame = infer(str(small_demo_dir / "demo2.zarr"), str(model_dir))
+    groups = open_sample(small_demo_dir / "demo2.zarr").groups
+    assert set(frame["cell_id"]) == set(groups.index[groups.isin(["validation", "test"])])
+    assert len(frame) == groups.isin(["validation", "test"]).sum() * 460 and (frame["prediction"] >= 0).all()
