@@ -277,19 +277,3 @@ def test_wide_blocks_are_reduced_to_their_principal_components(embedded_cache):
     np.testing.assert_allclose(np.linalg.svd(basis.T @ reference, compute_uv=False), 1.0, atol=1e-6)
     projected = reducer.transform(key, rows[:10])
     np.testing.assert_allclose(np.abs(projected), np.abs(standardized[:10] @ reference), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("shape", [(40, 120), (300, 120)], ids=["fewer rows than columns", "more rows"])
-def test_top_components_are_the_leading_eigenvectors_of_the_covariance(shape):
-    """Both routes (thin SVD of few rows, eigendecomposition of the d x d Gram matrix) give the covariance's leading
-    eigenvectors, up to sign, against numpy's eigh on the covariance itself."""
-    from regress.components import top_components
-
-    rng = np.random.default_rng(0)
-    M = rng.normal(size=shape) @ np.diag(np.linspace(3, 0.1, shape[1]))
-    M -= M.mean(0)
-    axes = top_components(M.astype(np.float32), 10)
-    evals, evecs = np.linalg.eigh(M.T @ M)
-    reference = evecs[:, ::-1][:, :10]
-    assert axes.shape == (shape[1], 10)
-    np.testing.assert_allclose(np.abs(np.sum(axes * reference, axis=0)), 1.0, atol=1e-4)
