@@ -163,8 +163,9 @@ class ModelSpec:
         family = REGISTRY.get(base)
         if family is None or (plus and f"+{suffix}" != CONTEXT):
             new = renamed(base)
-            if new and not plus:
-                raise ValueError(f"model '{name}' is now called '{new}'")
+            if new:  # its former name, with or without the context suffix: the name to write now
+                now = new + (CONTEXT if plus and REGISTRY[new].context == "optional" else "")
+                raise ValueError(f"model '{name}' is now called '{now}'")
             raise ValueError(f"unknown model '{name}'; choose from {', '.join(model_names())}")
         if plus and family.context != "optional":
             raise ValueError(f"model '{name}': {family.name} {'always' if family.context == 'always' else 'never'} "

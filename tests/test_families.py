@@ -124,6 +124,7 @@ def test_scikit_learn_check_estimator_passes_but_the_declared_exclusions(name):
     (dict(params={"forest": {}}), "unknown family 'forest'"),
     (dict(params={"deepsets": {"n_members": 2}}), "'deepsets' is now called 'mlp-ensemble'"),
     (dict(models=("deepsets",)), "'deepsets' is now called 'mlp-ensemble'"),
+    (dict(models=("deepsets+context",)), r"'deepsets\+context' is now called 'mlp-ensemble'"),
     (dict(models=("mlp-ensemble+context",)), "always reads the neighbourhood"),
     (dict(models=("mean-profile+context",)), "never reads the neighbourhood"),
     (dict(models=("ridge+contexts",)), "unknown model"),
