@@ -29,7 +29,7 @@ DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 SUBMIT_ARGS ?=
 
-.PHONY: install demo embed fit submit test check docs bench bench-embed bench-fit bench-real bench-cell bench-scale clean
+.PHONY: install demo embed fit submit test check docs bench bench-embed bench-fit bench-writer bench-real bench-cell bench-scale clean
 
 install: $(STAMP)
 
@@ -75,13 +75,16 @@ check: $(STAMP)
 docs: $(STAMP)
 	$(PY) benchmarks/make_docs.py
 
-bench: bench-embed bench-fit
+bench: bench-embed bench-fit bench-writer
 
 bench-embed: $(STAMP) $(if $(filter $(DATA),$(DEMO_DATA)),$(DEMO_DATA)/demo1.zarr)
 	$(PY) benchmarks/bench_embed.py --data "$(DATA)"
 
 bench-fit: $(STAMP)
 	$(PY) benchmarks/bench_fit.py
+
+bench-writer: $(STAMP)
+	$(PY) benchmarks/bench_writer.py
 
 # Real tissue (four her2st sections, leave one section out); says so and exits 0 when the data is absent.
 HER2ST      ?= ../shared/data/her2st

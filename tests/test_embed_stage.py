@@ -126,6 +126,25 @@ def test_dataloader_workers_give_the_same_features(demo_dir, embedded_cache, tmp
                                   FeatureStore(embedded_cache).read_features("demo1", "handcrafted", 48))
 
 
+def test_default_cpu_workers_need_enough_nuclei_each(monkeypatch):
+    """One per core up to 4, but each with at least MIN_NUCLEI_PER_WORKER (1000) nuclei of work, and none rather
+    than one; a network on a CPU gets none; a number given is taken as given."""
+    import torch
+
+    from embed.pipeline import loader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    handcrafted, cpu = load_encoder("handcrafted"), torch.device("cpu")
+    default = EmbedSettings()
+    assert [loader_workers(default, cpu, handcrafted, n) for n in (0, 999, 1999, 2000, 3999, 4000, 10 ** 6)] == \
+        [0, 0, 0, 2, 3, 4, 4]
+    assert loader_workers(default, cpu, handcrafted) == 4  # work not known: the cores decide
+    assert loader_workers(EmbedSettings(num_workers=2), cpu, handcrafted, 10) == 2
+    assert loader_workers(EmbedSettings(torch_threads=2), cpu, handcrafted, 10 ** 6) == 0  # two threads: in-process
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert loader_workers(default, cpu, handcrafted, 10 ** 6) == 2
+
+
 def test_ranks_own_fixed_units_whatever_the_others_have_done(demo_dir, tmp_path, monkeypatch):
     """A rank starting late sees fewer pending units; it must still take only its own share, no more, no less."""
     from embed.patches import contiguous_share

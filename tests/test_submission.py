@@ -1,3 +1,6 @@
+import gzip
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -31,6 +34,12 @@ def submission_csv(demo_dir, embedded_cache, fitted, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def submission_frame(submission_csv):
+    """The valid submission as read back (each broken file below is one change to it)."""
+    return pd.read_csv(submission_csv)
+
+
 def test_end_to_end_scores_beat_the_mean_profile(fitted):
     model_dir, scores, predictor = fitted
     table = scores.set_index("model")
@@ -53,8 +62,8 @@ def test_saved_model_reloads_and_predicts_identically(fitted, embedded_cache):
     np.testing.assert_array_equal(values_a, values_b)
 
 
-def test_submission_covers_every_held_out_nucleus_and_gene(demo_dir, submission_csv):
-    frame = pd.read_csv(submission_csv)
+def test_submission_covers_every_held_out_nucleus_and_gene(demo_dir, submission_frame):
+    frame = submission_frame
     assert list(frame.columns) == COLUMNS
     for sample in open_samples(demo_dir):
         held_out = set(sample.groups.index[sample.groups.isin(["validation", "test"])])
@@ -112,17 +121,17 @@ def _broken(frame, how):
     "negative predictions", "infinite predictions", "more than 2 decimals", "unknown genes",
     "rows of an unknown sample", "wrong columns",
 ])
-def test_validator_flags_each_problem(demo_dir, submission_csv, tmp_path, how, capsys):
-    frame = pd.read_csv(submission_csv)
+def test_validator_flags_each_problem(demo_dir, submission_frame, tmp_path, how, capsys):
+    """Through the command line, whose report lists one problem per line: `  - <kind>: <count> (e.g. ...)`."""
     path = tmp_path / "broken.csv"
-    _broken(frame, how).to_csv(path, index=False, float_format="%.3f" if how == "more than 2 decimals" else None)
-    problems = validate_submission(path, open_samples(demo_dir))
-    kinds = {p.kind for p in problems}
-    assert how in kinds, problems
+    _broken(submission_frame, how).to_csv(path, index=False,
+                                          float_format="%.3f" if how == "more than 2 decimals" else None)
+    assert validate_main([str(path), "--data", str(demo_dir)]) == 1
+    report = capsys.readouterr().out
+    kinds = set(re.findall(r"^  - (.+?): \d+", report, flags=re.MULTILINE))
+    assert how in kinds, report
     if how in ("unknown genes", "rows of an unknown sample"):
         assert "missing rows" in kinds  # the damaged row no longer counts as the expected one
-    assert validate_main([str(path), "--data", str(demo_dir)]) == 1
-    assert how in capsys.readouterr().out
 
 
 def test_valid_file_passes_and_parquet_round_trips(demo_dir, submission_csv, tmp_path):
@@ -136,6 +145,48 @@ def test_valid_file_passes_and_parquet_round_trips(demo_dir, submission_csv, tmp
     parquet = write_submission(predictions, tmp_path / "submission.parquet", nuclei_per_block=100)
     assert validate_submission(parquet, open_samples(demo_dir)) == []
     pd.testing.assert_frame_equal(pd.read_parquet(parquet).reset_index(drop=True), frame, check_dtype=False)
+
+
+def _pandas_csv(sample: str, ids, genes: list[str], values: np.ndarray) -> str:
+    """Reference: the long table written by pandas with `%.2f`, the writer's format before it built its own text."""
+    return pd.DataFrame({"cell_id": np.repeat(np.asarray(ids), len(genes)), "gene": np.tile(genes, len(ids)),
+                         "prediction": values.reshape(-1).astype(np.float64).round(2), "sample": sample}
+                        ).to_csv(header=False, index=False, float_format="%.2f")
+
+
+EDGE_VALUES = [0.0, 4.62, 0.005, 0.015, 0.125, 0.285, 2.675, 1e-9, 0.994999, 0.995, 9.999, 1.0, 0.1]
+
+
+@pytest.mark.parametrize("case", ["integer ids", "text ids", "negative and NaN values", "negative zero",
+                                  "a gene with a comma",
+                                  "an id with a quote", "no nuclei"])
+def test_csv_rows_are_byte_for_byte_what_pandas_writes(case, tmp_path):
+    from submission.writer import csv_rows
+
+    rng = np.random.default_rng(3)
+    n, genes = (0 if case == "no nuclei" else 41), [f"G{i}" for i in range(23)]
+    values = rng.gamma(0.5, 1.0, (n, len(genes))).astype(np.float32)
+    if n:
+        values[0, : len(EDGE_VALUES)] = EDGE_VALUES
+    ids, names = rng.choice(10 ** 9, n, replace=False) + 1, None
+    if case == "negative and NaN values":
+        values[1, :3] = [-0.5, np.nan, np.inf]
+    if case == "negative zero":
+        values[1, :2] = [-0.0, -0.001]  # both '-0.00' in pandas' text
+    if case == "a gene with a comma":
+        genes[4] = "HLA-A,B"
+    if case in ("text ids", "an id with a quote"):
+        names = np.array([f"aaab{i:04d}-1" for i in range(n)], dtype=object)
+        if case == "an id with a quote":
+            names[2] = 'cell "2"'
+    predictions = SamplePredictions("UC1_I", ids, genes, values, names)
+    written = names if names is not None else ids
+    assert csv_rows(predictions, written, values).decode() == _pandas_csv("UC1_I", written, genes, values)
+    if case in ("integer ids", "text ids"):  # the whole file, plain and gzip, header included
+        for name in ("s.csv", "s.csv.gz"):
+            path = write_submission([predictions, predictions], tmp_path / name, nuclei_per_block=10)
+            text = (gzip.open(path, "rt") if name.endswith(".gz") else open(path)).read()
+            assert text == "cell_id,gene,prediction,sample\n" + 2 * _pandas_csv("UC1_I", written, genes, values)
 
 
 def test_failed_write_leaves_the_previous_file_intact(tmp_path):
@@ -220,7 +271,7 @@ def test_the_model_refuses_a_sample_measured_on_another_panel(other_panel, embed
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and "demo1" in err
 
 
-def test_one_gene_rule_for_writer_and_validator(demo_dir, other_panel, submission_csv, fitted, tmp_path):
+def test_one_gene_rule_for_writer_and_validator(demo_dir, other_panel, submission_frame, fitted, tmp_path):
     """The file is checked against the sample's own panel where it has one, the model's otherwise: rows of the
     model's genes for a sample measured on another panel are invalid, even when the model's genes are passed."""
     from submission.validate import expected_genes
@@ -228,7 +279,7 @@ def test_one_gene_rule_for_writer_and_validator(demo_dir, other_panel, submissio
     model_genes = list(fitted[2].genes)
     samples = open_samples(other_panel.parent)
     assert expected_genes(samples, model_genes)["demo1"][-1] == "OTHER56"
-    frame = pd.read_csv(submission_csv)
+    frame = submission_frame
     frame[frame["sample"] == "demo1"].to_csv(tmp_path / "demo1.csv", index=False)
     kinds = {p.kind for p in validate_submission(tmp_path / "demo1.csv", samples, model_genes)}
     assert {"unknown genes", "missing rows"} <= kinds

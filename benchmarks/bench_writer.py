@@ -1,0 +1,62 @@
+"""The submission writer's CSV text against pandas' `to_csv` (its format before), on one block of predictions.
+
+    python benchmarks/bench_writer.py [--nuclei 20000] [--genes 460] [--repeats 3]
+
+Both write the same bytes (checked here, and in tests/test_submission.py); the table gives each one's best wall time
+of `--repeats`, its rows per second, and what a whole challenge (about 1.67 million nuclei x 460 genes) would take at
+that rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+
+from submission.predict import SamplePredictions, finalise
+from submission.writer import csv_rows
+
+CHALLENGE_ROWS = 1_670_000 * 460
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nuclei", type=int, default=20000, help="nuclei in the block (the writer's default block)")
+    parser.add_argument("--genes", type=int, default=460)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    values = finalise(rng.gamma(0.5, 1.0, (args.nuclei, args.genes))).astype(np.float32)
+    ids = np.arange(1, args.nuclei + 1) * 7
+    predictions = SamplePredictions("UC1_I", ids, [f"GENE{i}" for i in range(args.genes)], values)
+
+    def with_pandas() -> bytes:
+        return pd.DataFrame({
+            "cell_id": np.repeat(ids, args.genes), "gene": np.tile(predictions.genes, args.nuclei),
+            "prediction": values.reshape(-1).astype(np.float64).round(2), "sample": "UC1_I",
+        }).to_csv(header=False, index=False, float_format="%.2f").encode()
+
+    rows, texts = [], {}
+    for name, write in (("pandas to_csv, %.2f", with_pandas), ("submission.writer.csv_rows", lambda: csv_rows(
+            predictions, ids, values))):
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            texts[name] = write()
+            times.append(time.perf_counter() - start)
+        best = min(times)
+        n_rows = args.nuclei * args.genes
+        rows.append({"writer": name, "rows": n_rows, "best_s": round(best, 2), "rows_per_s": int(n_rows / best),
+                     "whole_challenge_min": round(CHALLENGE_ROWS / (n_rows / best) / 60, 1)})
+    first, second = texts.values()
+    if first != second:
+        raise SystemExit("error: the two writers wrote different bytes")
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False))
+    return table
+
+
+if __name__ == "__main__":
+    main()
