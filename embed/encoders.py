@@ -91,8 +91,10 @@ def load_encoder(spec: EncoderSpec | str, weights: str | Path | None = None, dev
         return PatchEncoder(spec, HandcraftedFeatures(), weights_sha256="none").to(device)
     if spec.library == "transformers":
         return _load_transformers(spec, weights, device, token)
-    backbone = _build_timm(spec)
+    # The weights first: a missing token or file is said at once, not after building a network of up to a
+    # billion randomly initialised parameters (ViT-L took 2-4 s on 2 cores, a giant ViT takes far longer).
     file = resolve_weights_file(spec, weights, token)
+    backbone = _build_timm(spec)
     state = read_state_dict(file)
     apply_state_dict(backbone, state, spec, file)
     return PatchEncoder(spec, backbone, weights_sha256=file_sha256(file)).to(device)
