@@ -56,23 +56,24 @@ def _long_frame(predictions: SamplePredictions, ids: np.ndarray, values: np.ndar
 
 def csv_rows(predictions: SamplePredictions, ids: np.ndarray, values: np.ndarray) -> bytes:
     """The CSV lines of some nuclei of a sample, exactly as pandas writes `_long_frame` with `%.2f` (the test
-    compares them byte for byte), 9 times faster (benchmarks/bench_writer.py): a whole challenge is some 7.7e8 rows.
+    compares them byte for byte), 8 times faster (benchmarks/bench_writer.py): a whole challenge is some 7.7e8 rows.
 
     Built by pyarrow's string kernels: each prediction as whole and hundredths of its rounded value (how `%.2f`
     prints a value already rounded to 2 decimals), each row joined with commas and ending in a newline, so the
     array's data buffer is the text. Values that are not finite and non-negative (-0.0 included: pandas writes
-    '-0.00'), and names that CSV would quote (a comma, a quote, a line break), are written by pandas itself."""
+    '-0.00'), names that CSV would quote (a comma, a quote, a line break), ids that are not text where the sample
+    names its cells (None, NaN), and a gene named twice (pandas refuses it) go to pandas itself."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if not len(ids):
-        return b""
     rounded = values.reshape(-1).astype(np.float64).round(DECIMALS)
+    if not rounded.size:
+        return b""
     names = [predictions.sample, *map(str, predictions.genes)]
     text_ids = predictions.names is not None
     if not (np.isfinite(rounded).all() and not np.signbit(rounded).any() and rounded.max() < 1e12) \
-            or any(_needs_quotes(name) for name in names) \
-            or (text_ids and any(_needs_quotes(str(i)) for i in ids)):
+            or any(_needs_quotes(name) for name in names) or len(set(names[1:])) < len(names) - 1 \
+            or (text_ids and any(not isinstance(i, str) or _needs_quotes(i) for i in ids)):
         return _long_frame(predictions, ids, values).to_csv(header=False, index=False,
                                                             float_format=f"%.{DECIMALS}f").encode()
     n_genes = len(predictions.genes)

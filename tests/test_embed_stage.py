@@ -117,11 +117,22 @@ def test_two_processes_fill_disjoint_chunks_of_one_cache(demo_dir, embedded_cach
                                       FeatureStore(embedded_cache).read_features("demo1", "handcrafted", size))
 
 
-def test_dataloader_workers_give_the_same_features(demo_dir, embedded_cache, tmp_path):
+def test_dataloader_workers_give_the_same_features(demo_dir, embedded_cache, tmp_path, monkeypatch):
+    """The default workers, counted from the nuclei the sample's pending chunks hold (about 500 here: two workers
+    once each needs 200; counted in chunks, 4, it would be none)."""
+    from torch.utils.data import DataLoader
+
+    from embed import pipeline
+
+    started = []
+    monkeypatch.setattr(pipeline, "MIN_NUCLEI_PER_WORKER", 200)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(pipeline, "DataLoader", lambda *a, **k: started.append(k["num_workers"]) or DataLoader(*a, **k))
     sample = open_sample(demo_dir / "demo1.zarr")
     store = FeatureStore(tmp_path / "features.zarr")
     embed_sample(sample, store, load_encoder("handcrafted"),
-                 EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128, num_workers=2), progress=False)
+                 EmbedSettings(patch_sizes=FIXTURE_PATCH_SIZES, chunk_nuclei=128), progress=False)
+    assert started == [2]
     np.testing.assert_array_equal(store.read_features("demo1", "handcrafted", 48),
                                   FeatureStore(embedded_cache).read_features("demo1", "handcrafted", 48))
 

@@ -93,8 +93,11 @@ def test_missing_weights_path(tmp_path):
 
 @pytest.mark.slow
 def test_gated_model_without_token_says_what_to_do(monkeypatch):
+    """... before building the network (ViT-L: seconds of random initialisation for an error)."""
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("embed.encoders._build_timm",
+                        lambda spec: pytest.fail("the network was built before its weights were found"))
     with pytest.raises(EncoderLoadError, match="HF_TOKEN.*--weights"):
         load_encoder("uni")
 

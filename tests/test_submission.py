@@ -158,15 +158,15 @@ EDGE_VALUES = [0.0, 4.62, 0.005, 0.015, 0.125, 0.285, 2.675, 1e-9, 0.994999, 0.9
 
 
 @pytest.mark.parametrize("case", ["integer ids", "text ids", "negative and NaN values", "negative zero",
-                                  "a gene with a comma",
-                                  "an id with a quote", "no nuclei"])
+                                  "a gene with a comma", "an id with a quote", "a missing text id", "no nuclei",
+                                  "no genes", "a gene named twice"])
 def test_csv_rows_are_byte_for_byte_what_pandas_writes(case, tmp_path):
     from submission.writer import csv_rows
 
     rng = np.random.default_rng(3)
-    n, genes = (0 if case == "no nuclei" else 41), [f"G{i}" for i in range(23)]
+    n, genes = (0 if case == "no nuclei" else 41), [f"G{i}" for i in range(0 if case == "no genes" else 23)]
     values = rng.gamma(0.5, 1.0, (n, len(genes))).astype(np.float32)
-    if n:
+    if n and genes:
         values[0, : len(EDGE_VALUES)] = EDGE_VALUES
     ids, names = rng.choice(10 ** 9, n, replace=False) + 1, None
     if case == "negative and NaN values":
@@ -175,12 +175,20 @@ def test_csv_rows_are_byte_for_byte_what_pandas_writes(case, tmp_path):
         values[1, :2] = [-0.0, -0.001]  # both '-0.00' in pandas' text
     if case == "a gene with a comma":
         genes[4] = "HLA-A,B"
-    if case in ("text ids", "an id with a quote"):
+    if case in ("text ids", "an id with a quote", "a missing text id"):
         names = np.array([f"aaab{i:04d}-1" for i in range(n)], dtype=object)
         if case == "an id with a quote":
             names[2] = 'cell "2"'
+        if case == "a missing text id":
+            names[3] = None  # pandas writes an empty field
+    if case == "a gene named twice":
+        genes[5] = genes[4]
     predictions = SamplePredictions("UC1_I", ids, genes, values, names)
     written = names if names is not None else ids
+    if case == "a gene named twice":  # refused, as pandas' categories refuse it
+        with pytest.raises(ValueError, match="unique"):
+            csv_rows(predictions, written, values)
+        return
     assert csv_rows(predictions, written, values).decode() == _pandas_csv("UC1_I", written, genes, values)
     if case in ("integer ids", "text ids"):  # the whole file, plain and gzip, header included
         for name in ("s.csv", "s.csv.gz"):
