@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m embed") -> int:
                         help="rows per cache chunk (unit of resumption)")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.num_workers,
                         help="DataLoader workers (default: for an encoder on one CPU thread, the handcrafted one, "
-                             f"one per core, at most {MAX_CPU_WORKERS}, each cutting and encoding its own chunks of at least "
-                             f"{MIN_NUCLEI_PER_WORKER} nuclei in all (fewer: none); "
+                             f"one per core, at most {MAX_CPU_WORKERS}, each cutting and encoding its own chunks, "
+                             f"of at least {MIN_NUCLEI_PER_WORKER} nuclei in all (fewer: none); "
                              "otherwise none: a network on a CPU uses torch's threads, and on a GPU raise it if the "
                              "GPU waits for patches)")
     parser.add_argument("--torch-threads", type=positive_int,
