@@ -48,11 +48,10 @@ def _he_image(shape, centres, n_nuclei_per_spot, radius=5, seed=0) -> np.ndarray
         for dy, dx in NUCLEUS_OFFSETS[:n]:
             # each disc drawn in its own bounding box: a whole-image mask per disc took most of a grid section's time
             top, left = max(int(np.floor(cy + dy - radius)), 0), max(int(np.floor(cx + dx - radius)), 0)
-            bottom = min(int(np.ceil(cy + dy + radius)) + 1, shape[0])
-            right = min(int(np.ceil(cx + dx + radius)) + 1, shape[1])
-            yy, xx = np.mgrid[top: max(bottom, top), left: max(right, left)]
-            image[top: max(bottom, top), left: max(right, left)][
-                (yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 <= radius ** 2] = NUCLEUS
+            bottom = max(min(int(np.ceil(cy + dy + radius)) + 1, shape[0]), top)
+            right = max(min(int(np.ceil(cx + dx + radius)) + 1, shape[1]), left)
+            yy, xx = np.mgrid[top:bottom, left:right]
+            image[top:bottom, left:right][(yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 <= radius ** 2] = NUCLEUS
     image += rng.normal(0, 4, image.shape)
     return np.clip(image, 0, 255).astype(np.uint8)
 

@@ -134,9 +134,9 @@ def test_validator_flags_each_problem(demo_dir, submission_frame, tmp_path, how,
         assert "missing rows" in kinds  # the damaged row no longer counts as the expected one
 
 
-def test_valid_file_passes_and_parquet_round_trips(demo_dir, submission_csv, tmp_path):
+def test_valid_file_passes_and_parquet_round_trips(demo_dir, submission_csv, submission_frame, tmp_path):
     assert validate_main([str(submission_csv), "--data", str(demo_dir)]) == 0
-    frame = pd.read_csv(submission_csv)
+    frame = submission_frame
     predictions = []
     for sample, rows in frame.groupby("sample", sort=False):
         genes = list(pd.unique(rows["gene"]))
@@ -193,7 +193,7 @@ def test_csv_rows_are_byte_for_byte_what_pandas_writes(case, tmp_path):
     if case in ("integer ids", "text ids"):  # the whole file, plain and gzip, header included
         for name in ("s.csv", "s.csv.gz"):
             path = write_submission([predictions, predictions], tmp_path / name, nuclei_per_block=10)
-            text = (gzip.open(path, "rt") if name.endswith(".gz") else open(path)).read()
+            text = gzip.decompress(path.read_bytes()).decode() if name.endswith(".gz") else path.read_text()
             assert text == "cell_id,gene,prediction,sample\n" + 2 * _pandas_csv("UC1_I", written, genes, values)
 
 
