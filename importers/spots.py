@@ -38,6 +38,7 @@ from slidedata.cli import StageParser, positive_float, positive_int
 from slidedata.errors import DataError
 from slidedata.progress import progress_bar
 from slidedata.sample import CHALLENGE_N_GENES, GROUP_NAMES, GROUPS, SAMPLE_SUFFIX
+from slidedata.tables import SampleTables
 from slidedata.truth import REGION, TRUTH_FOLDER, remove_truth, write_truth
 from slidedata.writer import anucleus_table, write_sample
 
@@ -257,13 +258,10 @@ def import_sections(sections: Sequence[SpotSection], out_dir: str | Path, cells:
 
 def read_spot_ids(sample_path: str | Path) -> pd.Series:
     """cell_id -> spot_id of an imported sample (from its `cell_id-group` table)."""
-    import warnings
-
-    import spatialdata as sd
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        obs = sd.read_zarr(sample_path).tables[GROUPS].obs
+    tables = SampleTables(sample_path)
+    if GROUPS not in tables:
+        raise DataError(sample_path, GROUPS, f"element missing (tables: {tables.names})")
+    obs = tables.obs(GROUPS)
     if "spot_id" not in obs:
         raise DataError(sample_path, GROUPS, "no 'spot_id' column: not a sample imported from spot data")
     return pd.Series(obs["spot_id"].astype(str).to_numpy(), index=pd.Index(obs["cell_id"].to_numpy(np.int64),

@@ -56,8 +56,10 @@ def client_of(scheduler: str) -> Iterator:
     """A client of the scheduler at `scheduler`; SchedulerUnreachable (one line) if it cannot be reached."""
     from distributed import Client
 
+    # Not dask's default scheduler: distributed makes a client the default as it starts, and one that then failed
+    # to connect stayed the default of every later computation in this process until garbage-collected.
     try:
-        client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
         raise SchedulerUnreachable(f"dask scheduler {scheduler!r}: {_reason(exc)} (give the address of a running "
                                    "dask.distributed scheduler, e.g. tcp://host:8786, or leave out --scheduler to "

@@ -19,6 +19,7 @@ import pandas as pd
 
 from slidedata.chunks import ChunkFiles, describe_chunk, digest_files
 from slidedata.errors import DataError
+from slidedata.tables import SampleTables
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ ROWS_CHECKED = 2000  # rows of X compared with layers['counts'] (evenly spaced):
 # Where cell ids are not the mask's values (strings, as Xenium's 'aaaadnje-1'), this obs column holds each cell's value
 # in the mask: 10x's own name for it (nucleus_boundaries.parquet), and what `importers.xenium` writes.
 LABEL_COLUMN = "label_id"
+# What spatialdata reads of a sample: the raster and shapes elements, lazily. The tables are read part by part
+# (`slidedata.tables`): spatialdata would load each whole, every layer with it.
+_ELEMENTS_READ_WHOLE = ("images", "labels", "shapes")
 
 
 @dataclass(frozen=True)
@@ -284,11 +288,12 @@ def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel:
     try:
         with warnings.catch_warnings(), _quiet("ome_zarr.reader"):
             warnings.simplefilter("ignore")
-            sdata = sd.read_zarr(path)
+            sdata = sd.read_zarr(path, selection=_ELEMENTS_READ_WHOLE)
     except Exception as exc:  # the reader raises many types; the user needs the file name
         raise DataError(path, "-", f"not a readable SpatialData zarr ({type(exc).__name__}: {exc})") from exc
+    tables = SampleTables(path)
 
-    image_element = _element(sdata, path, elements.image, ("images",))
+    image_element = _element(sdata, tables, path, elements.image, ("images",))
     image = _image_element(image_element, path, elements.image)
     polygon_ids = None
     if elements.nuclei in sdata.shapes:
@@ -297,7 +302,7 @@ def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel:
         mask, mask_files, polygon_ids = rasterised_mask(sdata, path, elements.nuclei, image_element, image,
                                                         _sample_name(path), elements.cell_id)
     else:
-        mask = _mask_element(sdata, path, elements.nuclei)
+        mask = _mask_element(sdata, tables, path, elements.nuclei)
         mask_files = next((f for f in (ChunkFiles.find(path / kind / elements.nuclei) for kind in ("images", "labels"))
                            if f), None)
     if tuple(mask.shape) != tuple(image.shape[1:]):
@@ -306,8 +311,8 @@ def open_sample(path: str | Path, n_genes: int | None = None, microns_per_pixel:
     image_files = ChunkFiles.find(path / "images" / elements.image)
     _check_missing_image_chunks(path, image_files, mask_files, elements.image)
     ids = _CellIds(path, elements, polygon_ids)
-    groups = _groups(sdata, path, elements, ids)
-    expression = _expression(sdata, path, n_genes, elements, ids)
+    groups = _groups(tables, sdata, path, elements, ids)
+    expression = _expression(tables, path, n_genes, elements, ids)
     if microns_per_pixel is not None and not microns_per_pixel > 0:
         raise DataError(path, elements.image, f"microns per pixel must be positive, got {microns_per_pixel}")
     forced = force_microns_per_pixel and microns_per_pixel is not None  # a forced size needs no stored one
@@ -493,13 +498,17 @@ def _sample_name(path: Path) -> str:
     return path.name[: -len(SAMPLE_SUFFIX)] if path.name.endswith(SAMPLE_SUFFIX) else path.name
 
 
-def _element(sdata, path: Path, name: str, kinds: tuple[str, ...]):
+def _element(sdata, tables: SampleTables, path: Path, name: str, kinds: tuple[str, ...]):
     for kind in kinds:
         elements = getattr(sdata, kind)
         if name in elements:
             return elements[name]
-    found = sorted(sdata.images) + sorted(sdata.labels) + sorted(sdata.shapes) + sorted(sdata.tables)
-    raise DataError(path, name, f"element missing (found: {found})")
+    raise _missing(sdata, tables, path, name)
+
+
+def _missing(sdata, tables: SampleTables, path: Path, name: str) -> DataError:
+    found = sorted(sdata.images) + sorted(sdata.labels) + sorted(sdata.shapes) + tables.names
+    return DataError(path, name, f"element missing (found: {found})")
 
 
 def _scale0(element):
@@ -536,8 +545,8 @@ def _image_element(element, path: Path, name: str = IMAGE) -> da.Array:
     return image.data
 
 
-def _mask_element(sdata, path: Path, name: str = MASK) -> da.Array:
-    mask = _scale0(_element(sdata, path, name, ("images", "labels")))
+def _mask_element(sdata, tables: SampleTables, path: Path, name: str = MASK) -> da.Array:
+    mask = _scale0(_element(sdata, tables, path, name, ("images", "labels")))
     data = mask.data
     if data.ndim == 3:
         if data.shape[0] != 1:
@@ -549,9 +558,11 @@ def _mask_element(sdata, path: Path, name: str = MASK) -> da.Array:
     return data
 
 
-def _groups(sdata, path: Path, elements: Elements, ids: _CellIds) -> pd.Series:
+def _groups(tables: SampleTables, sdata, path: Path, elements: Elements, ids: _CellIds) -> pd.Series:
     name, column = elements.groups, elements.group_column
-    obs = _element(sdata, path, name, ("tables",)).obs
+    if name not in tables:
+        raise _missing(sdata, tables, path, name)
+    obs = tables.obs(name)
     if column not in obs:
         raise DataError(path, name, f"obs has no '{column}' column (columns: {list(obs.columns)})")
     unknown = sorted(set(obs[column].astype(str)) - set(GROUP_NAMES))
@@ -564,34 +575,44 @@ def _groups(sdata, path: Path, elements: Elements, ids: _CellIds) -> pd.Series:
     return pd.Series(obs[column].astype(str).to_numpy(), index=pd.Index(values, name="cell_id"), name="group")
 
 
-def _expression(sdata, path: Path, n_genes: int | None, elements: Elements, ids: _CellIds) -> ad.AnnData | None:
+def _expression(tables: SampleTables, path: Path, n_genes: int | None, elements: Elements, ids: _CellIds
+                ) -> ad.AnnData | None:
     name = elements.table
-    if name not in sdata.tables:
+    if name not in tables:
         return None
-    table = sdata.tables[name]
+    obs = tables.obs(name)
+    stored = len(obs)
+    kept = np.arange(stored)
     if name == elements.groups:  # one table for both: its test rows are hidden, as the challenge hides them
-        table = table[table.obs[elements.group_column].astype(str).to_numpy() != "test"]
-    if table.n_obs == 0:
+        kept = np.flatnonzero(obs[elements.group_column].astype(str).to_numpy() != "test")
+        obs = obs.iloc[kept]
+    if len(obs) == 0:
         return None
-    if n_genes is not None and table.n_vars != n_genes:
-        raise DataError(path, name, f"expected {n_genes} genes, found {table.n_vars}")
-    repeated = table.var_names[table.var_names.duplicated()].unique()
+    var = tables.var(name)
+    if n_genes is not None and len(var) != n_genes:
+        raise DataError(path, name, f"expected {n_genes} genes, found {len(var)}")
+    repeated = var.index[var.index.duplicated()].unique()
     if len(repeated):  # a gene twice would be fitted twice and written twice, for the same (cell_id, gene) row
         raise DataError(path, name, f"{len(repeated)} gene name(s) appear more than once in var_names, e.g. "
                                     f"{[str(g) for g in repeated[:5]]}: each gene must be one column")
-    values = dense(table.X)
+    values = dense(tables.x(name))
+    if values.shape != (stored, len(var)):
+        raise DataError(path, name, f"X has shape {values.shape}, but obs and var give {(stored, len(var))}")
+    if len(kept) != stored:
+        values = values[kept]
     if np.isnan(values).any():
         raise DataError(path, name, f"X holds {int(np.isnan(values).sum())} NaN value(s)")
     if (values < 0).any():
         raise DataError(path, name, f"X holds {int((values < 0).sum())} negative value(s); "
                                     "expected log1p(counts / total * 100)")
-    _check_normalisation(path, values, table.layers["counts"] if "counts" in table.layers else None, name)
-    cell_ids = ids.values(table.obs, name)
+    rows = _checked_rows(values.shape[0])
+    _check_normalisation(path, values, rows, tables.counts_rows(name, kept[rows]), name)
+    cell_ids = ids.values(obs, name)
     if len(np.unique(cell_ids)) != len(cell_ids):
         raise DataError(path, name, f"{elements.cell_id} is not unique")
-    obs = table.obs.copy()  # extra columns (e.g. the spot of an imported nucleus) stay available
+    obs = obs.copy()  # extra columns (e.g. the spot of an imported nucleus) stay available
     obs["cell_id"] = cell_ids
-    return ad.AnnData(X=values, obs=obs, var=table.var.copy())
+    return ad.AnnData(X=values, obs=obs, var=var.copy())
 
 
 def log_normalise(counts: np.ndarray) -> np.ndarray:
@@ -600,13 +621,21 @@ def log_normalise(counts: np.ndarray) -> np.ndarray:
     return np.log1p(counts / np.where(totals > 0, totals, 1) * SCALE_FACTOR)
 
 
-def _check_normalisation(path: Path, values: np.ndarray, counts, element: str = EXPRESSION) -> None:
-    """X must be log1p(counts / total * 100): equal to it where layers['counts'] exists, and within its range
-    (at most log1p(100)) where it does not. Raw counts or another scale would train and validate silently."""
+def _checked_rows(n: int) -> np.ndarray:
+    """ROWS_CHECKED evenly spaced rows of n (all where fewer): the rows whose counts the normalisation check reads."""
+    return np.unique(np.linspace(0, n - 1, min(ROWS_CHECKED, n)).astype(np.int64))
+
+
+def _check_normalisation(path: Path, values: np.ndarray, rows: np.ndarray, raw_rows, element: str = EXPRESSION
+                         ) -> None:
+    """X must be log1p(counts / total * 100): equal to it on the checked `rows`, whose counts are `raw_rows`, where
+    layers['counts'] exists (`raw_rows` None where not), and within its range (at most log1p(100)) everywhere.
+    Raw counts or another scale would train and validate silently."""
     unit = f"log1p(counts / total * {SCALE_FACTOR})"
-    if counts is not None:
-        rows = np.unique(np.linspace(0, values.shape[0] - 1, min(ROWS_CHECKED, values.shape[0])).astype(np.int64))
-        raw = dense(counts[rows]).astype(np.float64)
+    if raw_rows is not None:
+        raw = dense(raw_rows).astype(np.float64)
+        if raw.shape != (len(rows), values.shape[1]):
+            raise DataError(path, element, f"layers['counts'] has {raw.shape[1]} columns, X {values.shape[1]}")
         if (raw < 0).any():
             raise DataError(path, element, f"layers['counts'] holds negative values (e.g. {raw[raw < 0][0]:g}); "
                                               "counts cannot be negative")

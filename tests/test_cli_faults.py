@@ -252,6 +252,28 @@ def test_unreachable_scheduler_is_one_line_within_seconds(address, demo_dir, emb
     assert not (tmp_path / "model").exists()
 
 
+def test_a_scheduler_that_is_no_address_leaves_this_process_computing_here():
+    """distributed makes a client dask's default scheduler as it starts; one whose address is no address failed after
+    that, and every later dask computation in the process asked for a client that did not exist ('no Client
+    active') until the garbage collector removed the failed one. The collector is held off to see it."""
+    import gc
+
+    import dask
+    import dask.array as da
+
+    from regress.tasks import SchedulerUnreachable, check_scheduler
+
+    before = dask.config.get("scheduler", None)
+    gc.disable()
+    try:
+        with pytest.raises(SchedulerUnreachable, match="not an address"):
+            check_scheduler("notanaddress")
+        assert dask.config.get("scheduler", None) == before
+        assert da.ones(4, chunks=2).sum().compute() == 4
+    finally:
+        gc.enable()
+
+
 @pytest.mark.slow
 def test_cluster_tasks_send_no_large_graph():
     """Arguments are scattered once, not put into the graph of every task (dask warned 'Sending large graph')."""

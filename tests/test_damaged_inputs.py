@@ -198,6 +198,37 @@ def test_negative_counts_are_refused(tmp_path, expression):
         open_sample(_sample_with(tmp_path, expression=negative))
 
 
+def test_sparse_tables_read_as_dense_ones_and_are_checked_alike(tmp_path, expression):
+    """X and layers['counts'] stored as CSR (as spatialdata-io writes them): the counts' checked rows are read
+    through anndata's sparse dataset, not loaded whole."""
+    from scipy import sparse
+
+    stored = expression.copy()
+    stored.X, stored.layers["counts"] = sparse.csr_matrix(stored.X), sparse.csr_matrix(stored.layers["counts"])
+    opened = open_sample(_sample_with(tmp_path, "sparse", expression=stored)).expression
+    np.testing.assert_array_equal(opened.X, np.asarray(expression.X, dtype=np.float32))
+    assert list(opened.obs["cell_id"]) == [11, 42] and list(opened.var_names) == list(expression.var_names)
+
+    wrong = stored.copy()
+    counts = np.asarray(expression.layers["counts"]).copy()
+    counts[1, :5] += 7  # the second row's counts no longer give its X
+    wrong.layers["counts"] = sparse.csr_matrix(counts)
+    with pytest.raises(DataError, match=r"anucleus.*X is not log1p.*row 1, gene [0-4] "):
+        open_sample(_sample_with(tmp_path, "wrong", expression=wrong))
+
+
+def test_x_of_another_shape_than_obs_and_var_is_refused(tmp_path, expression):
+    import zarr
+    from anndata.io import write_elem
+
+    path = _sample_with(tmp_path, expression=expression)
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    write_elem(root["tables/anucleus"], "X", np.asarray(expression.X)[:1])  # one row for two cells
+    zarr.consolidate_metadata(path)
+    with pytest.raises(DataError, match=r"anucleus.*X has shape \(1, 460\), but obs and var give \(2, 460\)"):
+        open_sample(path)
+
+
 def test_genes_in_another_order_are_refused_before_any_embedding(tmp_path, expression):
     _sample_with(tmp_path, "a", expression)
     order = np.r_[1, 0, 2:460]
