@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
                         help="how models are scored on held-out tissue (auto: the validation group where it has "
                              "expression, else leave one sample out with two or more samples, else spatial blocks)")
     parser.add_argument("--no-morphology", action="store_true", help="leave out nucleus shape from the mask")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="draw no scores.png or maps.png: about a second less per fit (scores.csv has the "
+                             "scores)")
     parser.add_argument("--extra-features", nargs="+", default=[], metavar="ENCODER:PATCH_SIZE",
                         help="more cached blocks to concatenate, e.g. uni:224 virchow2:224")
     parser.add_argument("--pca", type=non_negative_int, default=defaults.ridge_components,
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m regress") -> int:
                                  block_components=args.pca or None),
             models=tuple(args.models), protocol=args.protocol, tuning_folds=args.tuning_folds,
             ridge_components=args.pca or None, ridge_criterion=args.ridge_criterion, sample_rows=args.sample_rows,
-            scheduler=args.scheduler)
+            scheduler=args.scheduler, figures=not args.no_figures)
     except ValueError as exc:
         parser.error(str(exc))
     start = time.perf_counter()

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
                      settings: FitSettings | None = None, progress: bool = True, elements: Elements | None = None
                      ) -> tuple[pd.DataFrame, ExpressionPredictor]:
-    """Evaluate, save the score table and plot, refit the chosen model on every measured nucleus, save it.
+    """Evaluate, save the score table and its figures (`settings.figures`), refit the chosen model on every measured
+    nucleus, save it.
 
     One sample in memory at a time, on this machine or a Dask cluster (`settings.scheduler`). A model directory
     that cannot be written and a scheduler that does not answer are refused before any work.
@@ -44,12 +45,13 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
     if replaced:  # said before the fit, not after: the user can still stop it (the default folder is shared)
         log.warning("warning: %s", replaced)
     maps = MapSink()
-    selection = select_and_fit(source, settings, progress, sink=maps)
+    selection = select_and_fit(source, settings, progress, sink=maps if settings.figures else None)
     evaluation, best = selection.evaluation, selection.best
     scores = evaluation.scores
     out.save_scores(scores, pd.DataFrame(evaluation.gene_scores, index=source.genes).rename_axis("gene"))
-    out.save_plot(lambda path: plot_scores(scores, evaluation.gene_scores, best, path,
-                                           f"held-out: {evaluation.protocol}", evaluation.split_scores))
+    if settings.figures:
+        out.save_plot(lambda path: plot_scores(scores, evaluation.gene_scores, best, path,
+                                               f"held-out: {evaluation.protocol}", evaluation.split_scores))
     predictor = ExpressionPredictor(
         model_name=best, feature_spec=settings.model_features(best), estimator=selection.estimator,
         genes=source.genes, embed_settings=embed_settings(FeatureStore(cache, create=False), source),
@@ -58,7 +60,9 @@ def fit_and_evaluate(data: str | Path, cache: str | Path, model_dir: str | Path,
         feature_settings=source.feature_settings, reducer=source.reducer, data=str(Path(data).resolve()),
     )
     out.save_predictor(predictor)  # before the maps: a figure that fails must not lose the fitted model
-    if best in maps.kept:
+    if not settings.figures:
+        out.discard_figures()
+    elif best in maps.kept:
         held = maps.kept[best]
         sample = open_sample(next(s.path for s in source.samples if s.name == held.sample), elements=elements)
         out.save_maps(lambda path: plot_maps(

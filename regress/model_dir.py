@@ -123,6 +123,11 @@ class ModelDir:
         """Remove maps of an earlier fit (this one drew none), so that the folder never shows another model's."""
         (self.path / MAPS).unlink(missing_ok=True)
 
+    def discard_figures(self) -> None:
+        """Remove both figures of an earlier fit (this one drew none)."""
+        (self.path / PLOT).unlink(missing_ok=True)
+        self.discard_maps()
+
     def _save_figure(self, name: str, figure) -> Path:
         with publishing(self.path / name) as tmp:
             if hasattr(figure, "savefig"):

@@ -57,6 +57,9 @@ class FitSettings:
     # None: compute in this process, one sample at a time; or the address of a dask.distributed scheduler
     # (tcp://host:8786) whose workers read the same cache and data paths.
     scheduler: str | None = None
+    # scores.png and maps.png (matplotlib: about a second per fit on 2 cores, whatever the data's size). Off for a
+    # sweep of many fits, or a runner that reads none: the scores are in scores.csv either way.
+    figures: bool = True
 
     def __post_init__(self) -> None:
         if not self.models:

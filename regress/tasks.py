@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 from typing import Callable, Iterator
 
 from slidedata.progress import progress_bar
@@ -44,8 +45,8 @@ def compute(function: Callable, calls: list[tuple], scheduler: str | None, desc:
         futures_of = dict(zip(shared, client.scatter(list(shared.values()), hash=False))) if shared else {}
         futures = [client.submit(function, *[futures_of.get(id(a), a) for a in args], pure=False) for args in calls]
         results = {}
-        for future in progress_bar(as_completed(futures), total=len(futures), desc=desc, unit="sample",
-                                  enabled=progress):
+        done = as_completed(futures, loop=client.loop)  # this client's loop: it is not dask's default client
+        for future in progress_bar(done, total=len(futures), desc=desc, unit="sample", enabled=progress):
             results[future.key] = each(future.result())
             future.release()
         return [results[future.key] for future in futures]
@@ -58,12 +59,19 @@ def client_of(scheduler: str) -> Iterator:
 
     # Not dask's default scheduler: distributed makes a client the default as it starts, and one that then failed
     # to connect stayed the default of every later computation in this process until garbage-collected.
+    failure = None
     try:
         client = Client(scheduler, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, TimeoutError, ValueError) as exc:
-        raise SchedulerUnreachable(f"dask scheduler {scheduler!r}: {_reason(exc)} (give the address of a running "
+        failure = _reason(exc)
+    if failure is not None:
+        # The half-made client is garbage in a reference cycle. Collected here, its __del__ closes it now; left to
+        # chance, it ran inside the start of a later client or cluster, whose event-loop lock (one for all of
+        # distributed's loop runners) its close waits for: the process hung.
+        gc.collect()
+        raise SchedulerUnreachable(f"dask scheduler {scheduler!r}: {failure} (give the address of a running "
                                    "dask.distributed scheduler, e.g. tcp://host:8786, or leave out --scheduler to "
-                                   "compute here)") from None
+                                   "compute here)")
     with client:
         yield client
 

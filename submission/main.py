@@ -33,7 +33,7 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
           weights: str | None = None, cache_directory_path: str | None = None,
           models: tuple[str, ...] | None = None, microns_per_pixel: float | None = None,
           force_microns_per_pixel: bool = False, patch_sizes: tuple | None = None,
-          elements: Elements | None = None) -> None:
+          elements: Elements | None = None, figures: bool = True) -> None:
     """Embed every sample, evaluate, and save the best regressor (and the encoder's weights) in the model folder.
 
     Without `encoder` and `patch_sizes`, the default features of `make embed` and `make fit` (slidedata.recipe): the
@@ -41,7 +41,8 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
     features at DEFAULT_PATCH_SIZES. Naming either opts out: that encoder (default handcrafted) at those sizes
     (default DEFAULT_PATCH_SIZES); `infer` embeds new samples at the same ones. `microns_per_pixel` serves samples
     that store no pixel size; one that disagrees with a stored size is refused unless `force_microns_per_pixel`.
-    `elements`: where the samples' parts are, where not laid out as the challenge's (`slidedata.sample.Elements`)."""
+    `elements`: where the samples' parts are, where not laid out as the challenge's (`slidedata.sample.Elements`).
+    `figures`: draw the fit's scores.png and maps.png (`FitSettings.figures`; the runner reads neither)."""
     model_dir = ModelDir(check_writable(model_directory_path))  # before any work, as the stages check
     if cache_directory_path:
         check_writable(cache_directory_path)
@@ -57,7 +58,8 @@ def train(data_directory_path: str, model_directory_path: str, encoder: str | No
         else:
             features = _embed_one_encoder(data_directory_path, cache, model_dir, encoder or "handcrafted", weights,
                                           patch_sizes or DEFAULT_PATCH_SIZES, sample_options)
-        fit_settings = FitSettings(features=features, **({"models": tuple(models)} if models else {}))
+        fit_settings = FitSettings(features=features, figures=figures,
+                                   **({"models": tuple(models)} if models else {}))
         fit_and_evaluate(data_directory_path, cache, model_dir.path, fit_settings, elements=elements)
 
 

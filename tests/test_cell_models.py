@@ -141,14 +141,14 @@ def test_cell_families_save_select_and_infer(demo_dir, tmp_path):
     embed_dataset(demo_dir, cache, "handcrafted", settings=EmbedSettings(patch_sizes=(24,), chunk_nuclei=128),
                   device="cpu", progress=False)
     spec = FeatureSpec(patch_sizes=(24,), context_radius=(40.0,), context_pool=("mean", "max"))
-    settings = FitSettings(features=spec, models=("states+context", "mlp-ensemble"),
+    settings = FitSettings(features=spec, models=("states+context", "mlp-ensemble"), figures=False,
                            params={"states": {"n_states": (4,), "C": (0.1,), "power": (1.0,)},
                                    "mlp-ensemble": {"n_members": 2, "hidden": (32,), "max_epochs": 4}})
     scores, predictor = fit_and_evaluate(demo_dir, cache, model_dir, settings, progress=False)
     assert set(scores["model"]) == {"states+context", "mlp-ensemble"}
     assert np.isfinite(scores["spearman_official"]).all()
     if predictor.model_name != "mlp-ensemble":  # the head is served below whatever the selection chose
-        settings = FitSettings(features=spec, models=("mlp-ensemble",), params=settings.params)
+        settings = FitSettings(features=spec, models=("mlp-ensemble",), params=settings.params, figures=False)
         _, predictor = fit_and_evaluate(demo_dir, cache, model_dir, settings, progress=False)
     assert isinstance(predictor.estimator, MLPEnsembleRegressor)
     sample = open_sample(demo_dir / "demo2.zarr")

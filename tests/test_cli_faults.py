@@ -56,8 +56,8 @@ def mean_model(demo_dir, embedded_cache, tmp_path_factory) -> Path:
 
     model_dir = tmp_path_factory.mktemp("model")
     fit_and_evaluate(demo_dir, embedded_cache, model_dir,
-                     FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES), models=("mean-profile",)),
-                     progress=False)
+                     FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES), models=("mean-profile",),
+                                 figures=False), progress=False)
     return model_dir
 
 
@@ -255,21 +255,26 @@ def test_unreachable_scheduler_is_one_line_within_seconds(address, demo_dir, emb
 def test_a_scheduler_that_is_no_address_leaves_this_process_computing_here():
     """distributed makes a client dask's default scheduler as it starts; one whose address is no address failed after
     that, and every later dask computation in the process asked for a client that did not exist ('no Client
-    active') until the garbage collector removed the failed one. The collector is held off to see it."""
+    active'). The failed client then lived on as garbage until the collector ran its __del__ at some later moment,
+    which hung the process when that moment was the start of another client or cluster. The collector is held off
+    to see both: the default stays as it was, and no failed client is left to collect."""
     import gc
 
     import dask
     import dask.array as da
+    from distributed import Client
 
     from regress.tasks import SchedulerUnreachable, check_scheduler
 
     before = dask.config.get("scheduler", None)
+    gc.collect()
     gc.disable()
     try:
         with pytest.raises(SchedulerUnreachable, match="not an address"):
             check_scheduler("notanaddress")
         assert dask.config.get("scheduler", None) == before
         assert da.ones(4, chunks=2).sum().compute() == 4
+        assert not [o for o in gc.get_objects() if isinstance(o, Client)]
     finally:
         gc.enable()
 
@@ -333,7 +338,8 @@ def test_a_context_radius_that_is_not_positive_is_refused(capsys, value):
 
 def test_the_fit_says_which_model_it_saved_and_why(demo_dir, embedded_cache, tmp_path, capsys):
     argv = ["--data", str(demo_dir), "--cache", str(embedded_cache), "--model-dir", str(tmp_path / "model"),
-            "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--models", "mean-profile", "ridge", "--protocol", "loso"]
+            "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--models", "mean-profile", "ridge", "--protocol", "loso",
+            "--no-figures"]
     assert regress_main(argv) == 0
     saved = [line for line in capsys.readouterr().out.splitlines() if line.startswith("saved: ")]
     assert len(saved) == 1 and ", because " in saved[0], saved  # e.g. the one-standard-error rule's verdict

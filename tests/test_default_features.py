@@ -90,7 +90,7 @@ def test_a_sample_with_a_pixel_size_gets_the_recipe_and_the_fit_reads_it(small_d
     assert FeatureStore(cache, create=False).open_entry("demo1", "efficientnet-lite0", "48um").attrs[
         "input_size"] == 64
     assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(tmp_path / "model"), "--models",
-                     "ridge+context", "--quiet"]) == 0
+                     "ridge+context", "--quiet", "--no-figures"]) == 0
     spec = saved_features(tmp_path / "model")
     assert keys(spec) == MICRON_KEYS
     assert spec.context_radius == pytest.approx((50 / DEMO_MICRONS_PER_PIXEL,))  # 235.3 px
@@ -105,7 +105,7 @@ def test_a_sample_without_a_pixel_size_keeps_the_pixel_sizes_and_a_given_one_rea
     assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu"]) == 0
     assert cached_keys(cache) == set(PIXEL_KEYS)
     assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(tmp_path / "m1"), "--models",
-                     "ridge+context", "--quiet"]) == 0
+                     "ridge+context", "--quiet", "--no-figures"]) == 0
     spec = saved_features(tmp_path / "m1")
     assert keys(spec) == PIXEL_KEYS and spec.context_k == 15 and spec.context_radius is None
 
@@ -115,7 +115,7 @@ def test_a_sample_without_a_pixel_size_keeps_the_pixel_sizes_and_a_given_one_rea
                        "0.25"]) == 0
     assert cached_keys(cache) == set(MICRON_KEYS)
     assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(tmp_path / "m2"), "--models",
-                     "ridge+context", "--quiet"]) == 0
+                     "ridge+context", "--quiet", "--no-figures"]) == 0
     spec = saved_features(tmp_path / "m2")
     assert keys(spec) == MICRON_KEYS and spec.context_radius == pytest.approx((200.0,))  # 50 um at 0.25 um/px
 
@@ -126,7 +126,7 @@ def test_named_features_win_over_the_recipe(small_demo_dir, tmp_path, capsys):
     assert embed_main(["--data", str(data), "--cache", str(cache), "--device", "cpu", "--patch-sizes", "24"]) == 0
     assert cached_keys(cache) == {("handcrafted", "24")}
     assert fit_main(["--data", str(data), "--cache", str(cache), "--model-dir", str(tmp_path / "model"),
-                     "--patch-sizes", "24", "--models", "ridge+context", "--quiet"]) == 0
+                     "--patch-sizes", "24", "--models", "ridge+context", "--quiet", "--no-figures"]) == 0
     spec = saved_features(tmp_path / "model")
     assert keys(spec) == [("handcrafted", "24")] and spec.context_k == 15 and spec.context_radius is None
     # An encoder named alone: that encoder only (no EfficientNet block), at the sizes FitSettings() reads.

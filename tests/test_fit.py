@@ -154,7 +154,7 @@ def test_a_fit_warns_before_replacing_a_model_fitted_on_other_data(demo_dir, emb
     joblib.dump(ExpressionPredictor("mean-profile", FeatureSpec(), None, genes[:-1] + ["X"]),
                 model_dir.path / PREDICTOR)
     args = ["--data", str(demo_dir), "--cache", str(embedded_cache), "--model-dir", str(model_dir.path),
-            "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--models", "mean-profile"]
+            "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--models", "mean-profile", "--no-figures"]
     with caplog.at_level(logging.WARNING, logger="regress.fit"):
         assert fit_main(args) == 0
     warnings = [r.getMessage() for r in caplog.records if r.name == "regress.fit"]

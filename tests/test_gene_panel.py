@@ -86,7 +86,7 @@ def test_train_and_infer_on_a_377_gene_panel(panel_dir, staged, tmp_path):
 
     model_dir = tmp_path / "model"
     # The staged cache holds the same embeddings: train reuses them instead of embedding again.
-    train(str(panel_dir), str(model_dir), models=MODELS, patch_sizes=FIXTURE_PATCH_SIZES,
+    train(str(panel_dir), str(model_dir), models=MODELS, patch_sizes=FIXTURE_PATCH_SIZES, figures=False,
           cache_directory_path=str(staged["cache"]))
     genes = open_sample(panel_dir / "demo1.zarr").genes
     for name in ("demo0", "demo1"):

@@ -36,7 +36,7 @@ def test_neural_encoder_weights_travel_with_the_model(small_demo_dir, tmp_path, 
     weights = _save_hub_layout(_fresh(TINY_VIT, seed=5), tmp_path / "hub", TINY_VIT.architecture)
     model_dir = tmp_path / "model"
     train(str(small_demo_dir), str(model_dir), encoder=TINY_VIT.name, weights=str(weights), models=("ridge",),
-          patch_sizes=(48,))
+          patch_sizes=(48,), figures=False)
     assert (model_dir / "encoder" / "model.safetensors").exists()
 
     import shutil
@@ -65,7 +65,8 @@ def test_infer_embeds_every_feature_block_the_model_reads(small_demo_dir, tmp_pa
     embed_dataset(small_demo_dir, cache, "efficientnet-lite0", device="cpu", progress=False,
                   settings=EmbedSettings(patch_sizes=(48,), chunk_nuclei=128, input_size=32))
     spec = FeatureSpec(encoder="handcrafted", patch_sizes=(24,), extra_keys=(("efficientnet-lite0", 48),))
-    _, predictor = fit_and_evaluate(small_demo_dir, cache, model_dir, FitSettings(features=spec, models=("ridge",)),
+    _, predictor = fit_and_evaluate(small_demo_dir, cache, model_dir, FitSettings(features=spec, models=("ridge",),
+                                                                                     figures=False),
                                     progress=False)
     source = CacheSource.open(small_demo_dir, cache, predictor.feature_spec, reducer=predictor.reducer, progress=False)
     matrix = source.matrix(next(s for s in source.samples if s.name == "demo2"))
@@ -88,12 +89,13 @@ def test_train_with_no_features_named_takes_the_default_features_and_infer_serve
     from submission.main import infer, train
 
     model_dir = tmp_path / "model"
-    train(str(small_demo_dir), str(model_dir), models=("ridge+context",))
+    train(str(small_demo_dir), str(model_dir), models=("ridge+context",), figures=False)
     spec = ModelDir(model_dir).load_predictor().feature_spec
     assert [(e, s.key) for e, s in spec.keys] == [("handcrafted", "12um"), ("handcrafted", "24um"),
                                                   ("handcrafted", "48um"), ("efficientnet-lite0", "48um")]
     assert spec.context_radius == pytest.approx((50 / 0.2125,))
     assert not (model_dir / "encoder").exists()  # the recipe's weights come with their packages
+    assert not list(model_dir.glob("*.png")) and (model_dir / "scores.csv").is_file()  # figures=False reached the fit
     frame = infer(str(small_demo_dir / "demo2.zarr"), str(model_dir))
     groups = open_sample(small_demo_dir / "demo2.zarr").groups
     assert set(frame["cell_id"]) == set(groups.index[groups.isin(["validation", "test"])])

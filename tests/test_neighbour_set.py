@@ -170,7 +170,7 @@ def test_a_fit_through_the_stage_saves_a_predictor_that_rebuilds_its_set(demo_di
     tiny = {"n_members": 2, "phi_hidden": (8,), "phi_dim": 8, "rho_hidden": (16,), "max_epochs": 2,
             "n_feature_components": 4}
     settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, context_k=5),
-                           models=("neighbour-set",), params={"neighbour-set": tiny})
+                           models=("neighbour-set",), params={"neighbour-set": tiny}, figures=False)
     scores, predictor = fit_and_evaluate(demo_dir, embedded_cache, tmp_path / "model", settings, progress=False)
     assert list(scores["model"]) == ["neighbour-set"] and predictor.model_name == "neighbour-set"
     spec = predictor.feature_spec

@@ -81,7 +81,7 @@ def test_fit_and_submit_read_a_finished_cache_without_writing_to_it(demo_dir, em
     monkeypatch.setattr(locks, "try_lock", read_only)
     model = tmp_path / "model"
     fit_and_evaluate(demo_dir, cache, model, FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES),
-                                                         models=("mean-profile",)), progress=False)
+                                                         models=("mean-profile",), figures=False), progress=False)
     report = make_submission(demo_dir, cache, model, tmp_path / "submission.csv")
     assert not report.problems and report.rows is not None
     assert _listing(cache) == before
@@ -379,6 +379,12 @@ def test_the_fit_names_every_report_it_wrote(demo_dir, embedded_cache, tmp_path,
     last = capsys.readouterr().out.strip().splitlines()[-1]
     for name in ("scores.csv", "gene_pearson.csv", "scores.png", "maps.png"):
         assert name in last and (model / name).is_file(), (name, last)
+    # Without figures: the earlier fit's are removed (they would show another model), and not named.
+    assert regress_main([*argv, "--no-figures"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "scores.csv" in last and "png" not in last, last
+    assert sorted(p.name for p in model.iterdir() if p.suffix in (".png", ".csv")) == ["gene_pearson.csv",
+                                                                                        "scores.csv"]
 
 
 @pytest.mark.slow  # other processes
