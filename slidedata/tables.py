@@ -2,7 +2,8 @@
 
 spatialdata's reader loads every table whole: X, every layer, obsm. A sample needs its obs, var and X, and of
 layers['counts'] only the rows its normalisation check compares, so a real table's counts (as large as X) are never
-read, and opening a sample costs about two thirds less on the demo's tables.
+read whole: `open_sample` took 98 -> 71 ms on a demo sample, 280 -> 190 ms and 380 -> 333 MB peak on a real Xenium
+crop of 17,000 cells.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ class SampleTables:
         self.path = Path(path)
         self._groups = {}
         if (self.path / TABLES).is_dir():
-            try:  # from the root: its consolidated metadata (spatialdata writes it, and reads by it) spares a read
-                root = zarr.open_group(self.path, mode="r")  # of every array's metadata file
+            # Opened from the root: its consolidated metadata (spatialdata writes it, and reads by it) spares a
+            # read of every array's own metadata file.
+            try:
+                root = zarr.open_group(self.path, mode="r")
                 self._groups = {name: group for name, group in root[TABLES].groups()}
             except Exception as exc:  # zarr raises many types; the user needs the file name
                 raise DataError(self.path, TABLES, f"not a readable zarr group ({type(exc).__name__}: {exc})"
@@ -46,12 +49,6 @@ class SampleTables:
 
     def var(self, name: str) -> pd.DataFrame:
         return self._read(name, "var")
-
-    def has_x(self, name: str) -> bool:
-        return "X" in self._groups[name]
-
-    def n_vars(self, name: str) -> int:
-        return len(self.var(name))
 
     def x(self, name: str):
         """X as stored: a dense array or a scipy sparse matrix."""
