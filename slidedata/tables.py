@@ -27,6 +27,7 @@ class SampleTables:
 
         self.path = Path(path)
         self._groups = {}
+        self._obs: dict[str, pd.DataFrame] = {}
         folder = self.path / TABLES
         if folder.is_dir():
             # Each table from its own folder, never through the root's consolidated index: a table rewritten in
@@ -48,7 +49,10 @@ class SampleTables:
         return name in self._groups
 
     def obs(self, name: str) -> pd.DataFrame:
-        return self._read(name, "obs")
+        """Read once: one table may be both the groups and the expression (its callers copy before changing it)."""
+        if name not in self._obs:
+            self._obs[name] = self._read(name, "obs")
+        return self._obs[name]
 
     def var(self, name: str) -> pd.DataFrame:
         return self._read(name, "var")
