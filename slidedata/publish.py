@@ -136,7 +136,7 @@ def sample_holding(path: str | Path) -> Path | None:
     An output written there (a feature cache, a model) would be taken for part of the input."""
     path = Path(path).absolute()
     for folder in (path, *path.parents):
-        if ((folder / "zarr.json").is_file() or (folder / ".zgroup").is_file()) and any(
+        if is_zarr_group(folder) and any(
                 (folder / kind).is_dir() for kind in ("images", "labels", "tables")):
             return folder
     return None
@@ -352,3 +352,8 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
         return False
     raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def is_zarr_group(folder: Path) -> bool:
+    """`folder` is a zarr group, format 3 or 2 (by its metadata file alone: nothing is read)."""
+    return (folder / "zarr.json").is_file() or (folder / ".zgroup").is_file()

@@ -19,6 +19,7 @@ import pandas as pd
 
 from slidedata.chunks import ChunkFiles, describe_chunk, digest_files
 from slidedata.errors import DataError
+from slidedata.publish import is_zarr_group
 from slidedata.tables import SampleTables
 
 log = logging.getLogger(__name__)
@@ -414,7 +415,7 @@ def choose_pixel_size(given: float | None, stored: float | None, force: bool, pa
 def sample_paths(path: str | Path) -> list[Path]:
     """The sample zarr at `path`, or every `<sample>.zarr` in the folder `path`, sorted by name."""
     path = Path(path)
-    if path.suffix == SAMPLE_SUFFIX or (path / "zarr.json").exists() or (path / ".zgroup").exists():
+    if path.suffix == SAMPLE_SUFFIX or is_zarr_group(path):
         return [path]
     if not path.is_dir():
         raise DataError(path, "-", "neither a sample zarr nor a folder of them")

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from slidedata.errors import DataError
+from slidedata.publish import is_zarr_group
 
 TABLES = "tables"  # the folder of a SpatialData zarr that holds its tables, one AnnData group each
 
@@ -33,8 +34,7 @@ class SampleTables:
             # Each table from its own folder, never through the root's consolidated index: a table rewritten in
             # place (anndata's write_elem, or submit --into-spatialdata) leaves that index stale, and arrays read by
             # stale metadata come back wrong (missing chunks as zeros) without an error. spatialdata reads them so.
-            groups = sorted(p for p in folder.iterdir() if (p / "zarr.json").is_file() or (p / ".zgroup").is_file())
-            for table in groups:
+            for table in sorted(p for p in folder.iterdir() if is_zarr_group(p)):
                 try:
                     self._groups[table.name] = zarr.open_group(table, mode="r", use_consolidated=False)
                 except Exception as exc:  # zarr raises many types; the user needs the file name
