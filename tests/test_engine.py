@@ -197,7 +197,11 @@ def test_nothing_to_learn_from_is_refused():
 
 @pytest.mark.slow
 def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedded_cache):
+    import dask
+    from distributed.client import _get_global_client
+
     from regress.source import CacheSource
+    from regress.tasks import client_of
     from tests.conftest import FIXTURE_PATCH_SIZES, local_cluster
 
     settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, block_components=8, context_k=15),
@@ -205,6 +209,11 @@ def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedd
     here = select_and_fit(CacheSource.open(demo_dir, embedded_cache, settings.features, progress=False), settings,
                           progress=False)
     with local_cluster(2) as cluster:
+        # The stage's client is not made dask's default scheduler: had it been, a client that then failed (or was
+        # closed) stayed the scheduler of every later dask computation in the process ('no Client active').
+        with client_of(cluster.scheduler_address):
+            assert dask.config.get("scheduler", None) != "dask.distributed"
+            assert _get_global_client() is None
         remote = replace(settings, scheduler=cluster.scheduler_address)
         there = select_and_fit(CacheSource.open(demo_dir, embedded_cache, remote.features, progress=False,
                                                 scheduler=remote.scheduler), remote, progress=False)
