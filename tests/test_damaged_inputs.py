@@ -217,6 +217,35 @@ def test_sparse_tables_read_as_dense_ones_and_are_checked_alike(tmp_path, expres
         open_sample(_sample_with(tmp_path, "wrong", expression=wrong))
 
 
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_of_the_counts_only_the_checked_rows_are_read(tmp_path, expression, monkeypatch, layout):
+    """A table's counts are as large as its X, and only ROWS_CHECKED rows of them are compared: the rest is never
+    read. Here one row of two is checked, and the stored chunks of the other row are garbage: the sample opens."""
+    import zarr
+    from anndata.io import write_elem
+    from scipy import sparse
+
+    import slidedata.sample
+
+    monkeypatch.setattr(slidedata.sample, "ROWS_CHECKED", 1)  # row 0 of 2
+    path = _sample_with(tmp_path, expression=expression)
+    counts = np.asarray(expression.layers["counts"])
+    table = zarr.open_group(path / "tables/anucleus", mode="r+", use_consolidated=False)
+    if layout == "dense":
+        write_elem(table["layers"], "counts", counts, dataset_kwargs={"chunks": (1, 460)})
+        unread = path / "tables/anucleus/layers/counts/c/1/0"
+    else:
+        write_elem(table["layers"], "counts", sparse.csr_matrix(counts), dataset_kwargs={"chunks": (50,)})
+        first_of_row_1 = np.count_nonzero(counts[0])
+        unread = path / f"tables/anucleus/layers/counts/data/c/{first_of_row_1 // 50 + 1}"
+    assert unread.is_file()
+    unread.write_bytes(b"not a chunk")
+    with pytest.raises(Exception):  # the garbage is real: the whole layer does not read
+        zarr.open_group(path / "tables/anucleus", mode="r", use_consolidated=False)["layers/counts" + (
+            "" if layout == "dense" else "/data")][:]
+    np.testing.assert_array_equal(open_sample(path).expression.X, np.asarray(expression.X, dtype=np.float32))
+
+
 def test_x_of_another_shape_than_obs_and_var_is_refused(tmp_path, expression):
     """X rewritten in place, as anndata writes one array, leaving the sample's consolidated metadata stale: the
     tables are read by their own metadata (by the stale copy, this X read as 2 rows, its missing one as zeros)."""
