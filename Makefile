@@ -1,10 +1,23 @@
-# make demo   : install, build the demo dataset if absent, embed, fit, submit (prints scores and timings)
-# make test   : install, run the whole test suite, every tier (CI runs this)
-# make check  : the unit tier only, in seconds (the inner loop)
-# make docs   : regenerate docs/benchmarks.md's tables from benchmarks/results/*.csv
-# Stages on your own data: make embed fit submit DATA=/path/to/folder/of/sample.zarr OUT=outputs/mydata ENCODER=uni WEIGHTS=/path
-# Without ENCODER and PATCH_SIZES, embed and fit use the default features (slidedata/recipe.py): the recipe measured on
-# real H&E where every sample's pixel size is known, else the handcrafted features at pixel sizes.
+# make demo     install, write the demo dataset (data/demo) if absent, then embed, fit and submit into outputs/
+# make test     install, then the whole test suite, every tier (CI runs this)
+# make check    the unit tier only, in seconds (the inner loop)
+# make embed fit submit DATA=... OUT=...    the three stages on your own data (README.md, docs/)
+# make docs     regenerate the docs' result tables from benchmarks/results/*.csv
+# make bench (bench-embed bench-fit bench-writer), bench-real, bench-cell, bench-scale    benchmarks (docs/benchmarks.md)
+# make install  the virtual environment (.venv) alone;  make clean  remove OUT;  make help  this text
+#
+# Variables (NAME=value after the target):
+#   DATA         a sample zarr or a folder of them (default data/demo)
+#   OUT          where the stages write (default outputs): CACHE (OUT/features.zarr), MODEL_DIR (OUT/model),
+#                SUBMISSION (OUT/submission.csv)
+#   ENCODER, PATCH_SIZES    the features (empty: the default features, slidedata/recipe.py: the recipe measured on real
+#                H&E where every sample's pixel size is known, else the handcrafted features at pixel sizes)
+#   WEIGHTS      a local copy of the encoder's weights;  MODELS  the fit's candidates (empty: the default ones)
+#   EMBED_ARGS, SUBMIT_ARGS  more options for those stages (python -m embed --help, python -m submission --help)
+#   DEMO_DATA, DEMO_NUCLEI, DEMO_PATCH_SIZES    the demo's dataset, its size and its features
+#   TEST_WORKERS pytest-xdist workers (default auto: one per core; 0: one process)
+#   HER2ST, XENIUM, BENCH_CELL_ARGS, SCALE, BENCH_SCALE_ARGS    the benchmarks' data and options
+#   PYTHON, VENV the interpreter the environment is made with (python3.11) and its folder (.venv)
 
 PYTHON      ?= python3.11
 VENV        ?= .venv
@@ -29,7 +42,10 @@ DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
 SUBMIT_ARGS ?=
 
-.PHONY: install demo embed fit submit test check docs bench bench-embed bench-fit bench-writer bench-real bench-cell bench-scale clean
+.PHONY: help install demo embed fit submit test check docs bench bench-embed bench-fit bench-writer bench-real bench-cell bench-scale clean
+
+help:
+	@sed -n '/^$$/q; s/^# \{0,1\}//p' "$(firstword $(MAKEFILE_LIST))"
 
 install: $(STAMP)
 

@@ -1,5 +1,6 @@
 """The result tables of docs/ are what benchmarks/results/*.csv hold, each with its run (benchmarks/make_docs.py)."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -39,3 +40,12 @@ def test_a_table_without_its_run_is_refused(tmp_path):
     (tmp_path / "runs.csv").write_text("file,benchmark,command,machine,wall,recorded_in,notes\n")
     with pytest.raises(SystemExit, match="a.csv has no row in"):
         make_docs.render("<!-- table: a.csv -->\n<!-- end table -->\n", tmp_path)
+
+
+def test_every_run_the_readme_cites_is_a_results_file():
+    """The README quotes numbers with the CSV file of their run: each such name is a file of benchmarks/results/
+    (a renamed or mistyped run would leave a number without its source)."""
+    readme = (make_docs.ROOT / "README.md").read_text()
+    cited = {Path(name).name for name in re.findall(r"[\w./-]+\.csv", readme) if not name.startswith("outputs/")}
+    assert len(cited) >= 5
+    assert sorted(name for name in cited if not (make_docs.RESULTS / name).is_file()) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -385,6 +386,20 @@ def test_the_fit_names_every_report_it_wrote(demo_dir, embedded_cache, tmp_path,
     assert "scores.csv" in last and "png" not in last, last
     assert sorted(p.name for p in model.iterdir() if p.suffix in (".png", ".csv")) == ["gene_pearson.csv",
                                                                                         "scores.csv"]
+
+
+@pytest.mark.slow  # other processes
+def test_make_help_names_every_target_and_variable():
+    """`make help` (also plain `make`) is the Makefile's opening comment: a target or variable added without a line
+    there is missed."""
+    makefile = (ROOT / "Makefile").read_text()
+    targets = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
+    variables = re.findall(r"^([A-Z_]+)\s*\?=", makefile, re.M)
+    shown = subprocess.run(["make", "-s", "-C", str(ROOT)], capture_output=True, text=True, check=True,
+                           env={**os.environ, "MAKEFLAGS": ""}).stdout
+    words = set(re.findall(r"[\w-]+", shown))
+    assert len(targets) > 10 and len(variables) > 15
+    assert [name for name in targets + variables if name not in words] == []
 
 
 @pytest.mark.slow  # other processes
