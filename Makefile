@@ -13,7 +13,7 @@
 #   ENCODER, PATCH_SIZES    the features (empty: the default features, slidedata/recipe.py: the recipe measured on real
 #                H&E where every sample's pixel size is known, else the handcrafted features at pixel sizes)
 #   WEIGHTS      a local copy of the encoder's weights;  MODELS  the fit's candidates (empty: the default ones)
-#   EMBED_ARGS, SUBMIT_ARGS  more options for those stages (python -m embed --help, python -m submission --help)
+#   EMBED_ARGS, FIT_ARGS, SUBMIT_ARGS    more options for each stage (.venv/bin/he2expr embed --help, fit, submit)
 #   DEMO_DATA, DEMO_NUCLEI, DEMO_PATCH_SIZES    the demo's dataset, its size and its features
 #   TEST_WORKERS pytest-xdist workers (default auto: one per core; 0: one process)
 #   HER2ST, XENIUM, BENCH_CELL_ARGS, SCALE, BENCH_SCALE_ARGS    the benchmarks' data and options
@@ -40,6 +40,7 @@ DEMO_PATCH_SIZES ?= 32 64 128 224
 MODELS      ?=
 DEMO_NUCLEI ?= 3000
 EMBED_ARGS  ?=
+FIT_ARGS    ?=
 SUBMIT_ARGS ?=
 
 .PHONY: help install demo embed fit submit test check docs bench bench-embed bench-fit bench-writer bench-real bench-cell bench-scale clean
@@ -73,7 +74,7 @@ embed: $(STAMP)
 fit: $(STAMP)
 	$(PY) -m regress --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" \
 	  $(if $(ENCODER),--encoder $(ENCODER)) $(if $(PATCH_SIZES),--patch-sizes $(PATCH_SIZES)) \
-	  $(if $(MODELS),--models $(MODELS))
+	  $(if $(MODELS),--models $(MODELS)) $(FIT_ARGS)
 
 submit: $(STAMP)
 	$(PY) -m submission --data "$(DATA)" --cache "$(CACHE)" --model-dir "$(MODEL_DIR)" --out "$(SUBMISSION)" $(SUBMIT_ARGS)
