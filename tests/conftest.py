@@ -107,22 +107,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("integration" if FILE_FIXTURES & set(item.fixturenames) else "unit")
 
 
-def pytest_configure(config):
-    """Each pytest-xdist worker computes on its share of the cores (BLAS and OpenMP threads, its own and those of the
-    stages it starts as processes), as scikit-learn's own conftest does: two workers on two cores, each running two
-    OpenBLAS threads, wait more than they work (an eigh of 256 x 256 took about 1 s instead of 6 ms beside another
-    job; regress/states.py met the same in production)."""
-    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
-    if workers is None:
-        return
-    from threadpoolctl import threadpool_limits
-
-    threads = max((os.cpu_count() or 1) // int(workers), 1)
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, str(threads))
-    threadpool_limits(threads)
-
-
 def pytest_collection_finish(session):
     """Every test module is imported now, with torch, spatialdata and the rest, and all of it lives to the end of the
     session: frozen out of the garbage collector's sight, so that its full collections (about 20 per worker, 0.3 s
