@@ -1,23 +1,27 @@
 # make demo     install, write the demo dataset (data/demo) if absent, then embed, fit and submit into outputs/
 # make test     install, then the whole test suite, every tier (CI runs this)
 # make check    the unit tier only, in seconds (the inner loop)
-# make embed fit submit DATA=... OUT=...    the three stages on your own data (README.md, docs/)
+# make embed fit submit    the three stages on your own data: DATA=... OUT=... (README.md, docs/)
 # make docs     regenerate the docs' result tables from benchmarks/results/*.csv
-# make bench (bench-embed bench-fit bench-writer), bench-real, bench-cell, bench-scale    benchmarks (docs/benchmarks.md)
-# make install  the virtual environment (.venv) alone;  make clean  remove OUT;  make help  this text
+# make bench bench-embed bench-fit bench-writer    speed benchmarks (bench: the three)
+# make bench-real bench-cell bench-scale    real tissue, real single cells, the challenge's size (docs/benchmarks.md)
+# make install  the virtual environment (.venv) alone
+# make clean    remove OUT
+# make help     this text (also plain make)
 #
 # Variables (NAME=value after the target):
 #   DATA         a sample zarr or a folder of them (default data/demo)
-#   OUT          where the stages write (default outputs): CACHE (OUT/features.zarr), MODEL_DIR (OUT/model),
-#                SUBMISSION (OUT/submission.csv)
+#   OUT          where the stages write (default outputs)
+#   CACHE, MODEL_DIR, SUBMISSION    under OUT by default: features.zarr, model, submission.csv
 #   ENCODER, PATCH_SIZES    the features (empty: the default features, slidedata/recipe.py: the recipe measured on real
 #                H&E where every sample's pixel size is known, else the handcrafted features at pixel sizes)
-#   WEIGHTS      a local copy of the encoder's weights;  MODELS  the fit's candidates (empty: the default ones)
+#   WEIGHTS      a local copy of the encoder's weights
+#   MODELS       the fit's candidates (empty: the default ones)
 #   EMBED_ARGS, FIT_ARGS, SUBMIT_ARGS    more options for each stage (.venv/bin/he2expr embed --help, fit, submit)
 #   DEMO_DATA, DEMO_NUCLEI, DEMO_PATCH_SIZES    the demo's dataset, its size and its features
-#   TEST_WORKERS pytest-xdist workers (default auto: one per core; 0: one process)
+#   TEST_WORKERS    pytest-xdist workers (default auto: one per core; 0: one process)
 #   HER2ST, XENIUM, BENCH_CELL_ARGS, SCALE, BENCH_SCALE_ARGS    the benchmarks' data and options
-#   PYTHON, VENV the interpreter the environment is made with (python3.11) and its folder (.venv)
+#   PYTHON, VENV    the interpreter the environment is made with (python3.11) and its folder (.venv)
 
 PYTHON      ?= python3.11
 VENV        ?= .venv

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
-# One BLAS / OpenMP (and so torch) thread per test process, set before anything imports them: pytest-xdist already
+# One BLAS / OpenMP (and so torch) thread per test process, set before pytest-xdist starts its workers: it already
 # runs one process per core, and a second thread in each only spins against the other process (on a busy 2-core
-# machine a 32 px EfficientNet forward took 1 s on two threads, 35 ms on one). Subprocesses inherit it.
+# machine a 32 px EfficientNet forward took 1 s on two threads, 35 ms on one; an eigh of 256 x 256, 1 s against
+# 6 ms). Workers and the stages they start as processes inherit it; a single process (`make check`) may have loaded
+# numpy through a pytest plugin already, and keeps its threads.
 for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 

@@ -390,16 +390,21 @@ def test_the_fit_names_every_report_it_wrote(demo_dir, embedded_cache, tmp_path,
 
 @pytest.mark.slow  # other processes
 def test_make_help_names_every_target_and_variable():
-    """`make help` (also plain `make`) is the Makefile's opening comment: a target or variable added without a line
-    there is missed."""
+    """`make help` (also plain `make`) is the Makefile's opening comment: one line per target (`make NAME ...`) and
+    per variable (`NAME, ...`), each followed by two spaces and what it does. A target or variable added without its
+    line, or a line left for one that is gone, is caught."""
     makefile = (ROOT / "Makefile").read_text()
-    targets = re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split()
-    variables = re.findall(r"^([A-Z_]+)\s*\?=", makefile, re.M)
+    targets = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+    variables = set(re.findall(r"^([A-Z0-9_]+)\s*\?=", makefile, re.M))
     shown = subprocess.run(["make", "-s", "-C", str(ROOT)], capture_output=True, text=True, check=True,
                            env={**os.environ, "MAKEFLAGS": ""}).stdout
-    words = set(re.findall(r"[\w-]+", shown))
+    named = [re.split(r"\s{2,}", line.strip())[0] for line in shown.splitlines() if line.strip()]
+    documented_targets = {word for line in named if line.startswith("make ") for word in line.split()[1:]}
+    documented_variables = {word for line in named if re.fullmatch(r"[A-Z0-9_]+(, [A-Z0-9_]+)*", line)
+                            for word in line.split(", ")}
     assert len(targets) > 10 and len(variables) > 15
-    assert [name for name in targets + variables if name not in words] == []
+    assert documented_targets == targets
+    assert documented_variables == variables
 
 
 @pytest.mark.slow  # other processes
