@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,9 +19,8 @@ from slidedata.feature_store import (
 )
 from submission.validate import validate_submission
 from submission.writer import InvalidSubmission, write_submission
-from tests.conftest import FIXTURE_PATCH_SIZES
+from tests.conftest import FIXTURE_PATCH_SIZES, ForkedCommand
 
-ROOT = Path(__file__).resolve().parents[1]
 ONE_SIZE = dict(patch_sizes=(24,), chunk_nuclei=128)
 
 
@@ -137,14 +135,14 @@ def test_a_lock_left_by_an_earlier_process_with_our_pid_is_reclaimed(tmp_path):
 
 @pytest.mark.slow
 def test_two_embeds_without_shards_share_the_units(demo_dir, embedded_cache, tmp_path):
+    from embed.__main__ import main as embed_main
+
     cache = tmp_path / "features.zarr"
-    command = [sys.executable, "-m", "embed", "--data", str(demo_dir / "demo2.zarr"), "--cache", str(cache),
-               "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--chunk-nuclei", "128", "--device", "cpu"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    procs = [subprocess.Popen(command, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    argv = ["--data", str(demo_dir / "demo2.zarr"), "--cache", str(cache), "--patch-sizes",
+            *map(str, FIXTURE_PATCH_SIZES), "--chunk-nuclei", "128", "--device", "cpu"]
+    runs = [ForkedCommand(embed_main, argv, tmp_path / f"run{i}.log") for i in range(2)]
+    codes, outputs = zip(*(run.wait() for run in runs))
+    assert codes == (0, 0), outputs
     computed = [int(o.split("computed ")[1].split(" of")[0]) for o in outputs]
     total = FeatureStore(cache).open_entry("demo2", "handcrafted", 24).n_units
     assert sum(computed) == total  # no unit computed twice, none left out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 import sys
 import time
 import tomllib
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import FIXTURE_PATCH_SIZES
+from tests.conftest import FIXTURE_PATCH_SIZES, ForkedCommand
 from embed.__main__ import main as embed_main
 from regress.__main__ import main as regress_main
 from slidedata.errors import DataError
@@ -423,27 +422,28 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 def test_embed_workers_die_with_a_killed_parent(demo_dir, tmp_path):
+    from embed.__main__ import main as embed_main
+
     # Four patch sizes: a unit's features (256 nuclei x 27 x 4 sizes, float32) are larger than a pipe's buffer, so
     # an orphan's last put blocked it for good before workers died with their parent.
-    command = [sys.executable, "-m", "embed", "--data", str(demo_dir), "--cache", str(tmp_path / "c.zarr"),
-               "--device", "cpu", "--workers", "2", "--patch-sizes", "16", "32", "64", "128", "--chunk-nuclei", "256"]
-    parent = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = ["--data", str(demo_dir), "--cache", str(tmp_path / "c.zarr"), "--device", "cpu", "--workers", "2",
+            "--patch-sizes", "16", "32", "64", "128", "--chunk-nuclei", "256"]
+    parent = ForkedCommand(embed_main, argv, tmp_path / "embed.log").process
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 180
-        while len(workers) < 2 and parent.poll() is None and time.monotonic() < deadline:
+        while len(workers) < 2 and parent.is_alive() and time.monotonic() < deadline:
             workers = _children(parent.pid)
             time.sleep(0.02)
         assert len(workers) >= 2, "the embed stage never started its two workers"
-        parent.send_signal(signal.SIGKILL)
-        parent.wait()
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.join()
         deadline = time.monotonic() + 3
         while any(map(_alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not [w for w in workers if _alive(w)], "DataLoader workers outlived their killed parent"
     finally:
-        if parent.poll() is None:
+        if parent.is_alive():
             parent.kill()
         for worker in workers:  # only where the test fails: no orphan of ours is left running
             if _alive(worker):

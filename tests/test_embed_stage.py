@@ -1,6 +1,4 @@
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +9,7 @@ from embed.patches import PatchCut, TileReader, cut_patches, unit_patches
 from embed.pipeline import EmbedSettings, embed_sample
 from slidedata import open_sample
 from slidedata.feature_store import CacheMismatchError, FeatureEntry, FeatureStore
-from tests.conftest import FIXTURE_PATCH_SIZES
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import FIXTURE_PATCH_SIZES, ForkedCommand
 
 
 def test_cut_patches_are_centred_crops():
@@ -100,18 +96,28 @@ def test_other_settings_never_overwrite_an_entry(demo_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_fill_disjoint_chunks_of_one_cache(demo_dir, embedded_cache, tmp_path):
-    """torchrun-style sharding: RANK / WORLD_SIZE split the pending chunks; the result equals one process."""
+    """torchrun-style sharding: RANK / WORLD_SIZE give each rank a contiguous run of the chunks. Rank 1 alone
+    leaves exactly rank 0's run pending (the first chunks); both ranks at once each compute their own run, and the
+    result equals one process."""
+    from embed.__main__ import main as embed_main
+
+    def rank(number: int, cache: Path) -> ForkedCommand:
+        argv = ["--data", str(demo_dir / "demo1.zarr"), "--cache", str(cache), "--patch-sizes",
+                *map(str, FIXTURE_PATCH_SIZES), "--chunk-nuclei", "128", "--device", "cpu"]
+        return ForkedCommand(embed_main, argv, cache.with_suffix(f".rank{number}.log"),
+                             {"RANK": str(number), "WORLD_SIZE": "2"})
+
+    code, output = rank(1, tmp_path / "alone.zarr").wait()
+    assert code == 0, output
+    entry = FeatureStore(tmp_path / "alone.zarr").open_entry("demo1", "handcrafted", 24)
+    first_run = entry.pending_units().tolist()
+    assert 0 < len(first_run) < entry.n_units and first_run == list(range(len(first_run))), first_run
+
     cache = tmp_path / "features.zarr"
-    command = [sys.executable, "-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(cache),
-               "--patch-sizes", *map(str, FIXTURE_PATCH_SIZES), "--chunk-nuclei", "128", "--device", "cpu"]
-    env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen(command, env={**env, "RANK": str(rank)}, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    codes, outputs = zip(*(r.wait() for r in [rank(0, cache), rank(1, cache)]))
+    assert codes == (0, 0), outputs
     computed = [int(o.split("computed ")[1].split(" of")[0]) for o in outputs]
-    total = FeatureStore(cache).open_entry("demo1", "handcrafted", 24).n_units
-    assert sum(computed) == total and min(computed) > 0  # both worked, nothing twice
+    assert computed == [len(first_run), entry.n_units - len(first_run)], outputs  # each its own run, nothing twice
     for size in FIXTURE_PATCH_SIZES:
         np.testing.assert_array_equal(FeatureStore(cache).read_features("demo1", "handcrafted", size),
                                       FeatureStore(embedded_cache).read_features("demo1", "handcrafted", size))

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import FIXTURE_PATCH_SIZES
+from tests.conftest import FIXTURE_PATCH_SIZES, ForkedCommand
 from tests.test_cli_faults import mean_model, one_error_line  # noqa: F401 (a fixture)
 from slidedata.errors import DataError
 from slidedata.writer import anucleus_table, write_sample
@@ -319,19 +319,21 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.mark.slow  # another process
 def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir, tmp_path, capsys, monkeypatch):
     """stderr to a file (not a terminal): no carriage returns, a line per step, `error:` at a line's start, and
-    nothing at all with --quiet. The embed runs as its own process with stderr to a pipe, as a batch job's would;
-    the demo writer's three runs are its CLI in this process, where stderr is pytest's capture (not a terminal
-    either), which saves three interpreter starts."""
+    nothing at all with --quiet. The embed runs as a process of its own with its output to a file, as a batch
+    job's would; the demo writer's three runs are its CLI in this process, where stderr is pytest's capture (not a
+    terminal either)."""
+    from embed.__main__ import main as embed_main
     from slidedata import progress
     from synthetic.demo import main as demo_main
 
     monkeypatch.setattr(progress, "_quiet", False)  # --quiet below is process-wide: other tests must not inherit it
-    done = _run("-m", "embed", "--data", str(demo_dir / "demo1.zarr"), "--cache", str(tmp_path / "features.zarr"),
-                "--patch-sizes", "24", "--chunk-nuclei", "128")
-    assert done.returncode == 0, done.stderr
-    assert "\r" not in done.stderr
-    steps = [line for line in done.stderr.splitlines() if line.startswith("demo1: ")]
-    assert [s.split(":")[1].strip() for s in steps] == ["nuclei", "handcrafted"], done.stderr
+    code, log = ForkedCommand(embed_main, ["--data", str(demo_dir / "demo1.zarr"), "--cache",
+                                           str(tmp_path / "features.zarr"), "--patch-sizes", "24", "--chunk-nuclei",
+                                           "128"], tmp_path / "embed.log").wait()
+    assert code == 0, log
+    assert "\r" not in log
+    steps = [line for line in log.splitlines() if line.startswith("demo1: ")]
+    assert [s.split(":")[1].strip() for s in steps] == ["nuclei", "handcrafted"], log
     capsys.readouterr()
     assert demo_main(["--out", str(tmp_path / "demo"), "--n-nuclei", "60", "--quiet"]) == 0
     assert capsys.readouterr().err == ""
