@@ -1,22 +1,24 @@
-"""The submission writer's CSV text against pandas' `to_csv` of the same table (the writer before), on one block.
+"""The submission writer's CSV text against pandas' `to_csv` of the same table (the writer before), on one block;
+then that text gzip-compressed (a `.csv.gz` submission) at levels 1, 6 (the writer's) and 9 (GzipFile's default).
 
     python benchmarks/bench_writer.py [--nuclei 20000] [--genes 460] [--repeats 3]
 
-Both write the same bytes (checked here, and in tests/test_submission.py); the table gives each one's best wall time
-of `--repeats`, its rows per second, and what a whole challenge (about 1.67 million nuclei x 460 genes) would take at
-that rate.
+Both writers write the same bytes (checked here, and in tests/test_submission.py); the table gives each step's best
+wall time of `--repeats`, its rows per second, what a whole challenge (about 1.67 million nuclei x 460 genes) would
+take at that rate, and the bytes written.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import time
 
 import numpy as np
 import pandas as pd
 
 from submission.predict import SamplePredictions, finalise
-from submission.writer import csv_rows
+from submission.writer import GZIP_LEVEL, csv_rows
 
 CHALLENGE_ROWS = 1_670_000 * 460
 
@@ -40,21 +42,28 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             "prediction": values.reshape(-1).astype(np.float64).round(2), "sample": "UC1_I",
         }).to_csv(header=False, index=False, float_format="%.2f").encode()
 
+    n_rows = args.nuclei * args.genes
     rows, texts = [], {}
-    for name, write in (("pandas to_csv, %.2f (before)", with_pandas), ("submission.writer.csv_rows", lambda: csv_rows(
-            predictions, ids, values))):
+
+    def timed(name: str, step) -> bytes:
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            texts[name] = write()
+            written = step()
             times.append(time.perf_counter() - start)
         best = min(times)
-        n_rows = args.nuclei * args.genes
-        rows.append({"writer": name, "rows": n_rows, "best_s": round(best, 2), "rows_per_s": int(n_rows / best),
-                     "whole_challenge_min": round(CHALLENGE_ROWS / (n_rows / best) / 60, 1)})
-    first, second = texts.values()
-    if first != second:
+        rows.append({"step": name, "rows": n_rows, "best_s": round(best, 2), "rows_per_s": int(n_rows / best),
+                     "whole_challenge_min": round(CHALLENGE_ROWS / (n_rows / best) / 60, 1),
+                     "mb_written": round(len(written) / 1e6, 1)})
+        return written
+
+    texts["pandas"] = timed("text: pandas to_csv, %.2f (the writer before)", with_pandas)
+    text = texts["writer"] = timed("text: submission.writer.csv_rows", lambda: csv_rows(predictions, ids, values))
+    if texts["pandas"] != texts["writer"]:
         raise SystemExit("error: the two writers wrote different bytes")
+    for level in (1, GZIP_LEVEL, 9):
+        mark = " (the writer's)" if level == GZIP_LEVEL else " (GzipFile's default)" if level == 9 else ""
+        timed(f"gzip level {level} of that text{mark}", lambda: gzip.compress(text, compresslevel=level, mtime=0))
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))
     return table

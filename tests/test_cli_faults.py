@@ -278,26 +278,6 @@ def test_a_scheduler_that_is_no_address_leaves_this_process_computing_here():
         gc.enable()
 
 
-@pytest.mark.slow
-def test_cluster_tasks_send_no_large_graph():
-    """Arguments are scattered once, not put into the graph of every task (dask warned 'Sending large graph')."""
-    from regress.tasks import compute
-    from tests.conftest import local_cluster
-
-    big = np.ones(2_000_000)  # 16 MB, shared by every call like a source with the axes of wide blocks
-    # worker processes: an in-process cluster's event loop sometimes failed to start after other tests' clients
-    with local_cluster(1) as cluster:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            results = compute(_weighed, [(big, i) for i in range(3)], cluster.scheduler_address, "t", progress=False)
-    assert results == [2_000_000.0, 2_000_001.0, 2_000_002.0]
-    assert not [w for w in caught if "large graph" in str(w.message)]
-
-
-def _weighed(values: np.ndarray, offset: int) -> float:
-    return float(values.sum()) + offset
-
-
 # ------------------------------------------------------------------------------------- 10: zero and negatives
 
 @pytest.mark.parametrize("field, value", [("chunk_nuclei", 0), ("batch_size", 0), ("num_workers", -1),

@@ -1,6 +1,7 @@
 """The one evaluation engine against independent references: scikit-learn's Ridge, scipy's spearmanr, numpy means,
 and regions and splits known by construction."""
 
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -195,32 +196,60 @@ def test_nothing_to_learn_from_is_refused():
         ArraySource([replace(matrix, group=np.full(len(matrix), "test", dtype=object))], genes())
 
 
+@pytest.fixture(scope="module")
+def two_worker_cluster():
+    """A dask cluster of two worker processes (an in-process cluster's event loop sometimes failed to start after
+    other tests' clients), started once for the tests below: each start costs its workers' interpreters and
+    imports, about 5 s of CPU apiece."""
+    from tests.conftest import local_cluster
+
+    with local_cluster(2) as cluster:
+        yield cluster
+
+
 @pytest.mark.slow
-def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedded_cache):
+def test_a_two_worker_dask_cluster_gives_the_in_process_results(demo_dir, embedded_cache, two_worker_cluster):
     import dask
     from distributed.client import _get_global_client
 
     from regress.source import CacheSource
     from regress.tasks import client_of
-    from tests.conftest import FIXTURE_PATCH_SIZES, local_cluster
+    from tests.conftest import FIXTURE_PATCH_SIZES
 
     settings = FitSettings(features=FeatureSpec(patch_sizes=FIXTURE_PATCH_SIZES, block_components=8, context_k=15),
                            models=("ridge", "ridge+context"))
     here = select_and_fit(CacheSource.open(demo_dir, embedded_cache, settings.features, progress=False), settings,
                           progress=False)
-    with local_cluster(2) as cluster:
-        # The stage's client is not made dask's default scheduler: had it been, a client that then failed (or was
-        # closed) stayed the scheduler of every later dask computation in the process ('no Client active').
-        with client_of(cluster.scheduler_address):
-            assert dask.config.get("scheduler", None) != "dask.distributed"
-            assert _get_global_client() is None
-        remote = replace(settings, scheduler=cluster.scheduler_address)
-        there = select_and_fit(CacheSource.open(demo_dir, embedded_cache, remote.features, progress=False,
-                                                scheduler=remote.scheduler), remote, progress=False)
+    # The stage's client is not made dask's default scheduler: had it been, a client that then failed (or was
+    # closed) stayed the scheduler of every later dask computation in the process ('no Client active').
+    with client_of(two_worker_cluster.scheduler_address):
+        assert dask.config.get("scheduler", None) != "dask.distributed"
+        assert _get_global_client() is None
+    remote = replace(settings, scheduler=two_worker_cluster.scheduler_address)
+    there = select_and_fit(CacheSource.open(demo_dir, embedded_cache, remote.features, progress=False,
+                                            scheduler=remote.scheduler), remote, progress=False)
     assert set(there.gathered.stats) == set(here.gathered.stats)
     np.testing.assert_array_equal(there.estimator.coef_, here.estimator.coef_)
     pd.testing.assert_frame_equal(there.evaluation.scores.drop(columns="fit_seconds"),
                                   here.evaluation.scores.drop(columns="fit_seconds"))
+
+
+@pytest.mark.slow
+def test_cluster_tasks_send_no_large_graph(two_worker_cluster):
+    """Arguments are scattered once, not put into the graph of every task (dask warned 'Sending large graph')."""
+    from regress.tasks import compute
+
+    big = np.ones(2_000_000)  # 16 MB, shared by every call like a source with the axes of wide blocks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = compute(_weighed, [(big, i) for i in range(3)], two_worker_cluster.scheduler_address, "t",
+                          progress=False)
+    assert results == [2_000_000.0, 2_000_001.0, 2_000_002.0]
+    assert not [w for w in caught if "large graph" in str(w.message)]
+
+
+def _weighed(values: np.ndarray, offset: int) -> float:
+    return float(values.sum()) + offset
 
 
 def test_ridge_chooses_its_alpha_by_whole_held_out_samples_as_scikit_learn_would():

@@ -293,6 +293,7 @@ def test_a_csv_gz_submission_is_gzip_and_valid(mean_model, demo_dir, embedded_ca
     pd.testing.assert_frame_equal(pd.read_csv(out), valid_submission)
     header = out.read_bytes()[:10]
     assert header[3] & 0x08 == 0 and header[4:8] == b"\0\0\0\0"  # no file name (the temporary one), no time
+    assert header[8] == 0  # neither the slowest level (XFL 2: GzipFile's default, 9) nor the fastest (XFL 4)
     again = tmp_path / "again.csv.gz"
     make_submission(demo_dir, embedded_cache, mean_model, again)
     assert again.read_bytes() == out.read_bytes()
