@@ -232,8 +232,9 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     bar = progress_bar(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}",
                        unit="nucleus", enabled=progress)
     computed = 0
+    units = iter(loader)
     try:
-        for item in loader:
+        for item in units:
             if isinstance(item, Exception):  # raised in a DataLoader worker (see UnitPatchDataset)
                 raise item
             encoded = item.features if isinstance(item, UnitFeatures) else encode_unit(item)
@@ -243,10 +244,27 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
             claims.release(item.unit)
             computed += 1
             bar.update(item.n_nuclei)
+    except BaseException:
+        _stop_workers(units)
+        raise
     finally:
         bar.close()  # also on errors: the error message then starts on a line of its own
         torch.set_num_threads(previous_threads)
     return computed
+
+
+def _stop_workers(units) -> None:
+    """End a failed loop's DataLoader workers now: the units they still cut are of no use. Left to the iterator's
+    own shutdown (run when the collector frees the error's traceback, which holds the iterator), a worker blocked
+    handing over a unit that nobody reads any more was waited for 5 s before it was killed, and the caller's next
+    step (the next sample, a notebook's next call) stalled that long. Private names of torch's iterator, so a torch
+    without them keeps its own shutdown."""
+    for worker in getattr(units, "_workers", ()):
+        if worker.is_alive():
+            worker.terminate()
+    shutdown = getattr(units, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def loader_workers(settings: EmbedSettings, device: torch.device, encoder: PatchEncoder,

@@ -3,6 +3,7 @@
 import contextlib
 import importlib
 import io
+import multiprocessing
 import shutil
 import traceback
 from pathlib import Path
@@ -92,10 +93,13 @@ def test_truncated_chunk_is_named_and_the_cli_prints_one_line(demo_dir, tmp_path
         sample.read_image(0, sample.shape[0], 0, sample.shape[1])
     assert str(path) in str(info.value) and "HE_original" in str(info.value) and f"chunk {key}" in str(info.value)
 
-    # raised in a DataLoader worker, it still reaches the caller as the same DataError
+    # raised in a DataLoader worker, it still reaches the caller as the same DataError, and the worker is gone when
+    # it does (left to the collector, it was waited for 5 s in the caller's next step, then killed)
+    children = set(multiprocessing.active_children())
     with pytest.raises(DataError, match=f"HE_original.*chunk {key}"):
         embed_sample(open_sample(path), FeatureStore(tmp_path / "w.zarr"), load_encoder("handcrafted"),
                      EmbedSettings(**SETTINGS, num_workers=1), progress=False)
+    assert set(multiprocessing.active_children()) <= children
 
     result = _run_cli("embed", "--data", str(path), "--cache", str(tmp_path / "c.zarr"), "--patch-sizes", "24",
                       "--device", "cpu")
