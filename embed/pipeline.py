@@ -231,9 +231,9 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
     torch.set_num_threads(threads)
     bar = progress_bar(total=sum(r.stop - r.start for r in rows), desc=f"{sample.name}: {encoder.name}",
                        unit="nucleus", enabled=progress)
-    computed = 0
-    units = iter(loader)
+    computed, units = 0, None
     try:
+        units = iter(loader)
         for item in units:
             if isinstance(item, Exception):  # raised in a DataLoader worker (see UnitPatchDataset)
                 raise item
@@ -245,7 +245,8 @@ def _run_loader(sample: Sample, store: FeatureStore, encoder: PatchEncoder, sett
             computed += 1
             bar.update(item.n_nuclei)
     except BaseException:
-        _stop_workers(units)
+        if units is not None:
+            _stop_workers(units)
         raise
     finally:
         bar.close()  # also on errors: the error message then starts on a line of its own
@@ -257,14 +258,20 @@ def _stop_workers(units) -> None:
     """End a failed loop's DataLoader workers now: the units they still cut are of no use. Left to the iterator's
     own shutdown (run when the collector frees the error's traceback, which holds the iterator), a worker blocked
     handing over a unit that nobody reads any more was waited for 5 s before it was killed, and the caller's next
-    step (the next sample, a notebook's next call) stalled that long. Private names of torch's iterator, so a torch
-    without them keeps its own shutdown."""
-    for worker in getattr(units, "_workers", ()):
-        if worker.is_alive():
-            worker.terminate()
-    shutdown = getattr(units, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
+    step (the next sample, a notebook's next call) stalled that long. With pinned memory (CUDA) torch's own order
+    stays: its pin-memory thread must stop before the workers do. Private names of torch's iterator, so a torch
+    without them keeps its own shutdown; a failure here never hides the error being raised."""
+    if getattr(units, "_pin_memory", True):
+        return
+    try:
+        for worker in getattr(units, "_workers", ()):
+            if worker.is_alive():
+                worker.terminate()
+        shutdown = getattr(units, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    except Exception:  # noqa: BLE001 - the loop's own error is the one to report
+        log.debug("stopping the DataLoader workers failed", exc_info=True)
 
 
 def loader_workers(settings: EmbedSettings, device: torch.device, encoder: PatchEncoder,

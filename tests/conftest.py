@@ -139,16 +139,22 @@ FORK = multiprocessing.get_context("fork")
 
 class ForkedCommand:
     """A stage's command line (`main(argv)`) run in a forked child of this test process, with its own environment
-    and its stdout and stderr in one file: a process of its own, as `python -m ...` would start, without the
-    interpreter start and the imports (4 to 6 s of CPU for the embed stage) that this process has paid already."""
+    and its stdout and stderr in one file: a process of its own (its pid, its lock files, its DataLoader workers),
+    without the interpreter start and the imports (4 to 6 s of CPU for the embed stage) that this process has paid
+    already. Not an interpreter of its own: variables read at import (thread counts) are this process's, it ends
+    with `os._exit` (no interpreter shutdown), and CUDA cannot be used in it (pass `--device cpu`). `python -m
+    embed`, `regress`, `submission` as real interpreters: tests/test_bench_scale.py's tiny bench."""
 
     def __init__(self, main: Callable[[list[str]], int], argv: list[str], log: Path, env: dict[str, str] | None = None):
         self.log = log
+        log.write_text("")  # there even if the child dies before it writes
         self.process = FORK.Process(target=self._child, args=(main, argv, log, env or {}))
         self.process.start()
 
     @staticmethod
     def _child(main, argv, log, env):  # pragma: no cover - runs in the child
+        import logging
+
         import dask
 
         os.environ.update(env)
@@ -156,14 +162,19 @@ class ForkedCommand:
             if name not in env:
                 os.environ.pop(name, None)
         dask.config.set(scheduler="synchronous")  # the parent's dask thread pool does not survive the fork
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        out = os.open(log, os.O_WRONLY | os.O_TRUNC)
         os.dup2(out, 1)
         os.dup2(out, 2)
         sys.stdout = sys.stderr = open(out, "w", buffering=1, closefd=False)  # pytest's capture stays the parent's
+        logging.root.handlers.clear()  # pytest's capturing handlers: log records go to stderr, as in a command
+        warnings.showwarning = _warning_to_stderr  # and warnings too, not to pytest's record of them
         try:
             code = main(argv)
         except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
+            code = exit_.code
+            if code is not None and not isinstance(code, int):
+                print(code, file=sys.stderr)  # as the interpreter prints a message given to sys.exit
+                code = 1
         sys.stdout.flush()
         os._exit(code or 0)
 
@@ -175,3 +186,7 @@ class ForkedCommand:
             self.process.join()
             return None, self.log.read_text()
         return self.process.exitcode, self.log.read_text()
+
+
+def _warning_to_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))

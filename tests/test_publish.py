@@ -7,7 +7,6 @@ mid-write, tells the test so through a file, and is killed there.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import signal
@@ -21,8 +20,8 @@ import pytest
 
 from slidedata import publish
 from slidedata.publish import ASIDE_MARK, PARTIAL_MARK, NotPublished, publishing, publishing_folder, sweep
+from tests.conftest import FORK
 
-FORK = multiprocessing.get_context("fork")
 GENES = ["g1", "g2", "g3"]
 
 

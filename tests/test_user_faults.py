@@ -320,9 +320,9 @@ def _run(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.mark.slow  # another process
 def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir, tmp_path, capsys, monkeypatch):
     """stderr to a file (not a terminal): no carriage returns, a line per step, `error:` at a line's start, and
-    nothing at all with --quiet. The embed runs as a process of its own with its output to a file, as a batch
-    job's would; the demo writer's three runs are its CLI in this process, where stderr is pytest's capture (not a
-    terminal either)."""
+    nothing at all with --quiet. The embed runs as a process of its own (forked: tests.conftest.ForkedCommand) with
+    its output to a file, as a batch job's would; the demo writer's three runs are its CLI in this process, where
+    stderr is pytest's capture (not a terminal either)."""
     from embed.__main__ import main as embed_main
     from slidedata import progress
     from synthetic.demo import main as demo_main
@@ -330,7 +330,7 @@ def test_a_log_file_gets_one_line_per_step_and_errors_on_their_own_line(demo_dir
     monkeypatch.setattr(progress, "_quiet", False)  # --quiet below is process-wide: other tests must not inherit it
     code, log = ForkedCommand(embed_main, ["--data", str(demo_dir / "demo1.zarr"), "--cache",
                                            str(tmp_path / "features.zarr"), "--patch-sizes", "24", "--chunk-nuclei",
-                                           "128"], tmp_path / "embed.log").wait()
+                                           "128", "--device", "cpu"], tmp_path / "embed.log").wait()
     assert code == 0, log
     assert "\r" not in log
     steps = [line for line in log.splitlines() if line.startswith("demo1: ")]
