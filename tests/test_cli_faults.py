@@ -402,8 +402,6 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
 def test_embed_workers_die_with_a_killed_parent(demo_dir, tmp_path):
-    from embed.__main__ import main as embed_main
-
     # Four patch sizes: a unit's features (256 nuclei x 27 x 4 sizes, float32) are larger than a pipe's buffer, so
     # an orphan's last put blocked it for good before workers died with their parent.
     argv = ["--data", str(demo_dir), "--cache", str(tmp_path / "c.zarr"), "--device", "cpu", "--workers", "2",
